@@ -1,0 +1,88 @@
+"""Non-neural references every report compares against: MostPop (the floor) and EASE.
+
+Both are fitted on the training part of the protocol (each sequence minus its validation
+and test items) and score a split's histories like any model, through `evaluate_scorer`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from compressor.data.protocol import RecData
+from compressor.evaluate import EvalResult, Scorer, evaluate_scorer
+
+EASE_LAMBDAS = (10.0, 25.0, 50.0, 100.0, 250.0)
+
+
+def mostpop_scorer(data: RecData) -> Scorer:
+    counts = np.zeros(data.vocab.size, dtype=np.float32)
+    for s in data.train_sequences():
+        np.add.at(counts, s, 1.0)
+
+    def score(hists: list[np.ndarray]) -> np.ndarray:
+        return np.broadcast_to(counts, (len(hists), len(counts)))
+
+    return score
+
+
+def _train_matrix(data: RecData) -> torch.Tensor:
+    x = torch.zeros(len(data.sequences), data.vocab.size)
+    for u, s in enumerate(data.train_sequences()):
+        x[u, torch.from_numpy(s)] = 1.0
+    return x
+
+
+def ease_weights(gram: torch.Tensor, lam: float) -> torch.Tensor:
+    """EASE (Steck 2019): B = I - P·diag(1/diag(P)), P = (XᵀX + λI)⁻¹, zero diagonal."""
+    g = gram.clone()
+    g.diagonal().add_(lam)
+    # XᵀX + λI is symmetric positive definite: Cholesky is about twice as fast as a general inverse.
+    p = torch.cholesky_inverse(torch.linalg.cholesky(g))
+    b = -p / p.diagonal()[None, :]
+    b.diagonal().zero_()
+    return b
+
+
+def ease_scorer_from_weights(b: torch.Tensor) -> Scorer:
+    def score(hists: list[np.ndarray]) -> np.ndarray:
+        x = torch.zeros(len(hists), b.shape[0])
+        for i, h in enumerate(hists):
+            x[i, torch.from_numpy(h)] = 1.0
+        return (x @ b).numpy()
+
+    return score
+
+
+def fit_ease(data: RecData, lambdas=EASE_LAMBDAS, log: Callable[[str], None] | None = None) -> tuple[Scorer, dict]:
+    """Fit EASE on the training part, choosing λ by validation NDCG@10."""
+    x = _train_matrix(data)
+    gram = (x.T @ x).double()
+    valid = data.split("valid")
+    best = (-1.0, None, None)
+    search = {}
+    for lam in lambdas:
+        b = ease_weights(gram, lam).float()
+        ndcg = evaluate_scorer(ease_scorer_from_weights(b), valid).metrics["ndcg@10"]
+        search[str(lam)] = ndcg
+        if log:
+            log(f"EASE λ={lam:g}: valid NDCG@10 {ndcg:.4f}")
+        if ndcg > best[0]:
+            best = (ndcg, lam, b)
+    return ease_scorer_from_weights(best[2]), {"lambda": best[1], "valid_ndcg@10": best[0], "search": search}
+
+
+BASELINES = {"mostpop", "ease"}
+
+
+def evaluate_baseline(name: str, data: RecData, split: str = "test") -> tuple[EvalResult, dict]:
+    """Fit a named baseline on the training part and evaluate it on `split`."""
+    if name == "mostpop":
+        scorer, info = mostpop_scorer(data), {}
+    elif name == "ease":
+        scorer, info = fit_ease(data)
+    else:
+        raise ValueError(f"unknown baseline {name!r}; choose one of {', '.join(sorted(BASELINES))}")
+    return evaluate_scorer(scorer, data.split(split)), info

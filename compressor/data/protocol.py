@@ -1,0 +1,155 @@
+"""The evaluation protocol, implemented once and used by every stage.
+
+- implicit feedback: every rating is an interaction; a repeated (user, item) keeps its first time;
+- each user's items in time order, ties broken stably by file order;
+- leave-one-out: the last item is the test target, the second-to-last the validation target,
+  the rest is training data (users with fewer than 3 items are training-only);
+- full ranking over the whole catalogue, the user's input history excluded.
+
+Histories are left-padded with the pad token, so the last position is always the newest item.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from compressor.data.loaders import Interactions, load_interactions
+from compressor.data.vocab import PAD_ID, ItemVocab
+from compressor.errors import DataError
+
+SPLITS = ("valid", "test")
+
+
+@dataclass
+class Split:
+    """One evaluation split: for user i, rank `targets[i]` given `histories[i]`."""
+
+    name: str
+    users: list
+    histories: list[np.ndarray]  # token ids, oldest first (never empty)
+    targets: np.ndarray  # token ids
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def subset(self, n: int, seed: int = 0) -> Split:
+        """A random subset of `n` users (all when n >= len), order kept."""
+        if n >= len(self):
+            return self
+        idx = np.sort(np.random.default_rng(seed).choice(len(self), n, replace=False))
+        return Split(self.name, [self.users[i] for i in idx], [self.histories[i] for i in idx], self.targets[idx])
+
+
+@dataclass
+class RecData:
+    """A dataset put through the protocol: vocabulary, per-user sequences, splits."""
+
+    interactions: Interactions
+    vocab: ItemVocab
+    sequences: dict  # user id -> token ids in time order
+
+    @property
+    def name(self) -> str:
+        return self.interactions.name
+
+    def train_sequences(self) -> list[np.ndarray]:
+        """What models may train on: each sequence minus its validation and test items."""
+        return [s[:-2] if len(s) >= 3 else s for s in self.sequences.values() if len(s) >= 2]
+
+    def split(self, name: str) -> Split:
+        if name not in SPLITS:
+            raise DataError(f"unknown split {name!r}; choose one of {', '.join(SPLITS)}")
+        cut = 2 if name == "valid" else 1
+        users, hists, targets = [], [], []
+        for u, s in self.sequences.items():
+            if len(s) < 3:
+                continue
+            users.append(u)
+            hists.append(s[: len(s) - cut])
+            targets.append(s[len(s) - cut])
+        return Split(name, users, hists, np.asarray(targets, dtype=np.int64))
+
+    def history(self, user) -> np.ndarray:
+        """A known user's whole history (serving recommends what comes after all of it)."""
+        return self.sequences[user]
+
+
+def build_sequences(inter: Interactions, vocab: ItemVocab) -> dict:
+    ev = inter.events.reset_index(drop=True)
+    ev = ev.assign(_order=np.arange(len(ev)))
+    ev = ev.sort_values(["user", "timestamp", "_order"], kind="mergesort")
+    ev = ev.drop_duplicates(["user", "item"], keep="first")
+    tokens = vocab.tokens(ev["item"].tolist())
+    users = ev["user"].to_numpy()
+    bounds = np.flatnonzero(users[1:] != users[:-1]) + 1
+    starts = np.concatenate([[0], bounds])
+    ends = np.concatenate([bounds, [len(users)]])
+    return {users[a].item(): tokens[a:b] for a, b in zip(starts, ends, strict=True)}
+
+
+def prepare(data: str | Path | Interactions, fmt: str = "auto", vocab: ItemVocab | None = None) -> RecData:
+    """Load (if needed) and put a dataset through the protocol.
+
+    With `vocab` given (a trained model's), interactions with items outside it are dropped, so
+    a model is always evaluated over the catalogue it was trained on."""
+    inter = data if isinstance(data, Interactions) else load_interactions(data, fmt)
+    if vocab is None:
+        # Token order: by first appearance in time, so ids are stable for a given file.
+        ordered = inter.events.sort_values("timestamp", kind="mergesort")["item"]
+        vocab = ItemVocab.from_items(pd_unique(ordered))
+    else:
+        known = inter.events["item"].map(lambda i: i in vocab)
+        if not known.any():
+            raise DataError(f"{inter.source}: no item of this data is in the model's vocabulary")
+        inter = Interactions(inter.events[known.to_numpy()], inter.items, inter.name, inter.source)
+    seqs = build_sequences(inter, vocab)
+    if not any(len(s) >= 3 for s in seqs.values()):
+        raise DataError(f"{inter.source}: no user has the 3 interactions leave-one-out needs")
+    return RecData(inter, vocab, seqs)
+
+
+def pd_unique(series) -> list:
+    import pandas as pd
+
+    return pd.unique(series).tolist()
+
+
+def left_pad(seqs: list[np.ndarray], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the newest `max_len` tokens of each sequence and left-pad: (input_ids, attention_mask)."""
+    out = np.full((len(seqs), max_len), PAD_ID, dtype=np.int64)
+    mask = np.zeros((len(seqs), max_len), dtype=np.int64)
+    for i, s in enumerate(seqs):
+        s = s[-max_len:]
+        if len(s):
+            out[i, -len(s):] = s
+            mask[i, -len(s):] = 1
+    return out, mask
+
+
+def training_windows(seqs: list[np.ndarray], max_len: int) -> list[np.ndarray]:
+    """Cut sequences into windows of `max_len + 1` from the newest end, overlapping by one
+    item, so every item after the first is predicted exactly once per epoch."""
+    windows = []
+    for s in seqs:
+        end = len(s)
+        while end >= 2:
+            start = max(0, end - max_len - 1)
+            windows.append(s[start:end])
+            end = start + 1
+            if start == 0:
+                break
+    return windows
+
+
+def window_batches(windows: list[np.ndarray], max_len: int, batch_size: int, rng: np.random.Generator | None):
+    """Yield (input_ids, attention_mask, labels) numpy batches; labels are -100 at padding."""
+    order = rng.permutation(len(windows)) if rng is not None else np.arange(len(windows))
+    for a in range(0, len(order), batch_size):
+        chunk = [windows[i] for i in order[a : a + batch_size]]
+        ids, mask = left_pad([w[:-1] for w in chunk], max_len)
+        labels, lmask = left_pad([w[1:] for w in chunk], max_len)
+        labels[lmask == 0] = -100
+        yield ids, mask, labels

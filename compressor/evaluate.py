@@ -1,0 +1,141 @@
+"""Full-ranking evaluation: every metric over the whole catalogue, seen items excluded.
+
+Ranks are 0-based and ties count against the model (an item scored equal to the target ranks
+above it), so a constant scorer earns nothing. Per-user values are kept, so two models can be
+compared with a paired bootstrap over users.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from compressor.data.protocol import Split, left_pad
+from compressor.data.vocab import PAD_ID
+
+# A scorer maps a batch of histories (token ids, oldest first) to scores over all tokens (B, V).
+Scorer = Callable[[list[np.ndarray]], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A per-user metric of the 0-based rank of the target; `k` is None for cutoff-free ones."""
+
+    name: str
+    fn: Callable[[np.ndarray, int | None], np.ndarray]
+    k: int | None
+    higher_is_better: bool = True
+
+
+def _hr(rank: np.ndarray, k: int | None) -> np.ndarray:
+    """HR@k = 1[rank < k]."""
+    return (rank < k).astype(np.float64)
+
+
+def _ndcg(rank: np.ndarray, k: int | None) -> np.ndarray:
+    """NDCG@k = 1[rank < k] / log2(rank + 2) (one relevant item, so IDCG = 1)."""
+    return np.where(rank < k, 1.0 / np.log2(rank + 2.0), 0.0)
+
+
+def _mrr(rank: np.ndarray, k: int | None) -> np.ndarray:
+    """MRR = 1 / (rank + 1), over the full ranking."""
+    return 1.0 / (rank + 1.0)
+
+
+METRICS: dict[str, Metric] = {
+    m.name: m
+    for m in (
+        Metric("hr@5", _hr, 5),
+        Metric("hr@10", _hr, 10),
+        Metric("ndcg@5", _ndcg, 5),
+        Metric("ndcg@10", _ndcg, 10),
+        Metric("mrr", _mrr, None),
+    )
+}
+COVERAGE_K = 10
+
+
+@dataclass
+class EvalResult:
+    """Mean metrics (`ndcg@10`, ...), `coverage@10`, `users`, and per-user values."""
+
+    metrics: dict[str, float]
+    per_user: dict[str, np.ndarray] = field(repr=False)
+    users: list = field(repr=False)
+
+    def to_json(self) -> dict:
+        return dict(self.metrics)
+
+
+def target_ranks(scores: np.ndarray, histories: list[np.ndarray], targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """0-based rank of each target among all non-special, unseen tokens, and each row's top-10.
+
+    `scores` is (B, V) and is modified in place (padding and seen items set to -inf)."""
+    scores[:, PAD_ID] = -np.inf
+    for i, h in enumerate(histories):
+        scores[i, h] = -np.inf
+    t = scores[np.arange(len(targets)), targets]
+    # The target itself is never in its history (the protocol dedupes), so it stays finite.
+    rank = (scores >= t[:, None]).sum(axis=1) - 1
+    top = np.argpartition(-scores, COVERAGE_K, axis=1)[:, :COVERAGE_K]
+    return rank, top
+
+
+def evaluate_scorer(scorer: Scorer, split: Split, batch_size: int = 256, progress: bool = False) -> EvalResult:
+    """Rank every user's target with `scorer` and average every registered metric."""
+    ranks, tops = [], []
+    it = range(0, len(split), batch_size)
+    for a in tqdm(it, desc=f"evaluate {split.name}", disable=not progress, leave=False):
+        hists = split.histories[a : a + batch_size]
+        scores = np.array(scorer(hists), dtype=np.float32, copy=True)
+        r, top = target_ranks(scores, hists, split.targets[a : a + batch_size])
+        ranks.append(r)
+        tops.append(top)
+    rank = np.concatenate(ranks)
+    per_user = {name: m.fn(rank, m.k) for name, m in METRICS.items()}
+    vocab_size = scores.shape[1]
+    recommended = np.unique(np.concatenate(tops))
+    metrics = {name: float(v.mean()) for name, v in per_user.items()}
+    metrics[f"coverage@{COVERAGE_K}"] = float(len(recommended) / max(1, vocab_size - 1))
+    metrics["users"] = len(split)
+    return EvalResult(metrics, per_user, list(split.users))
+
+
+def model_scorer(model: torch.nn.Module, max_len: int, device: torch.device | str = "cpu") -> Scorer:
+    """A scorer from a causal-LM recommender (see `compressor.modeling.item_scores`)."""
+    from compressor.modeling import item_scores
+
+    @torch.no_grad()
+    def score(hists: list[np.ndarray]) -> np.ndarray:
+        ids, mask = left_pad(hists, max_len)
+        out = item_scores(model, torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device))
+        return out.float().cpu().numpy()
+
+    return score
+
+
+def evaluate_model(model, split: Split, max_len: int, batch_size: int = 256, progress: bool = False) -> EvalResult:
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        return evaluate_scorer(model_scorer(model, max_len, device), split, batch_size, progress)
+    finally:
+        model.train(was_training)
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, n: int = 2000, seed: int = 0, ci: float = 0.95) -> dict:
+    """Mean of a - b over users with a bootstrap confidence interval (users resampled in pairs)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired bootstrap needs the same users: {a.shape} vs {b.shape}")
+    d = a - b
+    idx = np.random.default_rng(seed).integers(0, len(d), size=(n, len(d)))
+    means = d[idx].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - ci) / 2, 1 - (1 - ci) / 2])
+    return {"mean_diff": float(d.mean()), "ci_low": float(lo), "ci_high": float(hi),
+            "excludes_zero": bool(lo > 0 or hi < 0), "n_users": int(len(d)), "resamples": n}

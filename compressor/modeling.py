@@ -1,0 +1,143 @@
+"""Helpers every stage uses to treat any Hugging Face causal-LM decoder as a recommender.
+
+The parts are found through one helper (`decoder_parts`), so Llama, Qwen2, Mistral, GPT-2 and
+other families go through the same code. A history is a left-padded row of item tokens; the
+recommendation is the output head applied to the last position's final hidden state.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from compressor.data.vocab import VOCAB_FILE, ItemVocab
+from compressor.errors import ArtifactError
+
+_FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm", "norm_f")
+
+
+@dataclass
+class DecoderParts:
+    """Where a decoder keeps its pieces; names differ by family, roles do not."""
+
+    base: nn.Module  # the model without its head (`model.model`, `model.transformer`)
+    embed: nn.Embedding
+    layers: nn.ModuleList
+    layers_attr: str  # attribute of `base` that holds `layers`
+    norm: nn.Module | None
+    head: nn.Linear
+
+
+def decoder_parts(model: PreTrainedModel) -> DecoderParts:
+    """Find embeddings, decoder layers, final norm and output head of a causal LM."""
+    base = model.base_model
+    n = model.config.num_hidden_layers
+    layers_attr = None
+    for name, child in base.named_children():
+        if isinstance(child, nn.ModuleList) and len(child) == n:
+            layers_attr = name
+            break
+    if layers_attr is None:
+        raise ArtifactError(
+            f"{type(model).__name__}: no ModuleList of {n} decoder layers found on {type(base).__name__}"
+        )
+    norm = next((getattr(base, a) for a in _FINAL_NORM_NAMES if isinstance(getattr(base, a, None), nn.Module)), None)
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ArtifactError(f"{type(model).__name__}: no output head (is it a causal LM?)")
+    return DecoderParts(base, model.get_input_embeddings(), getattr(base, layers_attr), layers_attr, norm, head)
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted from each history's first real item, so left padding does not shift them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def hidden_states(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    output_hidden_states: bool = False,
+    output_attentions: bool = False,
+):
+    """Run the decoder body (no head); returns the Hugging Face output object."""
+    return model.base_model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids(attention_mask),
+        output_hidden_states=output_hidden_states,
+        output_attentions=output_attentions,
+        use_cache=False,
+    )
+
+
+def last_hidden(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The final hidden state at the newest position, (B, H): the user's query vector."""
+    return hidden_states(model, input_ids, attention_mask).last_hidden_state[:, -1]
+
+
+def item_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Scores of every token for the next item, (B, V)."""
+    return model.get_output_embeddings()(last_hidden(model, input_ids, attention_mask))
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Distinct parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def load_model(directory: str | Path, attn: str = "sdpa") -> tuple[PreTrainedModel, ItemVocab]:
+    """Load a model directory written by `save_model` (any causal-LM family)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ArtifactError(f"{directory}: no such model directory")
+    vocab = ItemVocab.load(directory)
+    if not (directory / "config.json").exists():
+        raise ArtifactError(f"{directory}: no config.json (not a Hugging Face checkpoint)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, attn_implementation=attn, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{directory}: could not load the model ({e})") from e
+    if model.config.vocab_size != vocab.size:
+        raise ArtifactError(
+            f"{directory}: model vocab_size {model.config.vocab_size} != item vocabulary size {vocab.size}"
+        )
+    model.eval()
+    return model, vocab
+
+
+def save_model(model: PreTrainedModel, vocab: ItemVocab, directory: str | Path, extra: dict | None = None) -> Path:
+    """Write checkpoint + item vocabulary (+ extra JSON files) atomically: a temp dir, then rename."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        model.save_pretrained(tmp)
+        vocab.save(tmp)
+        for name, payload in (extra or {}).items():
+            (tmp / name).write_text(json.dumps(payload, indent=2, default=str))
+        if directory.exists():
+            shutil.rmtree(directory)
+        tmp.rename(directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def is_model_dir(directory: str | Path) -> bool:
+    d = Path(directory)
+    return (d / "config.json").exists() and (d / VOCAB_FILE).exists()
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)

@@ -1,0 +1,179 @@
+"""The teacher: a stock `transformers` causal LM whose vocabulary is the item catalogue.
+
+`TeacherConfig` names an architecture and sizes and builds the Hugging Face config;
+`train_teacher` trains it on next-item prediction (full softmax over the catalogue) and saves
+it with `save_pretrained`, the item vocabulary and a training summary.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from compressor.data.protocol import RecData, training_windows, window_batches
+from compressor.data.vocab import PAD_ID, ItemVocab
+from compressor.evaluate import evaluate_model
+from compressor.modeling import count_parameters, hidden_states, pick_device, save_model
+from compressor.training import EarlyStopping, cosine_schedule, make_optimizer, set_seed
+
+SUMMARY_FILE = "training_summary.json"
+
+
+class TrainConfig(BaseModel):
+    """How a recommender is trained (teacher here; distillation reuses the same fields)."""
+
+    model_config = ConfigDict(extra="forbid")
+    epochs: int = Field(60, ge=1, description="maximum number of passes over the training windows")
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    warmup_steps: int = Field(100, ge=0)
+    patience: int = Field(3, ge=0, description="validation rounds without NDCG@10 gain before stopping")
+    eval_every: int = Field(1, ge=1, description="epochs between validation rounds")
+    max_minutes: float = Field(8.0, gt=0, description="wall-clock budget; the best checkpoint so far is kept")
+    seed: int = 0
+    device: str = "auto"
+
+
+class TeacherConfig(BaseModel):
+    """The teacher's architecture. Any `AutoModelForCausalLM` family name works as `architecture`."""
+
+    model_config = ConfigDict(extra="forbid")
+    architecture: str = Field("llama", description="HF model_type: llama, qwen2, mistral, gpt2, ...")
+    hidden_size: int = Field(64, ge=8)
+    num_layers: int = Field(16, ge=1)
+    num_heads: int = Field(2, ge=1)
+    num_kv_heads: int | None = Field(None, description="grouped-query attention; None = num_heads")
+    intermediate_size: int = Field(256, ge=1)
+    max_len: int = Field(50, ge=2, description="longest history the model reads")
+    dropout: float = Field(0.2, ge=0, lt=1)
+    tie_embeddings: bool = True
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    train: TrainConfig = TrainConfig()
+
+
+def build_hf_config(cfg: TeacherConfig, vocab_size: int) -> PretrainedConfig:
+    """The Hugging Face config for `cfg`; GPT-2 spells its fields differently."""
+    if cfg.hidden_size % cfg.num_heads:
+        raise ValueError(f"hidden_size {cfg.hidden_size} is not divisible by num_heads {cfg.num_heads}")
+    common = {"vocab_size": vocab_size, "pad_token_id": PAD_ID, "bos_token_id": None,
+              "eos_token_id": None, "tie_word_embeddings": cfg.tie_embeddings}
+    if cfg.architecture == "gpt2":
+        return AutoConfig.for_model(
+            "gpt2", n_embd=cfg.hidden_size, n_layer=cfg.num_layers, n_head=cfg.num_heads,
+            n_inner=cfg.intermediate_size, n_positions=cfg.max_len, resid_pdrop=cfg.dropout,
+            embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, **common,
+        )
+    return AutoConfig.for_model(
+        cfg.architecture, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads or cfg.num_heads,
+        intermediate_size=cfg.intermediate_size, max_position_embeddings=cfg.max_len,
+        attention_dropout=cfg.dropout, **common,
+    )
+
+
+def build_teacher(cfg: TeacherConfig, vocab: ItemVocab, seed: int = 0) -> PreTrainedModel:
+    set_seed(seed)
+    hf = build_hf_config(cfg, vocab.size)
+    return AutoModelForCausalLM.from_config(hf, attn_implementation=cfg.attn_implementation)
+
+
+def next_item_loss(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Full-softmax cross-entropy over the catalogue at every real position.
+
+    The head runs only on positions with a label, which saves most of the (N, V) logits."""
+    h = hidden_states(model, ids, mask).last_hidden_state
+    keep = labels != -100
+    logits = model.get_output_embeddings()(h[keep])
+    logits[:, PAD_ID] = float("-inf")
+    return F.cross_entropy(logits, labels[keep])
+
+
+def train_recommender(
+    model: PreTrainedModel,
+    data: RecData,
+    max_len: int,
+    train: TrainConfig,
+    desc: str = "train",
+) -> dict:
+    """Train `model` in place on next-item prediction; keeps the best validation state.
+
+    Returns a summary: epochs run, best validation metrics, seconds per epoch, history."""
+    set_seed(train.seed)
+    device = pick_device(train.device)
+    model.to(device)
+    windows = training_windows(data.train_sequences(), max_len)
+    steps_per_epoch = -(-len(windows) // train.batch_size)
+    opt = make_optimizer(model, train.lr, train.weight_decay, train.betas)
+    sched = cosine_schedule(opt, steps_per_epoch * train.epochs, train.warmup_steps)
+    stopper = EarlyStopping(train.patience)
+    valid = data.split("valid")
+    rng = np.random.default_rng(train.seed)
+    best_state, best_metrics, history = None, {}, []
+    start = time.time()
+    stop_reason = "epochs"
+    bar = tqdm(range(train.epochs), desc=desc, unit="epoch")
+    for epoch in bar:
+        model.train()
+        t0, losses = time.time(), []
+        for ids, mask, labels in window_batches(windows, max_len, train.batch_size, rng):
+            loss = next_item_loss(model, *(torch.from_numpy(x).to(device) for x in (ids, mask, labels)))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+        row = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "epoch_seconds": time.time() - t0}
+        if (epoch + 1) % train.eval_every == 0 or epoch + 1 == train.epochs:
+            metrics = evaluate_model(model, valid, max_len).metrics
+            row["valid"] = metrics
+            done = stopper.step(metrics["ndcg@10"])
+            if stopper.improved:
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                best_metrics = {**metrics, "epoch": epoch + 1}
+            bar.set_postfix(loss=f"{row['loss']:.3f}", ndcg10=f"{metrics['ndcg@10']:.4f}",
+                            best=f"{stopper.best:.4f}")
+            if done:
+                stop_reason = "early stopping"
+        history.append(row)
+        if stop_reason == "early stopping":
+            break
+        if (time.time() - start) / 60 > train.max_minutes:
+            stop_reason = "time budget"
+            break
+    bar.close()
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return {
+        "epochs_run": len(history),
+        "stop_reason": stop_reason,
+        "best_valid": best_metrics,
+        "train_seconds": time.time() - start,
+        "seconds_per_epoch": float(np.mean([h["epoch_seconds"] for h in history])),
+        "train_windows": len(windows),
+        "history": history,
+    }
+
+
+def train_teacher(data: RecData, cfg: TeacherConfig, out: str | Path) -> tuple[PreTrainedModel, dict]:
+    """Build, train and save the teacher; returns the model and its training summary."""
+    model = build_teacher(cfg, data.vocab, cfg.train.seed)
+    summary = train_recommender(model, data, cfg.max_len, cfg.train, desc="teacher")
+    summary.update(
+        architecture=cfg.architecture, parameters=count_parameters(model), data=data.name,
+        data_fingerprint=data.interactions.fingerprint(), config=cfg.model_dump(),
+    )
+    model.config.recsys = {"max_len": cfg.max_len, "kind": "teacher"}
+    save_model(model.cpu(), data.vocab, out, {SUMMARY_FILE: summary})
+    return model, summary

@@ -1,0 +1,65 @@
+"""Pieces shared by every training loop (teacher, distillation): optimiser, schedule, seeding."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms and biases)."""
+    params = {id(p): p for p in model.parameters() if p.requires_grad}.values()
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
+def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up then cosine decay to 10% of the peak rate."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class EarlyStopping:
+    """Tracks the best validation value; `step` returns True when patience has run out."""
+
+    def __init__(self, patience: int, higher_is_better: bool = True):
+        self.patience = patience
+        self.sign = 1.0 if higher_is_better else -1.0
+        self.best = -math.inf
+        self.bad_rounds = 0
+
+    def step(self, value: float) -> bool:
+        if self.sign * value > self.best:
+            self.best = self.sign * value
+            self.bad_rounds = 0
+        else:
+            self.bad_rounds += 1
+        return self.bad_rounds > self.patience
+
+    @property
+    def improved(self) -> bool:
+        return self.bad_rounds == 0
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "bad_rounds": self.bad_rounds}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.bad_rounds = state["best"], state["bad_rounds"]

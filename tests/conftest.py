@@ -1,0 +1,41 @@
+"""Shared fixtures: a small slice of the bundled data and tiny teachers built from configs."""
+
+from __future__ import annotations
+
+import pytest
+
+from compressor.data import Interactions, load_interactions, prepare
+from compressor.teacher import TeacherConfig, TrainConfig, train_teacher
+
+TINY_USERS = 60
+
+
+def tiny_interactions(n_users: int = TINY_USERS) -> Interactions:
+    """The first `n_users` users of ml-latest-small (real data, a few thousand events)."""
+    full = load_interactions("ml-latest-small")
+    users = sorted(full.events["user"].unique())[:n_users]
+    events = full.events[full.events["user"].isin(users)].reset_index(drop=True)
+    items = full.items[full.items["item"].isin(events["item"])].reset_index(drop=True)
+    return Interactions(events, items, "ml-latest-small-tiny", full.source)
+
+
+def tiny_teacher_config(architecture: str = "llama", num_layers: int = 4, **train) -> TeacherConfig:
+    return TeacherConfig(
+        architecture=architecture, hidden_size=32, num_layers=num_layers, num_heads=4,
+        num_kv_heads=2 if architecture != "gpt2" else None, intermediate_size=64, max_len=20,
+        dropout=0.0, train=TrainConfig(epochs=2, batch_size=64, lr=3e-3, warmup_steps=5,
+                                       max_minutes=2, **train),
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_data():
+    return prepare(tiny_interactions())
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory, tiny_data):
+    """A 4-layer Llama (hidden 32, GQA 4/2 heads) trained for two epochs on the tiny slice."""
+    out = tmp_path_factory.mktemp("teacher") / "teacher"
+    train_teacher(tiny_data, tiny_teacher_config(), out)
+    return out
