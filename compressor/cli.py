@@ -47,13 +47,13 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         payload = {**result.to_json(), "model": args.baseline, "split": args.split, **({"fit": info} if info else {})}
     else:
         from compressor.evaluate import evaluate_model
-        from compressor.modeling import load_model
+        from compressor.modeling import load_model, recsys_meta
 
         if not args.model_dir:
             raise CompressorError("evaluate needs MODEL_DIR or --baseline mostpop|ease")
         model, vocab = load_model(args.model_dir)
         data = prepare(args.data, args.format, vocab=vocab)
-        max_len = (getattr(model.config, "recsys", None) or {}).get("max_len", 50)
+        max_len = recsys_meta(model).get("max_len", 50)
         result = evaluate_model(model, data.split(args.split), max_len, progress=True)
         payload = {**result.to_json(), "model": str(args.model_dir), "split": args.split}
     _write_json(payload, args.json)

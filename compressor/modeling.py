@@ -141,3 +141,29 @@ def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+class QueryEncoder(nn.Module):
+    """What gets exported and served: (input_ids, attention_mask) -> last-position hidden state.
+
+    Histories are left-padded (B, T) int64 rows; the output (B, H) is the query vector whose
+    inner product with the item embeddings (`model.get_output_embeddings().weight`) scores
+    every item. Scoring stays outside the graph so Faiss can retrieve over millions of items."""
+
+    def __init__(self, model: PreTrainedModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return last_hidden(self.model, input_ids, attention_mask)
+
+
+def recsys_meta(model: PreTrainedModel) -> dict:
+    """This project's metadata stored in the HF config (`config.recsys`): `max_len`, `kind`
+    (teacher|student), and for students `teacher_layers` (teacher index of each layer)."""
+    meta = getattr(model.config, "recsys", None)
+    return dict(meta) if isinstance(meta, dict) else {}
+
+
+def set_recsys_meta(model: PreTrainedModel, **fields) -> None:
+    model.config.recsys = {**recsys_meta(model), **fields}

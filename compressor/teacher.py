@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 from compressor.data.protocol import RecData, training_windows, window_batches
 from compressor.data.vocab import PAD_ID, ItemVocab
 from compressor.evaluate import evaluate_model
-from compressor.modeling import count_parameters, hidden_states, pick_device, save_model
+from compressor.modeling import count_parameters, hidden_states, pick_device, save_model, set_recsys_meta
 from compressor.training import EarlyStopping, cosine_schedule, make_optimizer, set_seed
 
 SUMMARY_FILE = "training_summary.json"
@@ -174,6 +174,6 @@ def train_teacher(data: RecData, cfg: TeacherConfig, out: str | Path) -> tuple[P
         architecture=cfg.architecture, parameters=count_parameters(model), data=data.name,
         data_fingerprint=data.interactions.fingerprint(), config=cfg.model_dump(),
     )
-    model.config.recsys = {"max_len": cfg.max_len, "kind": "teacher"}
+    set_recsys_meta(model, max_len=cfg.max_len, kind="teacher")
     save_model(model.cpu(), data.vocab, out, {SUMMARY_FILE: summary})
     return model, summary
