@@ -81,7 +81,8 @@ def target_ranks(scores: np.ndarray, histories: list[np.ndarray], targets: np.nd
     t = scores[np.arange(len(targets)), targets]
     # The target itself is never in its history (the protocol dedupes), so it stays finite.
     rank = (scores >= t[:, None]).sum(axis=1) - 1
-    top = np.argpartition(-scores, COVERAGE_K, axis=1)[:, :COVERAGE_K]
+    k = min(COVERAGE_K, scores.shape[1] - 1)
+    top = np.argpartition(-scores, k, axis=1)[:, :k]
     return rank, top
 
 

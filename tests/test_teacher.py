@@ -1,0 +1,65 @@
+"""The teacher: built from a config, trained a few steps, saved and reloaded by `from_pretrained`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from compressor.data import VOCAB_FILE, ItemVocab, left_pad
+from compressor.evaluate import evaluate_model
+from compressor.modeling import decoder_parts, item_scores, load_model, recsys_meta
+from compressor.teacher import SUMMARY_FILE, build_teacher, train_teacher
+from tests.conftest import tiny_teacher_config
+
+
+def test_tiny_teacher_trains_saves_and_reloads(tiny_teacher_dir, tiny_data):
+    summary = json.loads((tiny_teacher_dir / SUMMARY_FILE).read_text())
+    losses = [h["loss"] for h in summary["history"]]
+    assert losses[-1] < losses[0]
+    assert (tiny_teacher_dir / VOCAB_FILE).exists()
+    # A stock `from_pretrained` loads it; our loader agrees and carries the metadata.
+    hf = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir).eval()
+    model, vocab = load_model(tiny_teacher_dir)
+    assert vocab.same_as(tiny_data.vocab)
+    assert recsys_meta(model) == {"max_len": 20, "kind": "teacher"}
+    ids, mask = left_pad(tiny_data.split("valid").histories[:4], 20)
+    ids, mask = torch.from_numpy(ids), torch.from_numpy(mask)
+    with torch.no_grad():
+        assert torch.allclose(item_scores(hf, ids, mask), item_scores(model, ids, mask), atol=1e-6)
+    # The saved model is the best validation state, not the last one.
+    best = summary["best_valid"]["ndcg@10"]
+    assert evaluate_model(model, tiny_data.split("valid"), 20).metrics["ndcg@10"] == pytest.approx(best, abs=1e-9)
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "qwen2"])
+def test_other_decoder_families_take_the_same_path(architecture, tiny_data, tmp_path):
+    cfg = tiny_teacher_config(architecture, num_layers=2)
+    cfg.train.epochs = 1
+    model, summary = train_teacher(tiny_data, cfg, tmp_path / architecture)
+    assert summary["architecture"] == architecture
+    reloaded, _ = load_model(tmp_path / architecture)
+    assert reloaded.config.model_type == architecture
+    assert len(decoder_parts(reloaded).layers) == 2
+    metrics = evaluate_model(reloaded, tiny_data.split("test"), cfg.max_len).metrics
+    assert 0.0 <= metrics["ndcg@10"] <= 1.0
+
+
+def test_vocab_size_follows_the_catalogue(tiny_data):
+    model = build_teacher(tiny_teacher_config(), tiny_data.vocab)
+    assert model.config.vocab_size == tiny_data.vocab.size
+    assert model.get_output_embeddings().weight.shape[0] == tiny_data.vocab.size
+
+
+def test_model_dir_without_vocab_is_rejected(tiny_teacher_dir, tmp_path):
+    from compressor.errors import ArtifactError
+
+    model, _ = load_model(tiny_teacher_dir)
+    model.save_pretrained(tmp_path / "novocab")
+    with pytest.raises(ArtifactError, match=VOCAB_FILE):
+        load_model(tmp_path / "novocab")
+    ItemVocab.from_items([1, 2]).save(tmp_path / "novocab")
+    with pytest.raises(ArtifactError, match="vocab_size"):
+        load_model(tmp_path / "novocab")
