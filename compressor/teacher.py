@@ -21,7 +21,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 from compressor.data.protocol import RecData, training_windows, window_batches
 from compressor.data.vocab import PAD_ID, ItemVocab
 from compressor.evaluate import evaluate_model
-from compressor.modeling import count_parameters, hidden_states, pick_device, save_model, set_recsys_meta
+from compressor.modeling import (
+    count_parameters,
+    hidden_states,
+    pick_device,
+    save_model,
+    set_recsys_meta,
+)
 from compressor.training import EarlyStopping, cosine_schedule, make_optimizer, set_seed
 
 SUMMARY_FILE = "training_summary.json"

@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from compressor.data import ItemVocab, left_pad, load_interactions, prepare, training_windows, window_batches
+from compressor.data import (
+    ItemVocab,
+    left_pad,
+    load_interactions,
+    prepare,
+    training_windows,
+    window_batches,
+)
 from compressor.data.loaders import detect_format
 from compressor.errors import DataError
 
