@@ -1,0 +1,94 @@
+"""Helpers shared by the benchmark runners: machine description, atomic writes, Markdown tables."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def machine_info() -> dict:
+    """What the numbers were measured on: every absolute time is only meaningful with this."""
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        mem_gb = round(psutil.virtual_memory().total / 2**30, 1)
+    except Exception:  # psutil is a dependency, but the description must never fail a run
+        mem_gb = None
+    return {
+        "cpu": cpu, "logical_cores": os.cpu_count(), "memory_gb": mem_gb,
+        "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
+        "load_average_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> Path:
+    """Write via a temporary sibling and rename, so a crash never leaves a half-written report."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    if isinstance(data, bytes):
+        tmp.write_bytes(data)
+    else:
+        tmp.write_text(data)
+    tmp.replace(path)
+    return path
+
+
+def _jsonable(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def write_json(path: str | Path, payload: dict) -> Path:
+    return write_atomic(path, json.dumps(payload, indent=2, default=_jsonable) + "\n")
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Save a matplotlib figure atomically as PNG and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def md_table(headers: list[str], rows: list[list]) -> str:
+    def cell(v) -> str:
+        if v is None:
+            return "–"
+        if isinstance(v, float):
+            return f"{v:.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine_md(info: dict) -> str:
+    return (f"{info['cpu']}, {info['logical_cores']} logical cores, {info['memory_gb']} GB RAM, "
+            f"{info['os']}, Python {info['python']} (1-min load average at start {info['load_average_1m']}; "
+            f"{info['date']})")

@@ -1,0 +1,395 @@
+"""Faiss retrieval at catalogue scale: exact flat vs HNSW vs IVF inner-product search.
+
+Usage:
+    python -m benchmarks.retrieval --dim 64 --sizes 10000,100000,1000000 --out benchmarks/results/retrieval
+    python -m benchmarks.retrieval --sizes 10000 --real-embeddings ART/item_embeddings.npy --out DIR
+
+For every catalogue it builds each index, then measures build time, index memory (size of
+the serialised index), query latency at batch 1 and batch 64 with one Faiss thread (as
+each serving worker runs), and recall@10 against exact search, over a sweep of search
+parameters (HNSW efSearch, IVF nprobe). It writes retrieval.md, retrieval.json and
+retrieval.png to --out, and derives the serving defaults from the measurements.
+
+Synthetic catalogues are not iid Gaussian (that makes recall look too good, see NOTES.md):
+item directions come from Zipf-sized clusters ("genres") in an anisotropic space with a
+power-law spectrum, and item norms are log-normal and tied to a Zipf popularity (popular
+items score higher under inner product, as with a trained tied output head). Queries
+imitate users: the noisy mean of a history of 5-30 items drawn by popularity from 1-3
+genres (for real embeddings, from the cosine neighbourhoods of 1-3 anchor items), so they
+are never vectors of the index.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from tqdm import tqdm
+
+from benchmarks.common import (
+    machine_info,
+    machine_md,
+    md_table,
+    save_figure,
+    write_atomic,
+    write_json,
+)
+from benchmarks.retrieval_report import plot_results, recommend, recommendation_md
+from compressor.errors import CompressorError
+
+
+class RetrievalBenchConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dim: int = Field(64, ge=2, description="embedding width of the synthetic catalogues")
+    sizes: list[int] = Field([10_000, 100_000, 1_000_000], description="synthetic catalogue sizes")
+    real_embeddings: Path | None = Field(None, description="item_embeddings.npy (V,H); row 0 = padding")
+    real_queries: Path | None = Field(None, description="optional (Q,H) real query vectors for it")
+    indexes: list[str] = ["flat", "hnsw", "ivf"]
+    k: int = Field(10, ge=1)
+    queries: int = Field(1000, ge=1, description="queries for recall (latency cycles through them)")
+    repeats: int = Field(100, ge=1, description="timed batch-1 searches per setting")
+    batch: int = Field(64, ge=1)
+    batch_repeats: int = Field(10, ge=1, description="timed batch searches per setting")
+    hnsw_m: list[int] = [32]
+    hnsw_ef_construction: int = 40
+    ef_search: list[int] = [16, 32, 64, 128, 256]
+    ivf_nlist: int | None = Field(None, description="None: 4*sqrt(N) rounded to a power of two")
+    nprobe: list[int] = [1, 2, 4, 8, 16, 32, 64, 128]
+    recall_target: float = Field(0.95, gt=0, le=1)
+    ann_speedup: float = Field(2.0, gt=1, description="flat/ANN batch-1 latency ratio that justifies ANN")
+    flat_budget_ms: float = Field(1.0, gt=0, description="flat batch-1 cost that is negligible next to the model")
+    build_threads: int = Field(0, ge=0, description="threads for builds and recall runs; 0 = all cores")
+    seed: int = 0
+
+
+# ---------------------------------------------------------------- catalogues and queries
+
+@dataclass
+class Catalogue:
+    name: str
+    items: np.ndarray    # (N, d) float32
+    queries: np.ndarray  # (Q, d) float32
+    source: str          # "synthetic" | "real"
+
+
+def synthetic_catalogue(n: int, dim: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(items (n,d), genre label (n,), popularity weight (n,)); see the module docstring."""
+    basis, _ = np.linalg.qr(rng.standard_normal((dim, dim)))
+    spectrum = (np.arange(1, dim + 1) ** -0.7).astype(np.float32)  # a few dominant directions
+    n_genres = int(np.clip(round(math.sqrt(n) / 2), 8, 1024))
+    genre_share = 1.0 / np.arange(1, n_genres + 1) ** 0.8  # a few big genres, a long tail
+    labels = rng.choice(n_genres, size=n, p=genre_share / genre_share.sum())
+    centres = (rng.standard_normal((n_genres, dim)) * spectrum) @ basis.T
+    within = (rng.standard_normal((n, dim)).astype(np.float32) * spectrum) @ basis.T
+    dirs = centres[labels] + 0.6 * within
+    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+    rank = rng.permutation(n) + 1
+    popularity = 1.0 / rank  # Zipf
+    log_pop = np.log(popularity)
+    z = (log_pop - log_pop.mean()) / log_pop.std() + 0.5 * rng.standard_normal(n)
+    norms = np.exp(0.3 * z / np.sqrt(1.25))  # log-normal, ~0.55x..1.8x, larger for popular items
+    return (dirs * norms[:, None]).astype(np.float32), labels, popularity
+
+
+def _user_query(history: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    mean = history.mean(axis=0)
+    noise = rng.standard_normal(mean.shape[0]) * (0.25 * np.linalg.norm(mean) / math.sqrt(mean.shape[0]))
+    return (mean + noise).astype(np.float32)
+
+
+def genre_queries(items: np.ndarray, labels: np.ndarray, popularity: np.ndarray, n_queries: int,
+                  rng: np.random.Generator) -> np.ndarray:
+    """Users with 1-3 favourite genres (chosen by genre mass), 5-30 items drawn by popularity."""
+    order = np.argsort(labels, kind="stable")
+    bounds = np.searchsorted(labels[order], np.arange(labels.max() + 2))
+    mass = np.bincount(labels, weights=popularity)
+    out = np.empty((n_queries, items.shape[1]), np.float32)
+    for q in range(n_queries):
+        genres = rng.choice(len(mass), size=rng.integers(1, 4), p=mass / mass.sum())
+        members = np.concatenate([order[bounds[g]:bounds[g + 1]] for g in genres])
+        w = popularity[members]
+        picks = rng.choice(members, size=int(rng.integers(5, 31)), p=w / w.sum())
+        out[q] = _user_query(items[picks], rng)
+    return out
+
+
+def neighbourhood_queries(items: np.ndarray, n_queries: int, rng: np.random.Generator) -> np.ndarray:
+    """For real embeddings: histories from the cosine top-50 neighbourhoods of 1-3 anchor items."""
+    unit = items / np.maximum(np.linalg.norm(items, axis=1, keepdims=True), 1e-12)
+    anchors = rng.integers(0, len(items), size=(n_queries, 3))
+    index = faiss.IndexFlatIP(items.shape[1])
+    index.add(unit)
+    _, hood = index.search(np.ascontiguousarray(unit[anchors.ravel()]), min(50, len(items)))
+    hood = hood.reshape(n_queries, 3, -1)
+    out = np.empty((n_queries, items.shape[1]), np.float32)
+    for q in range(n_queries):
+        pool = hood[q, : rng.integers(1, 4)].ravel()
+        out[q] = _user_query(items[rng.choice(pool, size=int(rng.integers(5, 31)))], rng)
+    return out
+
+
+def load_real(path: Path, queries_path: Path | None, n_queries: int, rng: np.random.Generator) -> Catalogue:
+    """The exported catalogue: float (V,H) with row 0 the padding token, which is skipped."""
+    if not path.exists():
+        raise CompressorError(f"{path}: no such embeddings file")
+    emb = np.load(path)
+    if emb.ndim != 2 or emb.shape[0] < 3 or not np.issubdtype(emb.dtype, np.floating):
+        raise CompressorError(f"{path}: expected a float (V,H) matrix with V >= 3, got {emb.dtype} {emb.shape}")
+    items = np.ascontiguousarray(emb[1:], dtype=np.float32)
+    if not np.isfinite(items).all():
+        raise CompressorError(f"{path}: embeddings contain NaN or inf")
+    if queries_path is not None:
+        queries = np.load(queries_path)
+        if queries.ndim != 2 or queries.shape[1] != items.shape[1]:
+            raise CompressorError(f"{queries_path}: expected (Q,{items.shape[1]}) queries, got {queries.shape}")
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+    else:
+        queries = neighbourhood_queries(items, n_queries, rng)
+    return Catalogue(f"real ({len(items):,} items)", items, queries, "real")
+
+
+def catalogues(cfg: RetrievalBenchConfig) -> Iterator[Catalogue]:
+    """One at a time, so a 1M catalogue is freed before the next is generated."""
+    rng = np.random.default_rng(cfg.seed)
+    for n in cfg.sizes:
+        items, labels, pop = synthetic_catalogue(n, cfg.dim, rng)
+        yield Catalogue(f"synthetic {n:,}", items, genre_queries(items, labels, pop, cfg.queries, rng), "synthetic")
+    if cfg.real_embeddings is not None:
+        yield load_real(cfg.real_embeddings, cfg.real_queries, cfg.queries, rng)
+
+
+# ---------------------------------------------------------------- indexes (registry)
+
+@dataclass
+class Built:
+    params: dict          # build-time parameters
+    index: faiss.Index
+    sweep: list[dict]     # search-time settings, applied with faiss.ParameterSpace
+
+
+def auto_nlist(n: int) -> int:
+    """4*sqrt(N) rounded to a power of two, at most N/39 so k-means has enough points per list."""
+    target = 2 ** round(math.log2(4 * math.sqrt(n)))
+    return int(max(1, min(target, n // 39)))
+
+
+def build_flat(items: np.ndarray, cfg: RetrievalBenchConfig) -> Iterator[Built]:
+    index = faiss.IndexFlatIP(items.shape[1])
+    index.add(items)
+    yield Built({}, index, [{}])
+
+
+def build_hnsw(items: np.ndarray, cfg: RetrievalBenchConfig) -> Iterator[Built]:
+    for m in cfg.hnsw_m:
+        index = faiss.IndexHNSWFlat(items.shape[1], m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = cfg.hnsw_ef_construction
+        index.add(items)
+        yield Built({"M": m, "efConstruction": cfg.hnsw_ef_construction}, index,
+                    [{"efSearch": ef} for ef in cfg.ef_search])
+
+
+def build_ivf(items: np.ndarray, cfg: RetrievalBenchConfig) -> Iterator[Built]:
+    n, d = items.shape
+    nlist = min(cfg.ivf_nlist or auto_nlist(n), n)
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+    # k-means on at most 64 points per list: enough for stable centroids, bounded time at 1M
+    sample = np.random.default_rng(cfg.seed).choice(n, size=min(n, 64 * nlist), replace=False)
+    index.train(items[np.sort(sample)])
+    index.add(items)
+    # probes past nlist are capped at nlist (= scanning every list, exact)
+    yield Built({"nlist": nlist}, index, [{"nprobe": p} for p in sorted({min(p, nlist) for p in cfg.nprobe})])
+
+
+INDEXES: dict[str, Callable[[np.ndarray, RetrievalBenchConfig], Iterator[Built]]] = {
+    "flat": build_flat, "hnsw": build_hnsw, "ivf": build_ivf,
+}
+
+
+# ---------------------------------------------------------------- measurement
+
+MAX_THREADS = faiss.omp_get_max_threads()  # read before anything sets it to 1
+
+
+def _threads(cfg: RetrievalBenchConfig) -> int:
+    return cfg.build_threads or MAX_THREADS
+
+
+def exact_topk(items: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    index = faiss.IndexFlatIP(items.shape[1])
+    index.add(items)
+    return index.search(queries, k)[1]
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+    k = truth.shape[1]
+    return float(np.mean([len(np.intersect1d(f[f >= 0], t)) / k for f, t in zip(found, truth, strict=True)]))
+
+
+def time_searches(index: faiss.Index, queries: np.ndarray, k: int, batch: int, repeats: int) -> np.ndarray:
+    """Milliseconds of `repeats` searches of `batch` consecutive queries (after 3 warm-up runs)."""
+    times = []
+    for r in range(repeats + 3):
+        start = (r * batch) % max(1, len(queries) - batch + 1)
+        q = queries[start:start + batch]
+        t0 = time.perf_counter()
+        index.search(q, k)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return np.asarray(times[3:])
+
+
+def measure(index: faiss.Index, setting: dict, cat: Catalogue, truth: np.ndarray,
+            cfg: RetrievalBenchConfig) -> dict:
+    space = faiss.ParameterSpace()
+    for name, value in setting.items():
+        space.set_index_parameter(index, name, value)
+    faiss.omp_set_num_threads(_threads(cfg))
+    recall = recall_at_k(index.search(cat.queries, cfg.k)[1], truth)
+    faiss.omp_set_num_threads(1)  # as in a serving worker (NOTES.md: 2 threads contend on 2 cores)
+    b1 = time_searches(index, cat.queries, cfg.k, 1, cfg.repeats)
+    bb = time_searches(index, cat.queries, cfg.k, min(cfg.batch, len(cat.queries)), cfg.batch_repeats)
+    return {"recall": recall, "b1_ms_p50": float(np.median(b1)), "b1_ms_p95": float(np.percentile(b1, 95)),
+            "batch_ms_p50": float(np.median(bb)),
+            "batch_ms_per_query": float(np.median(bb)) / min(cfg.batch, len(cat.queries))}
+
+
+def run_catalogue(cat: Catalogue, cfg: RetrievalBenchConfig, bar: tqdm) -> list[dict]:
+    faiss.omp_set_num_threads(_threads(cfg))
+    truth = exact_topk(cat.items, cat.queries, cfg.k)
+    rows = []
+    for kind in cfg.indexes:
+        bar.set_description(f"{cat.name}: {kind}")
+        faiss.omp_set_num_threads(_threads(cfg))
+        t0 = time.perf_counter()
+        for built in INDEXES[kind](cat.items, cfg):
+            build_s = time.perf_counter() - t0  # train + add, for this build parameter set
+            memory = int(faiss.serialize_index(built.index).size)
+            for setting in built.sweep:
+                row = {"catalogue": cat.name, "source": cat.source, "n": len(cat.items),
+                       "dim": cat.items.shape[1], "index": kind, "build": built.params, "search": setting,
+                       "build_s": build_s, "memory_bytes": memory}
+                row.update(measure(built.index, setting, cat, truth, cfg))
+                rows.append(row)
+            del built
+            faiss.omp_set_num_threads(_threads(cfg))
+            t0 = time.perf_counter()
+        bar.update(1)
+    return rows
+
+
+def run(cfg: RetrievalBenchConfig, out: str | Path) -> dict:
+    """Run the benchmark and write retrieval.{md,json,png} under `out`; returns the JSON payload."""
+    unknown = sorted(set(cfg.indexes) - set(INDEXES))
+    if unknown:
+        raise CompressorError(f"unknown index kind(s) {unknown}; choose from {sorted(INDEXES)}")
+    if cfg.real_embeddings is None and not cfg.sizes:
+        raise CompressorError("nothing to benchmark: give --sizes and/or --real-embeddings")
+    if cfg.sizes and min(cfg.sizes) < max(cfg.k, 2 * 39):
+        raise CompressorError(f"catalogue sizes must be at least {max(cfg.k, 78)} items")
+    info = machine_info()
+    rows: list[dict] = []
+    n_cats = len(cfg.sizes) + (cfg.real_embeddings is not None)
+    with tqdm(total=n_cats * len(cfg.indexes), desc="retrieval", unit="index") as bar:
+        for cat in catalogues(cfg):
+            rows += run_catalogue(cat, cfg, bar)
+    payload = {"config": cfg.model_dump(mode="json"), "machine": info, "faiss": faiss.__version__,
+               "search_threads": 1, "build_threads": _threads(cfg), "results": rows,
+               "recommendation": recommend(rows, cfg.recall_target, cfg.ann_speedup, cfg.flat_budget_ms)}
+    out = Path(out)
+    write_json(out / "retrieval.json", payload)
+    save_figure(plot_results(rows, cfg.recall_target), out / "retrieval.png")
+    write_atomic(out / "retrieval.md", report_md(payload))
+    return payload
+
+
+def report_md(payload: dict) -> str:
+    cfg, rows = payload["config"], payload["results"]
+    lines = ["# Retrieval benchmark: Faiss flat vs HNSW vs IVF (inner product)", "",
+             f"Machine: {machine_md(payload['machine'])}. Faiss {payload['faiss']}; searches timed with "
+             f"1 thread (as in a serving worker), builds with {payload['build_threads']}.", "",
+             "Synthetic items: Zipf-sized genres in an anisotropic space (power-law spectrum), log-normal "
+             "norms tied to Zipf popularity; queries: noisy means of 5-30-item histories from 1-3 genres "
+             "(see `benchmarks/retrieval.py`). "
+             f"Recall@{cfg['k']} is against exact search over {cfg['queries']} queries; latency is the "
+             f"median of {cfg['repeats']} batch-1 and {cfg['batch_repeats']} batch-{cfg['batch']} searches.", ""]
+    for name in dict.fromkeys(r["catalogue"] for r in rows):
+        sub = [r for r in rows if r["catalogue"] == name]
+        lines += [f"## {name} items, dim {sub[0]['dim']}", "", md_table(
+            ["index", "build params", "search", "build s", "memory MB", f"recall@{cfg['k']}",
+             "batch-1 p50 ms", "batch-1 p95 ms", f"batch-{cfg['batch']} ms", "ms/query in batch"],
+            [[r["index"], _fmt(r["build"]), _fmt(r["search"]), r["build_s"], r["memory_bytes"] / 2**20,
+              r["recall"], r["b1_ms_p50"], r["b1_ms_p95"], r["batch_ms_p50"], r["batch_ms_per_query"]]
+             for r in sub]), ""]
+    lines += [recommendation_md(payload["recommendation"]), "", "![retrieval](retrieval.png)", "",
+              "Reproduce: `python -m benchmarks.retrieval --dim " + str(cfg["dim"]) + " --sizes "
+              + ",".join(str(s) for s in cfg["sizes"]) + " --out DIR`", ""]
+    return "\n".join(lines)
+
+
+def _fmt(d: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in d.items()) or "–"
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.retrieval", description=__doc__.split("\n\n")[0])
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--sizes", type=_ints, default=[10_000, 100_000, 1_000_000],
+                   help="synthetic catalogue sizes, comma-separated ('' for none)")
+    p.add_argument("--real-embeddings", type=Path, help="item_embeddings.npy of an artifact (row 0 = padding)")
+    p.add_argument("--real-queries", type=Path, help="(Q,H) .npy of real query vectors for --real-embeddings")
+    p.add_argument("--indexes", default="flat,hnsw,ivf")
+    p.add_argument("--queries", type=int, default=1000)
+    p.add_argument("--repeats", type=int, default=100)
+    p.add_argument("--hnsw-m", type=_ints, default=[32])
+    p.add_argument("--ef-construction", type=int, default=40)
+    p.add_argument("--ef-search", type=_ints, default=[16, 32, 64, 128, 256])
+    p.add_argument("--nlist", type=int, default=None, help="IVF lists (default 4*sqrt(N), power of two)")
+    p.add_argument("--nprobe", type=_ints, default=[1, 2, 4, 8, 16, 32, 64, 128])
+    p.add_argument("--recall-target", type=float, default=0.95)
+    p.add_argument("--flat-budget-ms", type=float, default=1.0,
+                   help="keep exact flat search while a batch-1 query costs less than this")
+    p.add_argument("--build-threads", type=int, default=0, help="0 = all cores")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, type=Path)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = RetrievalBenchConfig(
+            dim=args.dim, sizes=args.sizes, real_embeddings=args.real_embeddings, real_queries=args.real_queries,
+            indexes=[x.strip() for x in args.indexes.split(",") if x.strip()], queries=args.queries,
+            repeats=args.repeats, hnsw_m=args.hnsw_m, hnsw_ef_construction=args.ef_construction,
+            ef_search=args.ef_search, ivf_nlist=args.nlist, nprobe=args.nprobe,
+            recall_target=args.recall_target, flat_budget_ms=args.flat_budget_ms, build_threads=args.build_threads, seed=args.seed)
+        payload = run(cfg, args.out)
+    except ValidationError as e:
+        first = e.errors()[0]
+        print(f"error: {'.'.join(map(str, first['loc']))}: {first['msg']}", file=sys.stderr)
+        return 2
+    except CompressorError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(recommendation_md(payload["recommendation"]))
+    print(f"wrote {args.out}/retrieval.md, retrieval.json, retrieval.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

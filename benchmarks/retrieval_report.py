@@ -1,0 +1,175 @@
+"""Serving defaults derived from retrieval measurements, their Markdown, and the plot.
+
+Pure functions of the result rows written by `benchmarks.retrieval`, so the rules can be
+tested on hand-made rows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+KIND_STYLE = {"flat": ("k", "*"), "hnsw": ("tab:blue", "o"), "ivf": ("tab:orange", "s")}
+
+
+def best_row(rows: list[dict], catalogue: str, kind: str, target: float) -> dict | None:
+    """The fastest (batch-1 p50) setting of `kind` on `catalogue` with recall >= target."""
+    ok = [r for r in rows if r["catalogue"] == catalogue and r["index"] == kind and r["recall"] >= target]
+    return min(ok, key=lambda r: r["b1_ms_p50"]) if ok else None
+
+
+def _round2(x: float) -> int:
+    """Two significant figures: a threshold is an order of magnitude, not a measurement."""
+    if x <= 0:
+        return 0
+    digits = int(math.floor(math.log10(x))) - 1
+    return int(round(x, -digits))
+
+
+def _crossing(xs: list[int], ys: list[float], level: float) -> tuple[float | None, str]:
+    """First x where y reaches `level`, interpolated linearly in log-log space between measured points."""
+    for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
+        if y < level:
+            continue
+        if i == 0:
+            return float(x), f"already {y:.3g} at the smallest size {x:,}"
+        x0, y0 = xs[i - 1], ys[i - 1]
+        t = (math.log(level) - math.log(y0)) / (math.log(y) - math.log(y0))
+        est = math.exp(math.log(x0) + t * (math.log(x) - math.log(x0)))
+        return est, f"{y0:.3g} at {x0:,}, {y:.3g} at {x:,}"
+    return None, f"{ys[-1]:.3g} at {xs[-1]:,}, the largest size measured"
+
+
+def flat_threshold(points: list[tuple[int, float, float]], speedup: float, budget_ms: float) -> dict:
+    """Catalogue size above which HNSW should replace exact flat search.
+
+    points: (n, flat_ms, hnsw_ms) sorted by n (batch-1 p50, HNSW at the recall target). Two
+    conditions must both hold: flat costs more than `budget_ms` per query (below that, exact
+    search is negligible next to the model), and HNSW is `speedup` x faster. Each crossing is
+    interpolated in log-log space (flat grows ~N, HNSW ~log N); if flat never exceeds the
+    budget it is extrapolated linearly in N from the largest size.
+    """
+    if not points:
+        return {"flat_max_items": None, "basis": "flat and HNSW at the recall target were not both measured"}
+    ns = [p[0] for p in points]
+    n_speed, why_speed = _crossing(ns, [f / h for _, f, h in points], speedup)
+    n_budget, why_budget = _crossing(ns, [f for _, f, _ in points], budget_ms)
+    if n_budget is None:
+        n_budget = ns[-1] * budget_ms / points[-1][1]
+        why_budget += f"; extrapolated linearly to {_round2(n_budget):,}"
+    basis = f"flat/HNSW latency ratio {why_speed}; flat batch-1 ms {why_budget}"
+    if n_speed is None:
+        return {"flat_max_items": None, "basis": f"HNSW never became {speedup:g}x faster than flat ({basis})"}
+    return {"flat_max_items": _round2(max(n_speed, n_budget)), "basis": basis}
+
+
+def recommend(rows: list[dict], target: float, speedup: float, budget_ms: float = 1.0) -> dict:
+    """Serving defaults: flat below a size threshold, HNSW (M, efSearch) above, IVF (nlist, nprobe) alternative."""
+    synth = sorted({(r["n"], r["catalogue"]) for r in rows if r["source"] == "synthetic"})
+    points, per_size = [], []
+    for n, cat in synth:
+        flat = best_row(rows, cat, "flat", 0.0)
+        hnsw, ivf = best_row(rows, cat, "hnsw", target), best_row(rows, cat, "ivf", target)
+        per_size.append({"n": n, "flat_ms": flat and flat["b1_ms_p50"],
+                         "hnsw": hnsw and {**hnsw["build"], **hnsw["search"], "ms": hnsw["b1_ms_p50"],
+                                           "recall": hnsw["recall"], "memory_bytes": hnsw["memory_bytes"]},
+                         "ivf": ivf and {**ivf["build"], **ivf["search"], "ms": ivf["b1_ms_p50"],
+                                         "recall": ivf["recall"], "memory_bytes": ivf["memory_bytes"]},
+                         "flat_memory_bytes": flat and flat["memory_bytes"]})
+        if flat and hnsw:
+            points.append((n, flat["b1_ms_p50"], hnsw["b1_ms_p50"]))
+    rec = {"recall_target": target, "ann_speedup": speedup, "flat_budget_ms": budget_ms,
+           **flat_threshold(points, speedup, budget_ms),
+           "per_size": per_size}
+    # ANN parameters from the largest catalogue where they met the target: the most demanding case
+    for kind, keys in (("hnsw", ("M", "efConstruction", "efSearch")), ("ivf", ("nprobe",))):
+        found = [s[kind] for s in per_size if s[kind]]
+        rec[kind] = {k: found[-1][k] for k in keys} if found else None
+    if rec["ivf"] is not None:
+        rec["ivf"]["nlist"] = "4*sqrt(N), power of two"
+    rec["real"] = _real_check(rows, rec, target)
+    return rec
+
+
+def _real_check(rows: list[dict], rec: dict, target: float) -> list[dict]:
+    """Recall of the recommended settings on the real catalogue(s): synthetic recall may be optimistic."""
+    out = []
+    for cat in dict.fromkeys(r["catalogue"] for r in rows if r["source"] == "real"):
+        entry = {"catalogue": cat}
+        for kind, key in (("hnsw", "efSearch"), ("ivf", "nprobe")):
+            if rec[kind] is None:
+                continue
+            match = [r for r in rows if r["catalogue"] == cat and r["index"] == kind
+                     and r["search"].get(key) == rec[kind][key]]
+            if match:
+                entry[kind] = {key: rec[kind][key], "recall": match[0]["recall"], "ms": match[0]["b1_ms_p50"]}
+            best = best_row(rows, cat, kind, target)
+            entry[f"{kind}_min_{key}_at_target"] = best and best["search"].get(key)
+        out.append(entry)
+    return out
+
+
+def recommendation_md(rec: dict) -> str:
+    lines = ["## Serving defaults derived from these numbers", "",
+             f"Rule: the fastest batch-1 setting with recall@10 >= {rec['recall_target']}; keep exact flat "
+             f"search until it costs more than {rec['flat_budget_ms']:g} ms per query (1 thread) and HNSW is "
+             f"{rec['ann_speedup']:g}x faster.", ""]
+    if rec["flat_max_items"] is not None:
+        lines.append(f"- **Flat (exact) up to ~{rec['flat_max_items']:,} items**, HNSW above ({rec['basis']}).")
+    else:
+        lines.append(f"- **Flat (exact) at every size measured**: {rec['basis']}.")
+    if rec["hnsw"]:
+        h = rec["hnsw"]
+        lines.append(f"- **HNSW**: M={h['M']}, efConstruction={h['efConstruction']}, efSearch={h['efSearch']} "
+                     "(the cheapest setting meeting the target at the largest catalogue measured).")
+    if rec["ivf"]:
+        lines.append(f"- **IVF** (alternative with a GPU version and no graph memory): nlist = "
+                     f"{rec['ivf']['nlist']}, nprobe={rec['ivf']['nprobe']}.")
+    for s in rec["per_size"]:
+        parts = [f"flat {s['flat_ms']:.3g} ms" if s["flat_ms"] is not None else "flat –"]
+        for kind, key in (("hnsw", "efSearch"), ("ivf", "nprobe")):
+            v = s[kind]
+            parts.append(f"{kind} {key}={v[key]} {v['ms']:.3g} ms (recall {v['recall']:.3f}, "
+                         f"{v['memory_bytes'] / 2**20:.0f} MB)" if v else f"{kind}: target not reached")
+        lines.append(f"  - {s['n']:,} items: " + "; ".join(parts))
+    for r in rec["real"]:
+        got = [f"{kind} {key}={v[key]}: recall {v['recall']:.3f}"
+               for kind, key in (("hnsw", "efSearch"), ("ivf", "nprobe")) if (v := r.get(kind))]
+        lines.append(f"- On the {r['catalogue']} catalogue the recommended settings give " + ", ".join(got)
+                     + f" (smallest efSearch at target: {r.get('hnsw_min_efSearch_at_target')}, "
+                     f"smallest nprobe: {r.get('ivf_min_nprobe_at_target')}).")
+    return "\n".join(lines)
+
+
+def plot_results(rows: list[dict], target: float):
+    """Recall@k vs batch-1 latency per catalogue, plus best latency vs catalogue size."""
+    cats = list(dict.fromkeys(r["catalogue"] for r in rows))
+    fig, axes = plt.subplots(1, len(cats) + 1, figsize=(4.2 * (len(cats) + 1), 3.8), squeeze=False)
+    for ax, cat in zip(axes[0], cats, strict=False):
+        sub = [r for r in rows if r["catalogue"] == cat]
+        for key in dict.fromkeys((r["index"], tuple(r["build"].items())) for r in sub):
+            line = [r for r in sub if (r["index"], tuple(r["build"].items())) == key]
+            color, marker = KIND_STYLE.get(key[0], ("gray", "x"))
+            label = key[0] + "".join(f" {k}={v}" for k, v in key[1] if k != "efConstruction")
+            ax.plot([r["b1_ms_p50"] for r in line], [r["recall"] for r in line], marker=marker, color=color,
+                    label=label, ms=8 if key[0] == "flat" else 4)
+        ax.axhline(target, color="gray", ls=":", lw=1)
+        ax.set(xscale="log", title=cat, xlabel="batch-1 latency p50 (ms, 1 thread)", ylabel="recall@10")
+        ax.legend(fontsize=7)
+    ax = axes[0][-1]
+    synth = sorted({(r["n"], r["catalogue"]) for r in rows if r["source"] == "synthetic"})
+    for kind in KIND_STYLE:
+        pts = [(n, b["b1_ms_p50"]) for n, c in synth if (b := best_row(rows, c, kind, target))]
+        if pts:
+            color, marker = KIND_STYLE[kind]
+            ax.plot(*zip(*pts, strict=True), marker=marker, color=color, label=f"{kind} (recall>={target})")
+    ax.set(xscale="log", yscale="log", title="fastest setting vs catalogue size", xlabel="items (synthetic)",
+           ylabel="batch-1 latency p50 (ms)")
+    if ax.get_lines():
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
