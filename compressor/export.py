@@ -1,0 +1,326 @@
+"""Export a model directory to a verified ONNX artifact directory (layout: `compressor.artifact`).
+
+What the graph computes (the one place this is defined):
+  inputs   `input_ids` int64 (B, T) and `attention_mask` int64 (B, T): item-token histories,
+           oldest first, LEFT-padded with token 0 (mask 0), so position T-1 is the newest item;
+           B and T are dynamic, 1 <= T <= max_len.
+  output   `hidden` float32 (B, H): the final hidden state at the newest position.
+  scores   `hidden @ item_embeddings.T (+ item_bias)`, (B, V), computed outside the graph
+           (numpy / Faiss) so retrieval scales to large catalogues; token 0 is padding.
+
+An export is accepted only after ONNX Runtime reproduces PyTorch on real validation
+histories (max abs difference of `hidden` and top-k agreement, thresholds in `ExportConfig`);
+otherwise `CompressorError` says by how much it failed and no directory is left behind.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from compressor import artifact as art
+from compressor.data.protocol import RecData, left_pad, prepare
+from compressor.data.vocab import ItemVocab
+from compressor.errors import ArtifactError, CompressorError
+from compressor.modeling import (
+    QueryEncoder,
+    count_parameters,
+    decoder_parts,
+    load_model,
+    recsys_meta,
+)
+
+INPUT_NAMES = ("input_ids", "attention_mask")
+OUTPUT_NAME = "hidden"
+EXPORTABLE_ATTENTION = ("sdpa", "eager")  # both export and match ORT with left padding
+EXTERNAL_DATA_BYTES = 1 << 30  # protobuf caps a file at 2 GB: larger weights go to model.onnx.data
+
+
+class ExportConfig(BaseModel):
+    """How a model directory becomes an artifact directory."""
+
+    model_config = ConfigDict(extra="forbid")
+    atol: float = Field(1e-4, ge=0, description="max |hidden_onnx - hidden_torch| accepted")
+    min_topk_agreement: float = Field(0.99, ge=0, le=1, description="mean top-k overlap ONNX vs PyTorch accepted")
+    topk: int = Field(10, ge=1, description="k of the top-k agreement")
+    parity_users: int = Field(256, ge=1, description="validation users the parity check runs on")
+    batch_size: int = Field(64, ge=1, description="batch size of the parity check")
+    opset: int | None = Field(None, description="ONNX opset; None = the exporter's default")
+    attn: Literal["sdpa", "eager"] = Field("sdpa", description="attention implementation the graph is traced with")
+    quantize: Literal["int8", "fp16"] | None = Field(None, description="also write model.<mode>.onnx")
+    serve_quantized: bool = Field(False, description="serving loads the quantized graph by default")
+    quantized_min_topk_agreement: float = Field(
+        0.9, ge=0, le=1, description="top-k agreement the quantized graph needs when it is the one served")
+    seed: int = 0
+
+
+@dataclass
+class ArtifactResult:
+    path: Path
+    manifest: dict
+
+    @property
+    def parity(self) -> dict:
+        return self.manifest["parity"]
+
+
+def export_onnx(model: PreTrainedModel, path: str | Path, max_len: int, opset: int | None = None) -> Path:
+    """Export `QueryEncoder(model)` to `path` with the dynamo exporter (dynamic batch and length)."""
+    path = Path(path)
+    attn = getattr(model.config, "_attn_implementation", None)
+    if attn not in EXPORTABLE_ATTENTION:
+        raise CompressorError(f"attention implementation {attn!r} does not export; load the model with "
+                              f"attn in {EXPORTABLE_ATTENTION}")
+    if max_len < 2:
+        raise CompressorError(f"max_len {max_len}: the exporter needs sequences of at least 2")
+    model.config.use_cache = False  # a recommender scores one history; it never generates
+    device = next(model.parameters()).device
+    model.cpu().eval()
+    # Example sizes on dynamic dims must not be 0 or 1 (the tracer would specialise on them);
+    # the second row is left-padded so the masking path is traced as served.
+    t = min(max_len, 8)
+    ids = torch.arange(1, 2 * t + 1, dtype=torch.int64).reshape(2, t) % model.config.vocab_size
+    ids[ids == 0] = 1
+    mask = torch.ones_like(ids)
+    ids[1, : t // 2] = 0
+    mask[1, : t // 2] = 0
+    batch = torch.export.Dim("batch", min=1)
+    seq = torch.export.Dim("seq", min=1, max=max_len)
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    try:
+        torch.onnx.export(
+            QueryEncoder(model).eval(), (ids, mask), str(path), dynamo=True,
+            input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME], opset_version=opset,
+            dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
+            external_data=nbytes > EXTERNAL_DATA_BYTES, verbose=False,
+        )
+    except Exception as e:  # the exporter raises many types; the user needs the model and the cause
+        raise CompressorError(f"ONNX export of {type(model).__name__} failed: {type(e).__name__}: {e}") from e
+    finally:
+        model.to(device)
+    return path
+
+
+def item_embeddings(model: PreTrainedModel) -> tuple[np.ndarray, np.ndarray | None]:
+    """The output head as (V, H) float32 (row = token id) and its bias (V,) if it has one."""
+    head = decoder_parts(model).head
+    weight = head.weight.detach().float().cpu().numpy()
+    bias = head.bias.detach().float().cpu().numpy() if getattr(head, "bias", None) is not None else None
+    return np.ascontiguousarray(weight), bias
+
+
+def parity_histories(data: RecData, n: int, max_len: int, seed: int = 0) -> list[np.ndarray]:
+    """`n` real validation histories; every other one cut to its newest L items (L random in
+    [1, max_len]) so short, heavily padded rows are checked as much as full ones."""
+    split = data.split("valid").subset(n, seed)
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, h in enumerate(split.histories):
+        out.append(h[-int(rng.integers(1, max_len + 1)):] if i % 2 else h)
+    return out
+
+
+def ort_session(onnx_path: str | Path):
+    import onnxruntime as ort
+
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+    return ort.InferenceSession(str(onnx_path), providers=providers)
+
+
+def _topk(scores: np.ndarray, histories: list[np.ndarray], k: int, num_special: int) -> np.ndarray:
+    """Top-k tokens per row as served: specials and seen items excluded."""
+    scores = scores.copy()
+    scores[:, :num_special] = -np.inf
+    for i, h in enumerate(histories):
+        scores[i, h] = -np.inf
+    k = min(k, scores.shape[1] - num_special)
+    return np.argpartition(-scores, k - 1, axis=1)[:, :k]
+
+
+def check_parity(
+    onnx_path: str | Path,
+    model: PreTrainedModel,
+    histories: list[np.ndarray],
+    max_len: int,
+    atol: float,
+    min_topk_agreement: float,
+    k: int = 10,
+    batch_size: int = 64,
+    num_special: int = 1,
+) -> dict:
+    """Run the graph in ONNX Runtime and the model in PyTorch on the same left-padded histories.
+
+    Returns max abs difference of `hidden` (and of the scores), mean top-k overlap, rows and
+    padded rows checked, the thresholds and `passed`."""
+    if not histories:
+        raise CompressorError("parity check needs at least one history")
+    session = ort_session(onnx_path)
+    encoder = QueryEncoder(model).eval()
+    device = next(model.parameters()).device
+    weight, bias = item_embeddings(model)
+    max_diff = max_score_diff = 0.0
+    overlap, padded = [], 0
+    for a in tqdm(range(0, len(histories), batch_size), desc="parity", leave=False):
+        chunk = histories[a : a + batch_size]
+        # Pad to the longest row of the batch, as serving does, so T varies between batches.
+        ids, mask = left_pad(chunk, min(max_len, max(len(h) for h in chunk)))
+        padded += int((mask[:, 0] == 0).sum())
+        with torch.no_grad():
+            ref = encoder(torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)).float().cpu().numpy()
+        got = session.run([OUTPUT_NAME], {"input_ids": ids, "attention_mask": mask})[0]
+        diff = float(np.abs(got - ref).max())
+        max_diff = max(max_diff, diff if np.isfinite(diff) else float("inf"))  # NaN must fail, not vanish
+        s_ref, s_got = ref @ weight.T, got @ weight.T
+        if bias is not None:
+            s_ref, s_got = s_ref + bias, s_got + bias
+        max_score_diff = max(max_score_diff, float(np.abs(s_got - s_ref).max()))
+        top_ref, top_got = _topk(s_ref, chunk, k, num_special), _topk(s_got, chunk, k, num_special)
+        overlap += [len(set(r) & set(g)) / len(r) for r, g in zip(top_ref, top_got, strict=True)]
+    agreement = float(np.mean(overlap))
+    return {
+        "max_abs_diff": max_diff, "max_abs_diff_scores": max_score_diff, "topk_agreement": agreement,
+        "k": k, "n": len(histories), "padded_rows": padded, "atol": atol,
+        "min_topk_agreement": min_topk_agreement,
+        "passed": bool(max_diff <= atol and agreement >= min_topk_agreement),
+    }
+
+
+def require_parity(parity: dict, what: str, check_atol: bool = True) -> None:
+    """Raise with the measured figures against the thresholds when a graph fails its check."""
+    fails = []
+    if check_atol and not parity["max_abs_diff"] <= parity["atol"]:
+        fails.append(f"max abs diff {parity['max_abs_diff']:.3g} > atol {parity['atol']:.3g}")
+    if not parity["topk_agreement"] >= parity["min_topk_agreement"]:
+        fails.append(f"top-{parity['k']} agreement {parity['topk_agreement']:.4f} < "
+                     f"{parity['min_topk_agreement']:.4f}")
+    if fails:
+        raise CompressorError(f"{what} rejected: ONNX Runtime vs PyTorch on {parity['n']} validation "
+                              f"histories: {'; '.join(fails)}; no artifact written")
+
+
+def _resolve_data(data: RecData | str | Path | None, vocab: ItemVocab) -> RecData:
+    if isinstance(data, RecData):
+        if not data.vocab.same_as(vocab):
+            raise ArtifactError("the data's item vocabulary is not the model's; prepare it with vocab=<the model's>")
+        return data
+    return prepare(data if data is not None else "ml-latest-small", vocab=vocab)
+
+
+def _max_len(model: PreTrainedModel) -> int:
+    meta = recsys_meta(model)
+    for value in (meta.get("max_len"), getattr(model.config, "max_position_embeddings", None),
+                  getattr(model.config, "n_positions", None)):
+        if value:
+            return int(value)
+    raise ArtifactError("the model records no max_len (config.recsys.max_len)")
+
+
+def _items_json(data: RecData, vocab: ItemVocab) -> list[dict]:
+    meta = data.interactions.items.set_index("item")
+    out = []
+    for item in vocab.items:
+        row = meta.loc[item] if item in meta.index else None
+        out.append({"item_id": item, "title": str(row["title"]) if row is not None else str(item),
+                    "genres": str(row["genres"]) if row is not None else ""})
+    return out
+
+
+def _versions() -> dict:
+    import onnx
+    import onnxruntime
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
+
+
+def _quantize(tmp: Path, model: PreTrainedModel, histories, max_len: int, cfg: ExportConfig, num_special: int) -> dict:
+    try:
+        from compressor.quantize import quantize_onnx
+    except ImportError as e:
+        raise CompressorError(f"--quantize needs compressor.quantize ({e})") from e
+    dst = tmp / art.QUANTIZED_ONNX[cfg.quantize]
+    quantize_onnx(tmp / art.MODEL_ONNX, dst, mode=cfg.quantize)
+    parity = check_parity(dst, model, histories, max_len, cfg.atol, cfg.quantized_min_topk_agreement,
+                          cfg.topk, cfg.batch_size, num_special)
+    if cfg.serve_quantized:  # a quantized graph never meets the float atol; its ranking must hold
+        require_parity(parity, f"quantized ({cfg.quantize}) graph", check_atol=False)
+    return parity
+
+
+def export_artifact(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    data: RecData | str | Path | None = None,
+    cfg: ExportConfig | None = None,
+    metrics: dict | None = None,
+) -> ArtifactResult:
+    """Export, verify and write the artifact directory `out_dir` atomically.
+
+    `data` gives the validation histories, item metadata and known users (a RecData prepared with
+    the model's vocabulary, or a name/path; None = the bundled ml-latest-small). `metrics` is
+    stored as-is in the manifest. On any failure `out_dir` is left as it was."""
+    cfg = cfg or ExportConfig()
+    t0 = time.perf_counter()
+    model, vocab = load_model(model_dir, attn=cfg.attn)
+    data = _resolve_data(data, vocab)
+    max_len = _max_len(model)
+    meta = recsys_meta(model)
+    histories = parity_histories(data, cfg.parity_users, max_len, cfg.seed)
+    with art.atomic_directory(out_dir) as tmp:
+        export_onnx(model, tmp / art.MODEL_ONNX, max_len, cfg.opset)
+        parity = check_parity(tmp / art.MODEL_ONNX, model, histories, max_len, cfg.atol,
+                              cfg.min_topk_agreement, cfg.topk, cfg.batch_size, vocab.num_special)
+        require_parity(parity, f"export of {model_dir}")
+        parity_all = {art.MODEL_ONNX: parity}
+        if cfg.quantize:
+            parity_all[art.QUANTIZED_ONNX[cfg.quantize]] = _quantize(tmp, model, histories, max_len, cfg,
+                                                                     vocab.num_special)
+        weight, bias = item_embeddings(model)
+        np.save(tmp / art.EMBEDDINGS, weight)
+        if bias is not None:
+            np.save(tmp / art.BIAS, bias)
+        vocab.save(tmp)
+        art.write_json(tmp / art.ITEMS, _items_json(data, vocab))
+        histories_json = {str(u): [vocab.item(t) for t in seq] for u, seq in data.sequences.items()}
+        art.write_json(tmp / art.USER_HISTORIES, histories_json)
+        onnx_files = {p.name: p.stat().st_size for p in sorted(tmp.glob("model*.onnx*"))}
+        serve = art.QUANTIZED_ONNX[cfg.quantize] if cfg.quantize and cfg.serve_quantized else art.MODEL_ONNX
+        manifest = art.write_manifest(tmp, {
+            "kind": meta.get("kind", "teacher"),
+            "architecture": model.config.model_type,
+            "num_layers": model.config.num_hidden_layers,
+            "teacher_layers": meta.get("teacher_layers"),
+            "hidden_size": int(weight.shape[1]),
+            "max_len": max_len,
+            "vocab_size": vocab.size,
+            "num_items": vocab.num_items,
+            "num_special": vocab.num_special,
+            "has_bias": bias is not None,
+            "parameters": count_parameters(model),
+            "onnx_files": onnx_files,
+            "serve_model": serve,
+            "io": {"inputs": list(INPUT_NAMES), "output": OUTPUT_NAME, "padding": "left", "pad_id": vocab.pad_id},
+            "parity": parity_all,
+            "metrics": metrics or {},
+            "recsys": meta,
+            "source_model_dir": str(Path(model_dir).resolve()),
+            "data": {"name": data.name, "fingerprint": data.interactions.fingerprint(),
+                     "users": len(data.sequences)},
+            "export_config": cfg.model_dump(mode="json"),
+            "versions": _versions(),
+            "export_seconds": round(time.perf_counter() - t0, 2),
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        })
+    return ArtifactResult(Path(out_dir), manifest)

@@ -1,0 +1,154 @@
+"""The recommendation logic behind the HTTP service: artifact + ONNX encoder + Faiss index.
+
+It never imports bentoml, so it can be used and tested on its own; bad requests raise
+`BadRequest` (-> 400) or `NotFoundError` (-> 404), which `service.py` maps to HTTP errors.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from serving.artifact import ServingArtifact, load_artifact
+from serving.retrieval import IndexConfig, ItemIndex
+from serving.runtime import OnnxEncoder
+
+DEFAULT_ARTIFACT_DIR = "runs/default/student"
+Encode = Callable[[Sequence[Sequence[int]]], np.ndarray]  # token histories -> (B, H)
+
+
+class BadRequest(ValueError):
+    """The request cannot be answered as given (HTTP 400)."""
+
+
+class NotFoundError(LookupError):
+    """The request names a user or item the served data does not have (HTTP 404)."""
+
+
+@dataclass
+class Query:
+    tokens: list[int]  # what the model reads: the newest max_len known items
+    seen: np.ndarray  # every known item of the full history (excluded from recommendations)
+    truncated: bool
+    warnings: list[str] = field(default_factory=list)
+
+
+def _shorten(ids: list, n: int = 20) -> str:
+    return ", ".join(map(repr, ids[:n])) + (f" ... ({len(ids)} in all)" if len(ids) > n else "")
+
+
+class RecommenderEngine:
+    def __init__(self, artifact: ServingArtifact, encoder: OnnxEncoder, index: ItemIndex):
+        self.artifact, self.encoder, self.index = artifact, encoder, index
+        m = artifact.manifest
+        self.model_info = {
+            "kind": m["kind"], "architecture": m["architecture"], "num_layers": m["num_layers"],
+            "teacher_layers": m.get("teacher_layers"), "parameters": m.get("parameters", 0),
+            "max_len": m["max_len"], "num_items": len(artifact.items), "onnx_file": artifact.onnx_path.name,
+            "index": index.kind, "data": m.get("data", {}).get("name", ""),
+            "data_fingerprint": m.get("data", {}).get("fingerprint", ""), "created_at": m.get("created_at", ""),
+        }
+
+    @classmethod
+    def from_env(cls) -> RecommenderEngine:
+        """RECSYS_ARTIFACT_DIR (default runs/default/student), RECSYS_MODEL_FILE (default: the
+        manifest's serve_model), RECSYS_VERIFY_ARTIFACT (1: check sha256 of every file)."""
+        directory = Path(os.environ.get("RECSYS_ARTIFACT_DIR", DEFAULT_ARTIFACT_DIR))
+        verify = os.environ.get("RECSYS_VERIFY_ARTIFACT", "1") not in ("0", "false", "no")
+        artifact = load_artifact(directory, os.environ.get("RECSYS_MODEL_FILE") or None, verify=verify)
+        encoder = OnnxEncoder.from_env(artifact.onnx_path, artifact.max_len)
+        index = ItemIndex(artifact.embeddings, artifact.bias, artifact.num_special, IndexConfig.from_env())
+        return cls(artifact, encoder, index)
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def resolve(self, user_id=None, history: list | None = None) -> Query:
+        """The model input and the seen set for a known user or an explicit history."""
+        if (user_id is None) == (history is None):
+            raise BadRequest("give exactly one of user_id or history")
+        warnings = []
+        if user_id is not None:
+            history = self.artifact.user_history(user_id)
+            if history is None:
+                raise NotFoundError(f"unknown user_id {user_id!r}: not a user of the served data "
+                                    f"({self.model_info['data']}); send a history instead")
+        if not history:
+            raise BadRequest("history is empty: give at least one item id")
+        tokens, unknown = [], []
+        for item in history:
+            tok = self.artifact.token(item)
+            (unknown.append(item) if tok is None else tokens.append(tok))
+        if unknown:
+            if not tokens:
+                raise BadRequest(f"none of the history's items is in the catalogue: {_shorten(unknown)}")
+            warnings.append(f"ignored {len(unknown)} item id(s) not in the catalogue: {_shorten(unknown)}")
+        max_len = self.artifact.max_len
+        truncated = len(tokens) > max_len
+        if truncated:
+            warnings.append(f"history has {len(tokens)} known items; the model reads the newest {max_len}")
+        return Query(tokens[-max_len:], np.unique(np.asarray(tokens, dtype=np.int64)), truncated, warnings)
+
+    def _items(self, tokens: np.ndarray, scores: np.ndarray) -> list[dict]:
+        return [{**self.artifact.item_info(t), "score": float(s)} for t, s in zip(tokens, scores, strict=True)]
+
+    def _response(self, q: Query, tokens, scores) -> dict:
+        return {"items": self._items(tokens, scores), "model": self.model_info,
+                "truncated_history": q.truncated, "warnings": q.warnings}
+
+    def recommend(self, user_id=None, history=None, k: int = 10, exclude_seen: bool = True,
+                  encode: Encode | None = None) -> dict:
+        """Top-k items; `encode` replaces the local ONNX call (the service's batched path)."""
+        if k < 1:
+            raise BadRequest(f"k must be >= 1, got {k}")
+        q = self.resolve(user_id, history)
+        vector = (encode or self.encoder.encode)([q.tokens])[0]
+        exclude = [q.seen] if exclude_seen else None
+        tokens, scores = self.index.search(vector[None], k, exclude)[0]
+        if len(tokens) < k:
+            q.warnings.append(f"only {len(tokens)} items left to recommend")
+        return self._response(q, tokens, scores)
+
+    def rank(self, user_id=None, history=None, candidates: list | None = None,
+             encode: Encode | None = None) -> dict:
+        """The candidates in descending exact score (seen items are ranked too: they were asked for)."""
+        if not candidates:
+            raise BadRequest("candidates is empty: give at least one item id")
+        tokens, unknown, kept = [], [], set()
+        for item in candidates:
+            tok = self.artifact.token(item)
+            if tok is None:
+                unknown.append(item)
+            elif tok not in kept:
+                kept.add(tok)
+                tokens.append(tok)
+        dups = len(candidates) - len(unknown) - len(tokens)
+        if unknown:
+            raise BadRequest(f"{len(unknown)} candidate item id(s) not in the catalogue: {_shorten(unknown)}")
+        q = self.resolve(user_id, history)
+        if dups:
+            q.warnings.append(f"{dups} duplicate candidate(s) ranked once")
+        vector = (encode or self.encoder.encode)([q.tokens])[0]
+        toks = np.asarray(tokens, dtype=np.int64)
+        scores = self.index.score(vector, toks)
+        order = np.lexsort((toks, -scores))
+        return self._response(q, toks[order], scores[order])
+
+    def item(self, item_id) -> dict:
+        tok = self.artifact.token(item_id)
+        if tok is None:
+            raise NotFoundError(f"unknown item_id {item_id!r}: not in the served catalogue")
+        return dict(self.artifact.item_info(tok))
+
+    def encode_items(self, histories: Sequence[Sequence]) -> np.ndarray:
+        """Query vectors for histories of item ids (unknown ids dropped; an empty row is an error)."""
+        rows = []
+        for h in histories:
+            row = [t for t in (self.artifact.token(i) for i in h) if t is not None]
+            if not row:
+                raise BadRequest("a history has no item of the catalogue")
+            rows.append(row)
+        return self.encoder.encode(rows)
