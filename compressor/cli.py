@@ -59,6 +59,22 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     _write_json(payload, args.json)
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from compressor.config import load_config
+    from compressor.data import prepare
+    from compressor.data.vocab import ItemVocab
+    from compressor.export import ExportConfig, export_artifact
+
+    flags = [f"quantize={args.quantize}"] if args.quantize else []
+    cfg = load_config(ExportConfig, args.config, flags + list(args.overrides))
+    data = prepare(args.data, args.format, vocab=ItemVocab.load(args.model_dir))
+    res = export_artifact(args.model_dir, args.out, data, cfg)
+    p = res.parity["model.onnx"]
+    sizes = ", ".join(f"{n} {b / 2**20:.2f} MB" for n, b in res.manifest["onnx_files"].items())
+    print(f"artifact written to {args.out}: {sizes}; parity on {p['n']} validation histories: "
+          f"max abs diff {p['max_abs_diff']:.2e}, top-{p['k']} agreement {p['topk_agreement']:.4f}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="compressor", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -82,6 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", choices=["mostpop", "ease"])
     p.add_argument("--json", help="also write the metrics here")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="ONNX export + parity check -> an artifact directory serving loads")
+    p.add_argument("model_dir")
+    p.add_argument("--out", required=True, help="artifact directory to write (replaced atomically)")
+    data_args(p, required=False)
+    p.add_argument("--quantize", choices=["int8", "fp16"], help="also write model.<mode>.onnx")
+    p.add_argument("--config", help="YAML with ExportConfig fields")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. atol=1e-5 parity_users=512")
+    p.set_defaults(func=cmd_export)
     return parser
 
 
