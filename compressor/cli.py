@@ -75,6 +75,74 @@ def cmd_export(args: argparse.Namespace) -> None:
           f"max abs diff {p['max_abs_diff']:.2e}, top-{p['k']} agreement {p['topk_agreement']:.4f}")
 
 
+def cmd_analyze(args: argparse.Namespace) -> None:
+    from compressor.config import load_config
+    from compressor.data import prepare
+    from compressor.importance import ImportanceConfig, run_importance, write_importance
+    from compressor.modeling import load_model, recsys_meta
+
+    flags = [f"methods=[{args.methods}]"] if args.methods else []
+    flags += [f"samples={args.samples}"] if args.samples is not None else []
+    flags += [f"keep=[{args.keep}]"] if args.keep else []
+    cfg = load_config(ImportanceConfig, args.config, flags + list(args.overrides))
+    model, vocab = load_model(args.teacher_dir)
+    data = prepare(args.data, args.format, vocab=vocab)
+    result = run_importance(model, data, cfg, recsys_meta(model).get("max_len", 50))
+    path = write_importance(result, args.out)
+    for name, s in result.methods.items():
+        rho = result.spearman.get(name)
+        print(f"{name:16s} {s.seconds:8.2f} s  spearman vs ablation: {'-' if rho is None else f'{rho:+.3f}'}")
+    print(f"importance written to {path}")
+
+
+def cmd_truncate(args: argparse.Namespace) -> None:
+    from compressor.importance import DEFAULT_METHOD, check_method, load_importance, method_scores
+    from compressor.modeling import is_model_dir
+    from compressor.select import (
+        DEFAULT_STRATEGY,
+        parse_layers,
+        select_layers,
+        validate_keep,
+        validate_layers,
+    )
+    from compressor.truncate import truncate_dir
+
+    if (args.layers is None) == (args.keep is None):
+        raise CompressorError("give either --layers 0,5,10 or --keep K (with --method/--strategy)")
+    if not is_model_dir(args.teacher_dir):
+        raise CompressorError(f"{args.teacher_dir}: not a model directory (config.json + item_vocab.json)")
+    from transformers import AutoConfig
+
+    L = AutoConfig.from_pretrained(args.teacher_dir).num_hidden_layers  # GPT-2's n_layer too
+    if args.layers is not None:
+        if args.method or args.strategy or args.importance:
+            raise CompressorError("--method/--strategy/--importance go with --keep, not --layers")
+        layers, info = validate_layers(parse_layers(args.layers), L), {"chosen_by": "explicit list"}
+    else:
+        method, strategy = check_method(args.method or DEFAULT_METHOD), args.strategy or DEFAULT_STRATEGY
+        select_layers(strategy, [0.0] * L, 1)  # unknown strategy fails here, before any work
+        validate_keep(args.keep, L)
+        if args.importance:
+            doc = load_importance(args.importance)
+            if doc["num_layers"] != L:
+                raise CompressorError(f"{args.importance} scores {doc['num_layers']} layers, the teacher has {L}")
+            scores, source = method_scores(doc, method), str(args.importance)
+        else:
+            from compressor.data import prepare
+            from compressor.importance import ImportanceConfig, estimate
+            from compressor.modeling import load_model, recsys_meta
+
+            model, vocab = load_model(args.teacher_dir)
+            data = prepare(args.data, args.format, vocab=vocab)
+            cfg = ImportanceConfig(**({"samples": args.samples} if args.samples else {}))
+            scores, source = estimate(model, data, method, recsys_meta(model).get("max_len", 50), cfg).scores, "computed"
+        layers = select_layers(strategy, scores, args.keep)
+        info = {"chosen_by": f"{strategy} over {method} importance", "method": method, "strategy": strategy,
+                "importance": source, "scores": scores}
+    out = truncate_dir(args.teacher_dir, args.out, layers, info)
+    print(f"student keeping teacher layers {layers} of {L} saved to {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="compressor", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -107,6 +175,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML with ExportConfig fields")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. atol=1e-5 parity_users=512")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("analyze", help="per-layer importance of a teacher (Fisher and the other estimators)")
+    p.add_argument("teacher_dir")
+    data_args(p, required=False)
+    p.add_argument("--methods", help="comma-separated: fisher,gradient,attention,block_influence,angular,ablation,hybrid")
+    p.add_argument("--samples", type=int, help="validation users the estimators read (default 512)")
+    p.add_argument("--keep", help="layer budgets to record selections for, e.g. 4 or 2,4 (default 25%% of depth)")
+    p.add_argument("--out", required=True, help="directory for importance.json and the plots")
+    p.add_argument("--config", help="YAML with ImportanceConfig fields")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. fisher.depth_bias=true")
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("truncate", help="a student checkpoint keeping chosen teacher layers")
+    p.add_argument("teacher_dir")
+    p.add_argument("--out", required=True, help="model directory to write")
+    p.add_argument("--layers", help="explicit teacher layers, e.g. 0,5,10,15")
+    p.add_argument("--keep", type=int, help="number of layers to keep, chosen by --method and --strategy")
+    p.add_argument("--method", help="importance method (default fisher)")
+    p.add_argument("--strategy", help="top_k, distributed, strategic (default) or hybrid")
+    p.add_argument("--importance", help="importance.json from `compressor analyze` (else computed with --data)")
+    p.add_argument("--samples", type=int, help="validation users when importance is computed here")
+    data_args(p, required=False)
+    p.set_defaults(func=cmd_truncate)
     return parser
 
 

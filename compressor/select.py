@@ -1,0 +1,158 @@
+"""Which teacher layers a student keeps: pure functions from per-layer scores to kept indices.
+
+Every strategy is `fn(scores, k, **opts) -> sorted list[int]` (higher score = more important) and
+is registered in `SELECTION` under its CLI/YAML name. Ties are broken toward the lower layer
+index, so a selection is deterministic. `parse_layers` / `validate_layers` handle a list of
+layers given by hand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from compressor.errors import CompressorError
+
+Strategy = Callable[..., list[int]]
+
+# The strategy the CLI uses when none is named. `strategic` keeps the input-side and output-side
+# layers and lets the measurement decide the rest (see benchmarks/layer_selection.py).
+DEFAULT_STRATEGY = "strategic"
+
+
+def _check(scores: Sequence[float], k: int) -> np.ndarray:
+    s = np.asarray(scores, dtype=np.float64)
+    if s.ndim != 1 or len(s) == 0:
+        raise CompressorError("selection needs one score per layer")
+    if not np.all(np.isfinite(s)):
+        raise CompressorError(f"selection needs finite scores, got {s.tolist()}")
+    if not 1 <= k <= len(s):
+        raise CompressorError(f"cannot keep {k} of {len(s)} layers (1 <= k <= {len(s)})")
+    return s
+
+
+def _ranked(s: np.ndarray, among: Sequence[int] | None = None) -> list[int]:
+    """Indices by descending score, ties toward the lower index."""
+    idx = np.arange(len(s)) if among is None else np.asarray(list(among), dtype=np.int64)
+    order = np.lexsort((idx, -s[idx]))
+    return idx[order].tolist()
+
+
+def _bands(num_layers: int, n: int) -> list[range]:
+    """`n` contiguous depth bands of (nearly) equal size covering all layers."""
+    edges = np.linspace(0, num_layers, n + 1).round().astype(int)
+    return [range(a, b) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
+
+
+def top_k(scores: Sequence[float], k: int) -> list[int]:
+    """The k highest-scoring layers."""
+    s = _check(scores, k)
+    return sorted(_ranked(s)[:k])
+
+
+def distributed(scores: Sequence[float], k: int, bands: int | None = None) -> list[int]:
+    """Split depth into `bands` contiguous bands (default k, i.e. one layer per band) and give each
+    band a share of the budget proportional to its size (largest remainder); each band keeps its
+    most important layers."""
+    s = _check(scores, k)
+    n = len(s)
+    bands = k if bands is None else bands
+    if bands < 1:
+        raise CompressorError(f"distributed selection needs bands >= 1, got {bands}")
+    parts = _bands(n, min(bands, n))
+    quota = np.array([k * len(p) / n for p in parts])
+    share = np.floor(quota).astype(int)
+    # Largest remainder (ties toward shallower bands), so the shares add up to k.
+    for i in np.argsort(-(quota - share), kind="stable")[: k - share.sum()]:
+        share[i] += 1
+    keep: list[int] = []
+    for p, m in zip(parts, share, strict=True):
+        keep += _ranked(s, p)[: min(m, len(p))]
+    if len(keep) < k:  # a band smaller than its share: fill from the best remaining layers
+        keep += [i for i in _ranked(s) if i not in keep][: k - len(keep)]
+    return sorted(keep)
+
+
+def strategic(scores: Sequence[float], k: int) -> list[int]:
+    """Always the first and the last layer (they touch the embeddings and the head), the rest by
+    importance. With k = 1 the more important of the two ends is kept."""
+    s = _check(scores, k)
+    n = len(s)
+    ends = [0, n - 1] if n > 1 else [0]
+    if k < len(ends):
+        return [_ranked(s, ends)[0]]
+    rest = [i for i in _ranked(s) if i not in ends]
+    return sorted(ends + rest[: k - len(ends)])
+
+
+def hybrid(scores: Sequence[float], k: int, share: float = 0.5) -> list[int]:
+    """Importance first, then depth coverage: round(share * k) layers (at least one) by global
+    importance, and the remaining budget spread over as many equal depth bands, each keeping its
+    most important layer not already kept (a band with nothing left yields the next-best layer
+    overall)."""
+    s = _check(scores, k)
+    if not 0 <= share <= 1:
+        raise CompressorError(f"hybrid selection needs 0 <= share <= 1, got {share}")
+    ranked = _ranked(s)
+    m = min(k, max(1, round(share * k)))
+    keep = ranked[:m]
+    if k > m:
+        for band in _bands(len(s), k - m):
+            free = [i for i in _ranked(s, band) if i not in keep]
+            keep.append(free[0] if free else next(i for i in ranked if i not in keep))
+    return sorted(keep)
+
+
+SELECTION: dict[str, Strategy] = {
+    "top_k": top_k,
+    "distributed": distributed,
+    "strategic": strategic,
+    "hybrid": hybrid,
+}
+
+
+def select_layers(strategy: str, scores: Sequence[float], k: int, **opts) -> list[int]:
+    """Look `strategy` up in `SELECTION` and apply it (a clear error for an unknown name)."""
+    if strategy not in SELECTION:
+        raise CompressorError(f"unknown selection strategy {strategy!r}; choose one of {', '.join(SELECTION)}")
+    return SELECTION[strategy](scores, k, **opts)
+
+
+def parse_layers(text: str) -> list[int]:
+    """'0,5,10' -> [0, 5, 10] (spaces allowed)."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if not text or not str(text).strip() or any(p == "" for p in parts):
+        raise CompressorError(f"layers {text!r}: give comma-separated layer indices such as 0,5,10")
+    try:
+        return [int(p) for p in parts]
+    except ValueError:
+        raise CompressorError(f"layers {text!r}: every entry must be an integer layer index") from None
+
+
+def validate_layers(layers: Sequence[int], num_layers: int, allow_all: bool = False) -> list[int]:
+    """Check a layer list against a teacher of `num_layers` layers and return it as a list.
+
+    Indices must be in range, unique and increasing (a student keeps teacher order); at least one
+    layer, and fewer than all unless `allow_all` (keeping every layer is not a compression)."""
+    layers = [int(i) for i in layers]
+    if not layers:
+        raise CompressorError("keep at least one layer")
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad:
+        raise CompressorError(f"layer index {bad[0]} out of range: the teacher has layers 0..{num_layers - 1}")
+    dup = sorted({i for i in layers if layers.count(i) > 1})
+    if dup:
+        raise CompressorError(f"layer {dup[0]} listed more than once")
+    if layers != sorted(layers):
+        raise CompressorError(f"layers {layers} are not in increasing order (a student keeps teacher order)")
+    if not allow_all and len(layers) >= num_layers:
+        raise CompressorError(f"keeping {len(layers)} of {num_layers} layers removes nothing; keep fewer")
+    return layers
+
+
+def validate_keep(k: int, num_layers: int) -> int:
+    """A layer budget for a teacher of `num_layers` layers: 1 <= k < num_layers."""
+    if not 1 <= k < num_layers:
+        raise CompressorError(f"--keep {k}: must be between 1 and {num_layers - 1} for a {num_layers}-layer teacher")
+    return k

@@ -1,0 +1,93 @@
+"""Truncation: a real student checkpoint whose decoder layers are copies of chosen teacher layers.
+
+The student is built from the teacher's config with `num_hidden_layers = k` (so every per-layer
+index, e.g. attention `layer_idx` used by the KV cache, is fresh), per-layer config lists such as
+`layer_types` are re-indexed, and the teacher's weights are copied in: student layer i gets
+teacher layer `layers[i]`, everything outside the layers (embeddings, positions, final norm,
+head) as is. It records `teacher_layers` in its metadata for distillation's layer mapping.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from compressor.modeling import (
+    count_parameters,
+    decoder_parts,
+    load_model,
+    recsys_meta,
+    save_model,
+    set_recsys_meta,
+)
+from compressor.select import validate_layers
+
+TRUNCATION_FILE = "truncation.json"
+# Config lists that are not per layer even when their length happens to equal the depth.
+_NOT_PER_LAYER = {"architectures"}
+
+
+def _per_layer_fields(config, num_layers: int) -> list[str]:
+    """Config attributes holding one entry per decoder layer (layer_types, no_rope_layers, ...)."""
+    return [k for k, v in config.to_dict().items()
+            if k not in _NOT_PER_LAYER and isinstance(v, list | tuple) and len(v) == num_layers]
+
+
+def student_config(teacher: PreTrainedModel, layers: list[int]):
+    """The teacher's config for a depth of len(layers), per-layer fields re-indexed."""
+    L = teacher.config.num_hidden_layers
+    config = copy.deepcopy(teacher.config)
+    for name in _per_layer_fields(teacher.config, L):
+        value = getattr(teacher.config, name)
+        setattr(config, name, type(value)(value[i] for i in layers))
+    config.num_hidden_layers = len(layers)  # GPT-2's n_layer through its attribute_map
+    return config
+
+
+def truncate(model: PreTrainedModel, layers: list[int]) -> PreTrainedModel:
+    """A new student keeping teacher layers `layers` (increasing, unique, in range) in order."""
+    parts = decoder_parts(model)
+    L = len(parts.layers)
+    layers = validate_layers(layers, L, allow_all=True)
+    config = student_config(model, layers)
+    student = AutoModelForCausalLM.from_config(
+        config, attn_implementation=getattr(model.config, "_attn_implementation", None), dtype=model.dtype)
+    # State-dict keys of the layers look like "<prefix>.<i>.<rest>" ("model.layers.3.mlp...").
+    prefix = next(n for n, m in model.named_modules() if m is parts.layers)
+    pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.(.*)$")
+    new_index = {t: s for s, t in enumerate(layers)}
+    state = {}
+    for key, value in model.state_dict().items():
+        m = pattern.match(key)
+        if m is None:
+            state[key] = value
+        elif int(m.group(1)) in new_index:
+            state[f"{prefix}.{new_index[int(m.group(1))]}.{m.group(2)}"] = value
+    # strict: every student tensor must come from the teacher, and nothing may be left over.
+    student.load_state_dict(state, strict=True)
+    student.to(next(model.parameters()).device)
+    student.train(model.training)
+    meta = recsys_meta(model)
+    set_recsys_meta(student, kind="student", teacher_layers=layers, teacher_num_layers=L,
+                    max_len=meta.get("max_len"))
+    return student
+
+
+def truncate_dir(teacher_dir: str | Path, out_dir: str | Path, layers: list[int],
+                 info: dict | None = None) -> Path:
+    """Load a teacher directory, keep `layers` (fewer than all), save the student with its item
+    vocabulary and a `truncation.json` (teacher, layers, parameters, and `info` such as the
+    method and strategy that chose the layers)."""
+    teacher, vocab = load_model(teacher_dir)
+    L = teacher.config.num_hidden_layers
+    layers = validate_layers(layers, L)
+    student = truncate(teacher, layers)
+    record = {
+        "teacher_dir": str(teacher_dir), "teacher_num_layers": L, "teacher_layers": layers,
+        "teacher_parameters": count_parameters(teacher), "student_parameters": count_parameters(student),
+        **(info or {}),
+    }
+    return save_model(student, vocab, out_dir, {TRUNCATION_FILE: record})
