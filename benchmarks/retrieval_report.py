@@ -13,7 +13,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-KIND_STYLE = {"flat": ("k", "*"), "hnsw": ("tab:blue", "o"), "ivf": ("tab:orange", "s")}
+KIND_STYLE = {"flat": ("k", "*"), "hnsw": ("tab:blue", "o"), "ivf": ("tab:orange", "s"),
+              "ivf_l2": ("tab:green", "^")}
 
 
 def best_row(rows: list[dict], catalogue: str, kind: str, target: float) -> dict | None:
@@ -67,30 +68,38 @@ def flat_threshold(points: list[tuple[int, float, float]], speedup: float, budge
     return {"flat_max_items": _round2(max(n_speed, n_budget)), "basis": basis}
 
 
+# ANN kinds the recommendation covers: (search-time parameter, build-time parameters it reports)
+ANN = {"hnsw": ("efSearch", ("M", "efConstruction")), "ivf": ("nprobe", ("nlist",)),
+       "ivf_l2": ("nprobe", ("nlist", "transform"))}
+ANN_NOTE = {"hnsw": "graph, no training, CPU only",
+            "ivf": "inner-product lists (spherical k-means)",
+            "ivf_l2": "lists over MIPS-to-L2 augmented vectors; IVF has a GPU version and no graph memory"}
+
+
 def recommend(rows: list[dict], target: float, speedup: float, budget_ms: float = 1.0) -> dict:
-    """Serving defaults: flat below a size threshold, HNSW (M, efSearch) above, IVF (nlist, nprobe) alternative."""
+    """Serving defaults: flat below a size threshold, HNSW above; IVF parameters as the alternative."""
     synth = sorted({(r["n"], r["catalogue"]) for r in rows if r["source"] == "synthetic"})
     points, per_size = [], []
     for n, cat in synth:
         flat = best_row(rows, cat, "flat", 0.0)
-        hnsw, ivf = best_row(rows, cat, "hnsw", target), best_row(rows, cat, "ivf", target)
-        per_size.append({"n": n, "flat_ms": flat and flat["b1_ms_p50"],
-                         "hnsw": hnsw and {**hnsw["build"], **hnsw["search"], "ms": hnsw["b1_ms_p50"],
-                                           "recall": hnsw["recall"], "memory_bytes": hnsw["memory_bytes"]},
-                         "ivf": ivf and {**ivf["build"], **ivf["search"], "ms": ivf["b1_ms_p50"],
-                                         "recall": ivf["recall"], "memory_bytes": ivf["memory_bytes"]},
-                         "flat_memory_bytes": flat and flat["memory_bytes"]})
-        if flat and hnsw:
-            points.append((n, flat["b1_ms_p50"], hnsw["b1_ms_p50"]))
+        size = {"n": n, "flat_ms": flat and flat["b1_ms_p50"], "flat_memory_bytes": flat and flat["memory_bytes"]}
+        for kind in ANN:
+            b = best_row(rows, cat, kind, target)
+            measured = any(r["catalogue"] == cat and r["index"] == kind for r in rows)
+            size[kind] = b and {**b["build"], **b["search"], "ms": b["b1_ms_p50"], "recall": b["recall"],
+                                "memory_bytes": b["memory_bytes"]}
+            size[f"{kind}_measured"] = measured
+        per_size.append(size)
+        if flat and size["hnsw"]:
+            points.append((n, flat["b1_ms_p50"], size["hnsw"]["ms"]))
     rec = {"recall_target": target, "ann_speedup": speedup, "flat_budget_ms": budget_ms,
-           **flat_threshold(points, speedup, budget_ms),
-           "per_size": per_size}
+           **flat_threshold(points, speedup, budget_ms), "per_size": per_size}
     # ANN parameters from the largest catalogue where they met the target: the most demanding case
-    for kind, keys in (("hnsw", ("M", "efConstruction", "efSearch")), ("ivf", ("nprobe",))):
+    for kind, (key, build_keys) in ANN.items():
         found = [s[kind] for s in per_size if s[kind]]
-        rec[kind] = {k: found[-1][k] for k in keys} if found else None
-    if rec["ivf"] is not None:
-        rec["ivf"]["nlist"] = "4*sqrt(N), power of two"
+        rec[kind] = {k: found[-1][k] for k in (*build_keys, key) if k in found[-1]} if found else None
+        if rec[kind] is not None:
+            rec[kind]["at_items"] = max(s["n"] for s in per_size if s[kind])
     rec["real"] = _real_check(rows, rec, target)
     return rec
 
@@ -100,7 +109,7 @@ def _real_check(rows: list[dict], rec: dict, target: float) -> list[dict]:
     out = []
     for cat in dict.fromkeys(r["catalogue"] for r in rows if r["source"] == "real"):
         entry = {"catalogue": cat}
-        for kind, key in (("hnsw", "efSearch"), ("ivf", "nprobe")):
+        for kind, (key, _) in ANN.items():
             if rec[kind] is None:
                 continue
             match = [r for r in rows if r["catalogue"] == cat and r["index"] == kind
@@ -122,26 +131,30 @@ def recommendation_md(rec: dict) -> str:
         lines.append(f"- **Flat (exact) up to ~{rec['flat_max_items']:,} items**, HNSW above ({rec['basis']}).")
     else:
         lines.append(f"- **Flat (exact) at every size measured**: {rec['basis']}.")
-    if rec["hnsw"]:
-        h = rec["hnsw"]
-        lines.append(f"- **HNSW**: M={h['M']}, efConstruction={h['efConstruction']}, efSearch={h['efSearch']} "
-                     "(the cheapest setting meeting the target at the largest catalogue measured).")
-    if rec["ivf"]:
-        lines.append(f"- **IVF** (alternative with a GPU version and no graph memory): nlist = "
-                     f"{rec['ivf']['nlist']}, nprobe={rec['ivf']['nprobe']}.")
+    for kind in ANN:
+        v = rec.get(kind)
+        if v:
+            params = ", ".join(f"{k}={x}" for k, x in v.items() if k != "at_items")
+            rule = "; nlist = 4*sqrt(N) as a power of two" if "nlist" in v else ""
+            lines.append(f"- **{kind}** ({ANN_NOTE[kind]}): {params}: the cheapest setting at the target "
+                         f"on {v['at_items']:,} items (largest size where it was reached{rule}).")
+        elif any(s.get(f"{kind}_measured") for s in rec["per_size"]):
+            lines.append(f"- **{kind}** ({ANN_NOTE[kind]}): never reached the target in the sweep.")
     for s in rec["per_size"]:
         parts = [f"flat {s['flat_ms']:.3g} ms" if s["flat_ms"] is not None else "flat –"]
-        for kind, key in (("hnsw", "efSearch"), ("ivf", "nprobe")):
+        for kind, (key, _) in ANN.items():
             v = s[kind]
-            parts.append(f"{kind} {key}={v[key]} {v['ms']:.3g} ms (recall {v['recall']:.3f}, "
-                         f"{v['memory_bytes'] / 2**20:.0f} MB)" if v else f"{kind}: target not reached")
+            if v:
+                parts.append(f"{kind} {key}={v[key]} {v['ms']:.3g} ms (recall {v['recall']:.3f}, "
+                             f"{v['memory_bytes'] / 2**20:.0f} MB)")
+            elif s.get(f"{kind}_measured"):
+                parts.append(f"{kind}: target not reached")
         lines.append(f"  - {s['n']:,} items: " + "; ".join(parts))
     for r in rec["real"]:
-        got = [f"{kind} {key}={v[key]}: recall {v['recall']:.3f}"
-               for kind, key in (("hnsw", "efSearch"), ("ivf", "nprobe")) if (v := r.get(kind))]
-        lines.append(f"- On the {r['catalogue']} catalogue the recommended settings give " + ", ".join(got)
-                     + f" (smallest efSearch at target: {r.get('hnsw_min_efSearch_at_target')}, "
-                     f"smallest nprobe: {r.get('ivf_min_nprobe_at_target')}).")
+        got = [f"{kind} {key}={v[key]}: recall {v['recall']:.3f}, smallest {key} at target "
+               f"{r.get(f'{kind}_min_{key}_at_target')}"
+               for kind, (key, _) in ANN.items() if (v := r.get(kind))]
+        lines.append(f"- On the {r['catalogue']} catalogue the recommended settings give: " + "; ".join(got) + ".")
     return "\n".join(lines)
 
 

@@ -12,6 +12,7 @@ from benchmarks.retrieval import (
     auto_nlist,
     genre_queries,
     main,
+    mips_to_l2,
     recall_at_k,
     run,
     synthetic_catalogue,
@@ -30,7 +31,7 @@ def test_tiny_sizes_end_to_end_write_all_outputs(tmp_path):
     assert not list(tmp_path.glob("*.tmp*"))
     saved = json.loads((tmp_path / "retrieval.json").read_text())
     rows = saved["results"]
-    assert {r["index"] for r in rows} == {"flat", "hnsw", "ivf"}
+    assert {r["index"] for r in rows} == {"flat", "hnsw", "ivf", "ivf_l2"}
     assert {r["n"] for r in rows} == {400, 1200}
     for r in rows:
         assert 0.0 <= r["recall"] <= 1.0 and r["b1_ms_p50"] > 0 and r["memory_bytes"] > 0 and r["build_s"] >= 0
@@ -41,9 +42,10 @@ def test_tiny_sizes_end_to_end_write_all_outputs(tmp_path):
         f = next(r for r in flat if r["n"] == n)
         h = next(r for r in rows if r["index"] == "hnsw" and r["n"] == n)
         assert h["memory_bytes"] > f["memory_bytes"] >= n * 16 * 4
-        ivf = sorted((r for r in rows if r["index"] == "ivf" and r["n"] == n), key=lambda r: r["search"]["nprobe"])
-        assert ivf[-1]["recall"] >= ivf[0]["recall"]
-        assert ivf[-1]["recall"] == 1.0  # nprobe >= nlist scans every list: exact
+        for kind in ("ivf", "ivf_l2"):
+            ivf = sorted((r for r in rows if r["index"] == kind and r["n"] == n), key=lambda r: r["search"]["nprobe"])
+            assert ivf[-1]["recall"] >= ivf[0]["recall"]
+            assert ivf[-1]["recall"] == 1.0  # nprobe >= nlist scans every list: exact (also after the transform)
     assert payload["recommendation"]["hnsw"] is not None
     assert "Serving defaults" in (tmp_path / "retrieval.md").read_text()
 
@@ -107,6 +109,17 @@ def test_synthetic_catalogue_has_structure():
     assert not (np.abs(queries[:, None, :] - items[None]).max(-1) < 1e-6).any()  # never an index vector
 
 
+def test_mips_to_l2_keeps_inner_product_order():
+    rng = np.random.default_rng(3)
+    items = rng.standard_normal((50, 6)).astype(np.float32) * rng.uniform(0.2, 3, (50, 1)).astype(np.float32)
+    q = rng.standard_normal(6).astype(np.float32)
+    aug = mips_to_l2(items)
+    assert aug.shape == (50, 7)
+    assert np.allclose(np.linalg.norm(aug, axis=1), np.linalg.norm(items, axis=1).max(), rtol=1e-5)
+    dist = np.linalg.norm(aug - np.append(q, 0), axis=1)  # |a|^2 + |q|^2 - 2 q.x: constant - 2 q.x
+    assert np.array_equal(np.argsort(dist, kind="stable"), np.argsort(-(items @ q), kind="stable"))
+
+
 def test_recall_at_k_closed_form():
     truth = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
     found = np.array([[4, 3, 9, -1], [8, 7, 6, 5]])  # -1 = faiss "no result"
@@ -144,7 +157,7 @@ def test_recommend_picks_cheapest_setting_at_target():
             row(10_000, "flat", 5.0, 1.0, {}), row(10_000, "hnsw", 0.3, 0.93, {"efSearch": 32}),
             row(10_000, "hnsw", 0.4, 0.96, {"efSearch": 64})]
     rec = recommend(rows, 0.95, 2.0, 1.0)
-    assert rec["hnsw"] == {"M": 32, "efConstruction": 40, "efSearch": 64}  # the largest catalogue decides
+    assert rec["hnsw"] == {"M": 32, "efConstruction": 40, "efSearch": 64, "at_items": 10_000}  # largest decides
     assert rec["per_size"][0]["hnsw"]["efSearch"] == 32
     assert rec["ivf"] is None
     assert rec["flat_max_items"] == 2000  # flat reaches 1 ms at 2k (0.5 ms at 1k, linear in N)

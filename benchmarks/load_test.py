@@ -1,0 +1,300 @@
+"""Teacher vs student under the same HTTP load: latency, QPS, errors and server memory.
+
+Usage:
+    python -m benchmarks.load_test --teacher runs/default/teacher_artifact \
+        --student runs/default/student_artifact --users 1,8,32 --duration 20s \
+        --out benchmarks/results/load_test
+
+For each artifact in turn (teacher, then student) it starts `bentoml serve serving.service:Recommender`
+on a free loopback port with RECSYS_ARTIFACT_DIR and the same ONNX Runtime / Faiss thread
+settings, waits for /readyz, sends serial warm-up requests (end-to-end HTTP latency at
+concurrency 1), runs headless Locust (`benchmarks/locustfile.py`, same users, spawn rate and
+duration) at every concurrency level while sampling the RSS of the server's process tree,
+then stops the server's process group. Beside that it profiles where a request's time goes
+(ONNX Runtime model call, Faiss retrieval, the rest of the engine) in a fresh process with
+the serving code itself. It writes load_test.json, load_test.md and load_test.png to --out
+(plus logs/ and the payload file used). Every wait is bounded; every process it started is
+stopped, also on Ctrl-C, SIGTERM or failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import requests
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from tqdm import tqdm
+
+from benchmarks.common import machine_info, save_figure, write_atomic, write_json
+from benchmarks.load_report import compare, level_stats, plot_levels, report_md
+from benchmarks.make_payloads import build_payloads, load_payloads, sequences_from_artifact
+from benchmarks.processes import ProcessGroup, RssSampler, free_port, log_tail, tree_rss, wait_ready
+from compressor.artifact import load_manifest
+from compressor.errors import CompressorError
+
+ROOT = Path(__file__).resolve().parents[1]
+LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+ROLES = ("teacher", "student")
+
+
+class LoadTestConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    teacher: Path
+    student: Path
+    users: list[int] = Field([1, 8, 32], description="concurrency levels (Locust users)")
+    duration_s: float = Field(20.0, gt=0, le=3600)
+    spawn_rate: float | None = Field(None, gt=0, description="users started per second; None = all at once")
+    service: str = "serving.service:Recommender"
+    host: str = "127.0.0.1"
+    ort_threads: int = Field(1, ge=1, description="RECSYS_ORT_INTRA_THREADS of both services")
+    faiss_threads: int = Field(1, ge=1)
+    env: dict[str, str] = Field({}, description="extra environment for both services (e.g. RECSYS_WORKERS)")
+    payloads: Path | None = Field(None, description="payload file; None = built from the student artifact")
+    user_weight: int = Field(1, ge=0)
+    history_weight: int = Field(1, ge=0)
+    k: int = Field(10, ge=1)
+    warmup_requests: int = Field(50, ge=1, description="serial requests before the load (timed)")
+    profile_requests: int = Field(200, ge=1, description="in-process model/retrieval timings")
+    ready_timeout_s: float = Field(180.0, gt=0)
+    rss_interval_s: float = Field(0.2, gt=0)
+    cooldown_s: float = Field(1.0, ge=0)
+
+
+def service_env(cfg: LoadTestConfig, artifact: Path) -> dict:
+    """Identical settings for teacher and student; only the artifact differs."""
+    home = Path(tempfile.gettempdir()) / "recsys-bench-bentoml-home"  # outside the project (NOTES.md)
+    return {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true",
+            "RECSYS_ARTIFACT_DIR": str(artifact.resolve()),
+            "RECSYS_ORT_INTRA_THREADS": str(cfg.ort_threads), "RECSYS_ORT_INTER_THREADS": "1",
+            "RECSYS_FAISS_THREADS": str(cfg.faiss_threads), "OMP_NUM_THREADS": str(cfg.faiss_threads),
+            **cfg.env}
+
+
+def _bodies(payloads: dict, n: int, k: int) -> list[dict]:
+    """n request bodies alternating known users and explicit histories."""
+    users, hists = payloads["user_ids"], payloads["histories"]
+    out = []
+    for i in range(n):
+        if (i % 2 == 0 and users) or not hists:
+            out.append({"user_id": users[(i // 2) % len(users)], "k": k})
+        else:
+            out.append({"history": hists[(i // 2) % len(hists)], "k": k})
+    return out
+
+
+def serial_http(url: str, payloads: dict, n: int, k: int) -> dict:
+    """End-to-end latency of one client, one request at a time (also the server's warm-up)."""
+    times, errors = [], 0
+    with requests.Session() as s:
+        for body in _bodies(payloads, n, k):
+            t0 = time.perf_counter()
+            r = s.post(url + "/recommend", json=body, timeout=30)
+            times.append((time.perf_counter() - t0) * 1e3)
+            errors += r.status_code != 200 or len(r.json().get("items", [])) != k
+    return {"requests": n, "errors": int(errors), "ms_p50": float(np.median(times)),
+            "ms_p95": float(np.percentile(times, 95))}
+
+
+def profile_artifact(artifact: str, env: dict, payloads: dict, n: int, k: int) -> dict:
+    """Model vs retrieval vs the rest, batch 1, with the serving engine in this (fresh) process."""
+    os.environ.update({key: v for key, v in env.items() if key.startswith(("RECSYS_", "OMP_"))})
+    import psutil
+
+    from serving.recommender import RecommenderEngine
+
+    me = psutil.Process()
+    rss0 = me.memory_info().rss
+    engine = RecommenderEngine.from_env()
+    rss_loaded = me.memory_info().rss
+    model, retrieval, total = [], [], []
+    for i, body in enumerate(_bodies(payloads, n + 10, k)):
+        q = engine.resolve(body.get("user_id"), body.get("history"))
+        t0 = time.perf_counter()
+        vec = engine.encoder.encode([q.tokens])
+        t1 = time.perf_counter()
+        engine.index.search(vec, k, [q.seen])
+        t2 = time.perf_counter()
+        engine.recommend(body.get("user_id"), body.get("history"), k)
+        t3 = time.perf_counter()
+        if i >= 10:  # the first runs warm ORT and the allocator up
+            model.append((t1 - t0) * 1e3)
+            retrieval.append((t2 - t1) * 1e3)
+            total.append((t3 - t2) * 1e3)
+    return {"model_ms_p50": float(np.median(model)), "model_ms_p95": float(np.percentile(model, 95)),
+            "retrieval_ms_p50": float(np.median(retrieval)),
+            "retrieval_ms_p95": float(np.percentile(retrieval, 95)),
+            "engine_ms_p50": float(np.median(total)), "requests": n, "index": engine.index.kind,
+            "providers": engine.encoder.providers, "model_load_rss_bytes": rss_loaded - rss0,
+            "process_rss_bytes": me.memory_info().rss}
+
+
+def run_profile(cfg: LoadTestConfig, artifact: Path, payloads: dict) -> dict:
+    """`profile_artifact` in a spawned process: clean RSS figures, no state shared with the runner."""
+    with mp.get_context("spawn").Pool(1) as pool:
+        job = pool.apply_async(profile_artifact, (str(artifact), service_env(cfg, artifact), payloads,
+                                                   cfg.profile_requests, cfg.k))
+        return job.get(timeout=cfg.ready_timeout_s + 120)
+
+
+def run_locust(cfg: LoadTestConfig, group: ProcessGroup, url: str, users: int, payload_path: Path,
+               work: Path, server_pid: int) -> dict:
+    prefix = work / f"locust_u{users}"
+    latency_file = work / f"latency_u{users}.npy"
+    for stale in (Path(f"{prefix}.json"), latency_file, latency_file.with_suffix(".errors.json")):
+        stale.unlink(missing_ok=True)
+    env = {**os.environ, "RECSYS_PAYLOADS": str(payload_path), "RECSYS_K": str(cfg.k),
+           "RECSYS_USER_WEIGHT": str(cfg.user_weight), "RECSYS_HISTORY_WEIGHT": str(cfg.history_weight),
+           "RECSYS_LATENCY_FILE": str(latency_file), "PYTHONPATH": str(ROOT)}
+    rate = cfg.spawn_rate or users
+    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", str(users),
+           "-r", str(rate), "-t", f"{cfg.duration_s:g}s", "--host", url, "--json-file", str(prefix),
+           "--stop-timeout", "5", "--loglevel", "WARNING", "--only-summary"]
+    log = work / f"locust_u{users}.log"
+    with RssSampler(server_pid, cfg.rss_interval_s) as rss:
+        proc = group.start(cmd, log, env=env, cwd=ROOT)
+        try:
+            proc.wait(timeout=cfg.duration_s + users / rate + 60)  # bounded even if Locust hangs
+        except subprocess.TimeoutExpired:
+            group.stop(proc)
+            raise CompressorError(f"locust did not finish in time:\n{log_tail(log)}") from None
+        group.stop(proc)
+    stats_path = Path(f"{prefix}.json")
+    if not stats_path.exists():
+        raise CompressorError(f"locust wrote no stats (exit code {proc.returncode}):\n{log_tail(log)}")
+    stats = json.loads(stats_path.read_text())
+    latencies = np.load(latency_file) if latency_file.exists() else None
+    errors_file = latency_file.with_suffix(".errors.json")
+    errors = json.loads(errors_file.read_text()) if errors_file.exists() else None
+    return {**level_stats(stats, latencies, errors), "users": users, "spawn_rate": rate,
+            "peak_rss_bytes": rss.peak, "mean_rss_bytes": float(np.mean(rss.samples)),
+            "locust_exit_code": proc.returncode}
+
+
+def run_service(cfg: LoadTestConfig, role: str, artifact: Path, payload_path: Path, payloads: dict,
+                out: Path, bar: tqdm) -> dict:
+    manifest = load_manifest(artifact)
+    logs = out / "logs"
+    result = {"role": role, "artifact": str(artifact.resolve()), **_model_facts(manifest, artifact)}
+    bar.set_description(f"{role}: profile")
+    result["profile"] = run_profile(cfg, artifact, payloads)
+    with ProcessGroup() as group:
+        port = free_port(cfg.host)
+        url = f"http://{cfg.host}:{port}"
+        log = logs / f"{role}_server.log"
+        bentoml = Path(sys.executable).with_name("bentoml")
+        cmd = [str(bentoml) if bentoml.exists() else "bentoml", "serve", cfg.service, "--host", cfg.host,
+               "--port", str(port)]
+        bar.set_description(f"{role}: start server")
+        server = group.start(cmd, log, env=service_env(cfg, artifact), cwd=ROOT)
+        result["ready_s"] = wait_ready(url + "/readyz", server, cfg.ready_timeout_s, log)
+        result["serial_http"] = serial_http(url, payloads, cfg.warmup_requests, cfg.k)
+        result["idle_rss_bytes"] = tree_rss(server.pid)
+        result["levels"] = []
+        for users in cfg.users:
+            bar.set_description(f"{role}: {users} users")
+            result["levels"].append(run_locust(cfg, group, url, users, payload_path, logs, server.pid))
+            if server.poll() is not None:
+                raise CompressorError(f"{role} server died during the load:\n{log_tail(log)}")
+            bar.update(1)
+            time.sleep(cfg.cooldown_s)
+    return result
+
+
+def _model_facts(manifest: dict, artifact: Path) -> dict:
+    serve = manifest["serve_model"]
+    files = manifest["files"]
+    model_bytes = sum(meta["bytes"] for name, meta in files.items() if name == serve or name == serve + ".data")
+    return {"kind": manifest["kind"], "architecture": manifest["architecture"],
+            "num_layers": manifest["num_layers"], "hidden_size": manifest["hidden_size"],
+            "parameters": manifest.get("parameters"), "model_file": serve, "model_bytes": model_bytes,
+            "embeddings_bytes": files.get("item_embeddings.npy", {}).get("bytes"),
+            "num_items": manifest.get("num_items")}
+
+
+def run(cfg: LoadTestConfig, out: str | Path) -> dict:
+    """Run the whole comparison and write load_test.{json,md,png} under `out`; returns the JSON."""
+    out = Path(out)
+    for role in ROLES:
+        load_manifest(getattr(cfg, role))  # fail before starting anything
+    if not cfg.users or min(cfg.users) < 1:
+        raise CompressorError("--users needs positive concurrency levels")
+    if cfg.payloads is not None:
+        payload_path, payloads = cfg.payloads, load_payloads(cfg.payloads)
+    else:
+        payloads = build_payloads(*sequences_from_artifact(cfg.student))
+        payload_path = write_json(out / "payloads.json", payloads)
+    info = machine_info()
+    services = {}
+    with tqdm(total=len(ROLES) * len(cfg.users), desc="load test", unit="level") as bar:
+        for role in ROLES:
+            services[role] = run_service(cfg, role, getattr(cfg, role), payload_path, payloads, out, bar)
+    payload = {"config": cfg.model_dump(mode="json"), "machine": info,
+               "load_average_1m_end": round(os.getloadavg()[0], 2), "payloads": str(payload_path),
+               "services": services, "comparison": compare(services["teacher"], services["student"])}
+    write_json(out / "load_test.json", payload)
+    save_figure(plot_levels(services), out / "load_test.png")
+    write_atomic(out / "load_test.md", report_md(payload))
+    return payload
+
+
+def _duration(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600}
+    try:
+        return float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
+    except (ValueError, IndexError) as e:
+        raise argparse.ArgumentTypeError(f"duration like 20s, 2m or 20, got {text!r}") from e
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.load_test", description=__doc__.split("\n\n")[0])
+    p.add_argument("--teacher", required=True, type=Path, help="teacher artifact directory")
+    p.add_argument("--student", required=True, type=Path, help="student artifact directory")
+    p.add_argument("--users", default="1,8,32", help="comma-separated concurrency levels")
+    p.add_argument("--duration", type=_duration, default=20.0, help="per level, e.g. 20s or 1m")
+    p.add_argument("--spawn-rate", type=float, default=None, help="users per second (default: all at once)")
+    p.add_argument("--ort-threads", type=int, default=1)
+    p.add_argument("--payloads", type=Path, help="payload file (default: built from the student artifact)")
+    p.add_argument("--user-weight", type=int, default=1)
+    p.add_argument("--history-weight", type=int, default=1)
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra server env, repeatable")
+    p.add_argument("--ready-timeout", type=float, default=180.0)
+    p.add_argument("--out", required=True, type=Path)
+    args = p.parse_args(argv)
+    try:
+        bad = [item for item in args.env if "=" not in item]
+        if bad:
+            raise CompressorError(f"--env expects KEY=VALUE, got {bad}")
+        env = dict(item.split("=", 1) for item in args.env)
+        users = [int(u) for u in args.users.split(",") if u.strip()]
+        cfg = LoadTestConfig(teacher=args.teacher, student=args.student, users=users, duration_s=args.duration,
+                             spawn_rate=args.spawn_rate, ort_threads=args.ort_threads, env=env,
+                             payloads=args.payloads, user_weight=args.user_weight,
+                             history_weight=args.history_weight, ready_timeout_s=args.ready_timeout)
+        payload = run(cfg, args.out)
+    except ValueError as e:  # includes pydantic's ValidationError and a bad --env / --users
+        msg = e.errors()[0]["msg"] if isinstance(e, ValidationError) else str(e)
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    except CompressorError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: every server and load generator was stopped", file=sys.stderr)
+        return 130
+    print((args.out / "load_test.md").read_text().split("\n## ")[1][:1500])
+    print(f"wrote {args.out}/load_test.md, load_test.json, load_test.png")
+    return 0 if payload["comparison"]["errors_total"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
