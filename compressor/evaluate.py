@@ -140,3 +140,28 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, n: int = 2000, seed: int = 0,
     lo, hi = np.quantile(means, [(1 - ci) / 2, 1 - (1 - ci) / 2])
     return {"mean_diff": float(d.mean()), "ci_low": float(lo), "ci_high": float(hi),
             "excludes_zero": bool(lo > 0 or hi < 0), "n_users": int(len(d)), "resamples": n}
+
+
+def artifact_scorer(artifact_dir, onnx_file: str | None = None, threads: int | None = None) -> tuple[Scorer, int]:
+    """A scorer from an exported artifact (ONNX query encoder + item embeddings), as served.
+
+    Returns (scorer, max_len). `onnx_file` defaults to the manifest's `serve_model`."""
+    import json
+    from pathlib import Path
+
+    from compressor.speed import ort_session
+
+    d = Path(artifact_dir)
+    manifest = json.loads((d / "manifest.json").read_text())
+    session = ort_session(d / (onnx_file or manifest["serve_model"]), threads)
+    emb = np.load(d / "item_embeddings.npy")
+    bias = np.load(d / "item_bias.npy") if manifest.get("has_bias") else None
+    max_len = int(manifest["max_len"])
+
+    def score(hists: list[np.ndarray]) -> np.ndarray:
+        ids, mask = left_pad(hists, max_len)
+        hidden = session.run(["hidden"], {"input_ids": ids, "attention_mask": mask})[0]
+        scores = hidden.astype(np.float32) @ emb.T
+        return scores + bias if bias is not None else scores
+
+    return score, max_len

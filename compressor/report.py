@@ -1,0 +1,227 @@
+"""The compression report: `report.md`, `report.json` and PNG plots, from the stage results only.
+
+Every figure in it was measured by this run (the stage records and the JSON files the stages
+wrote); nothing is typed in by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+QUALITY_KEYS = ("hr@5", "hr@10", "ndcg@5", "ndcg@10", "mrr", "coverage@10")
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _fmt(x, digits: int = 4) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, float):
+        if x != 0 and abs(x) < 10 ** -digits:
+            return f"{x:.1e}"
+        return f"{x:,.{digits}f}" if abs(x) < 1000 else f"{x:,.0f}"
+    if isinstance(x, int):
+        return f"{x:,}"
+    return str(x)
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _mb(n: int | None) -> float | None:
+    return None if n is None else n / 1e6
+
+
+def collect(run_dir: Path, cfg, records: dict) -> dict:
+    """Everything the report shows, as one JSON document."""
+    manifests = {a: _read(run_dir / a / "manifest.json") for a in ("teacher", "student")}
+    evaluation = _read(run_dir / "evaluation.json")
+    evaluation.pop("per_user_ndcg@10", None)
+    importance = _read(run_dir / "importance" / "importance.json")
+    return {
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "config": cfg.model_dump(mode="json"),
+        "data": manifests["student"].get("data", {}),
+        "teacher": {k: manifests["teacher"].get(k) for k in ("num_layers", "hidden_size", "parameters", "onnx_files", "parity", "architecture")},
+        "student": {k: manifests["student"].get(k) for k in ("num_layers", "teacher_layers", "hidden_size", "parameters", "onnx_files", "parity", "architecture")},
+        "teacher_training": records["teacher"].summary,
+        "selection": records["truncate"].summary,
+        "importance": {
+            "methods": {n: {"weights": m["weights"], "seconds": m["seconds"], "samples": m["samples"],
+                            "spearman_vs_ablation": m.get("spearman_vs_ablation")}
+                        for n, m in importance.get("methods", {}).items()},
+        } if importance else None,
+        "pruning": records["prune"].summary if "prune" in records else None,
+        "distillation": records["distill"].summary,
+        "evaluation": evaluation,
+        "speed": _read(run_dir / "speed.json"),
+        "stage_seconds": {n: r.seconds for n, r in records.items()},
+        "stages_skipped_this_run": [n for n, r in records.items() if r.skipped],
+        "versions": manifests["student"].get("versions", {}),
+    }
+
+
+def plot_quality_vs_size(doc: dict, path: Path) -> Path:
+    ev = doc["evaluation"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name, params in ev.get("parameters", {}).items():
+        ndcg = ev["metrics"][name]["ndcg@10"]
+        ax.scatter(params / 1e6, ndcg, s=60)
+        ax.annotate(name, (params / 1e6, ndcg), textcoords="offset points", xytext=(5, 5))
+    for name, style in (("ease", "--"), ("mostpop", ":")):
+        if name in ev.get("metrics", {}):
+            ax.axhline(ev["metrics"][name]["ndcg@10"], ls=style, color="grey", label=f"{name} (no parameters plotted)")
+    ax.set_xlabel("parameters (millions)")
+    ax.set_ylabel("test NDCG@10 (full ranking)")
+    ax.set_title("Quality vs size")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_latency_vs_size(doc: dict, path: Path) -> Path:
+    timing = doc["speed"].get("timing", {})
+    sizes = {"teacher": doc["teacher"]["parameters"], "student": doc["student"]["parameters"]}
+    batches = sorted({k for t in timing.values() for k in t}, key=lambda k: int(k.split("_")[1]))
+    fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 3.8))
+    axes = [axes] if len(batches) == 1 else axes
+    for ax, b in zip(axes, batches, strict=True):
+        for name, t in timing.items():
+            base = name.split(" ")[0]
+            ax.scatter(sizes[base] / 1e6, t[b]["ms_median"], s=60)
+            ax.annotate(name, (sizes[base] / 1e6, t[b]["ms_median"]), textcoords="offset points", xytext=(5, 5))
+        ax.set_xlabel("parameters (millions)")
+        ax.set_ylabel("median ms per call")
+        ax.set_title(f"ONNX Runtime latency, {b.replace('_', ' ')}")
+        ax.set_ylim(bottom=0)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_stage_times(doc: dict, path: Path) -> Path:
+    secs = doc["stage_seconds"]
+    fig, ax = plt.subplots(figsize=(6.4, 3.2))
+    ax.barh(list(secs), list(secs.values()), color="tab:blue")
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds (when the stage last ran)")
+    ax.set_title("Time per stage")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def render_markdown(doc: dict) -> str:
+    ev, speed, t, s = doc["evaluation"], doc["speed"], doc["teacher"], doc["student"]
+    m = ev["metrics"]
+    timing = speed.get("timing", {})
+    b1 = lambda name: timing.get(name, {}).get("batch_1", {}).get("ms_median")  # noqa: E731
+    b64 = lambda name: timing.get(name, {}).get("batch_64", {}).get("per_second")  # noqa: E731
+    size = lambda man: sum(v for k, v in (man.get("onnx_files") or {}).items() if k.startswith("model.onnx"))  # noqa: E731
+    tsize, ssize = size(t), size(s)
+    out = ["# Compression report", ""]
+    data = doc["data"]
+    out += [f"Run at {doc['created_at']} on {speed.get('machine', {}).get('cpu', '?')} "
+            f"({speed.get('machine', {}).get('cores', '?')} cores, no GPU used unless listed: "
+            f"{', '.join(speed.get('machine', {}).get('providers', []))}). Data: **{data.get('name')}** "
+            f"({data.get('users')} users, fingerprint `{data.get('fingerprint')}`); protocol: leave-one-out, "
+            f"full ranking over the whole catalogue, seen items excluded, {ev.get('users')} test users.", ""]
+    out += ["## Teacher vs student", ""]
+    rows = [
+        ["decoder layers", t["num_layers"], s["num_layers"], _ratio(s["num_layers"], t["num_layers"])],
+        ["parameters", t["parameters"], s["parameters"], _ratio(s["parameters"], t["parameters"])],
+        ["ONNX size (MB)", _mb(tsize), _mb(ssize), _ratio(ssize, tsize)],
+        ["test NDCG@10", m["teacher"]["ndcg@10"], m["student"]["ndcg@10"], ev["retention_ndcg@10"].get("student")],
+        ["test HR@10", m["teacher"]["hr@10"], m["student"]["hr@10"], _ratio(m["student"]["hr@10"], m["teacher"]["hr@10"])],
+        ["batch-1 latency (ms, median)", b1("teacher"), b1("student"), _ratio(b1("student"), b1("teacher"))],
+        ["batch-64 throughput (histories/s)", b64("teacher"), b64("student"), _ratio(b64("student"), b64("teacher"))],
+    ]
+    out += [_table(["", "teacher", "student", "student / teacher"], rows), ""]
+    out += [f"Student layers = teacher layers {s.get('teacher_layers')} ({doc['selection'].get('chosen_by')}). "
+            "Latency and throughput: " + speed.get("method", "") + ".", "", "![latency vs size](latency_vs_size.png)", ""]
+    out += ["## Quality (test split)", ""]
+    rows = [[name] + [v.get(k) for k in QUALITY_KEYS] + [ev["retention_ndcg@10"].get(name)]
+            for name, v in m.items()]
+    out += [_table(["model"] + list(QUALITY_KEYS) + ["NDCG@10 retention"], rows), ""]
+    out += ["`truncated` is the student's layers copied from the teacher with no training (the floor "
+            "distillation must beat); `teacher:model.onnx` / `student:model.*.onnx` are the exported graphs as "
+            "served (scores = ONNX query vector · item embeddings).", "", "![quality vs size](quality_vs_size.png)", ""]
+    boot = ev.get("bootstrap_ndcg@10", {})
+    if boot:
+        out += ["Paired bootstrap over test users (NDCG@10 difference, 95% interval):", ""]
+        out += [_table(["comparison", "mean diff", "CI low", "CI high", "excludes 0"],
+                       [[k, v["mean_diff"], v["ci_low"], v["ci_high"], v["excludes_zero"]] for k, v in boot.items()]), ""]
+    imp = doc.get("importance")
+    if imp:
+        out += ["## Which layers matter", "", "![importance](importance_by_method.png)", "",
+                f"Teacher training: {_fmt(doc['teacher_training'].get('seconds_per_epoch'), 1)} s per epoch.", ""]
+        rows = [[n, v.get("spearman_vs_ablation"), v["seconds"], v["samples"],
+                 " ".join(f"{w:.2f}" for w in v["weights"])] for n, v in imp["methods"].items()]
+        out += [_table(["method", "Spearman vs ablation", "seconds", "samples", "normalised weight per layer"], rows), ""]
+    if doc.get("pruning"):
+        p = doc["pruning"]
+        out += ["## Pruning", "", f"Parameters {_fmt(p.get('params_before'))} → {_fmt(p.get('params_after'))}; "
+                f"sparsity of decoder weights {_fmt((p.get('sparsity') or {}).get('model_total'))}. Unstructured "
+                "sparsity (zeros inside dense tensors) does not make a dense runtime such as ONNX Runtime faster; "
+                "only structured pruning (heads, channels) shrinks the tensors.", ""]
+    d = doc["distillation"]
+    if d.get("method"):
+        out += ["## Distillation", "", f"Method `{d['method']}`, {d.get('steps')} steps ({_fmt(d.get('epochs'), 1)} epochs, "
+                f"{_fmt(d.get('seconds'), 0)} s, stop: {d.get('stop_reason')}), best validation NDCG@10 "
+                f"{_fmt((d.get('best_valid') or {}).get('ndcg@10'))} at step {d.get('best_step')}; layer map "
+                f"{d.get('layer_map')}, final layer weights {[round(w, 3) for w in d.get('layer_weights') or []]}.", ""]
+    out += ["## Export parity (ONNX Runtime vs PyTorch, real validation histories)", ""]
+    rows = []
+    for art, man in (("teacher", t), ("student", s)):
+        for f, par in (man.get("parity") or {}).items():
+            rows.append([f"{art}/{f}", par.get("max_abs_diff"), par.get("topk_agreement"), par.get("n")])
+    out += [_table(["graph", "max abs diff", "top-10 agreement", "histories"], rows), ""]
+    out += ["## Time per stage", "", _table(["stage", "seconds"], [[k, v] for k, v in doc["stage_seconds"].items()]),
+            "", "![stage times](stage_times.png)", ""]
+    if doc["stages_skipped_this_run"]:
+        out += [f"Stages reused from an earlier run: {', '.join(doc['stages_skipped_this_run'])}.", ""]
+    vers = doc.get("versions", {})
+    out += ["Versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()), ""]
+    return "\n".join(out)
+
+
+def _ratio(a, b) -> float | None:
+    return None if a in (None, 0) or b in (None, 0) else a / b
+
+
+def write_report(run_dir: str | Path, cfg, records: dict) -> list[str]:
+    run_dir = Path(run_dir)
+    doc = collect(run_dir, cfg, records)
+    files = [plot_quality_vs_size(doc, run_dir / "quality_vs_size.png").name,
+             plot_latency_vs_size(doc, run_dir / "latency_vs_size.png").name,
+             plot_stage_times(doc, run_dir / "stage_times.png").name]
+    for png in ("importance_by_method.png", "selected_layers.png"):
+        src = run_dir / "importance" / png
+        if src.exists():
+            shutil.copyfile(src, run_dir / png)
+            files.append(png)
+    for name, text in (("report.json", json.dumps(doc, indent=2, default=str)), ("report.md", render_markdown(doc))):
+        tmp = run_dir / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(run_dir / name)
+        files.append(name)
+    return files
