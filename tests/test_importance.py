@@ -14,6 +14,7 @@ from compressor.cli import main
 from compressor.errors import ArtifactError, CompressorError
 from compressor.importance import (
     ALL_METHODS,
+    DEFAULT_METHODS,
     IMPORTANCE,
     FisherAccumulator,
     ImportanceConfig,
@@ -49,7 +50,7 @@ def result(teacher, tiny_data):
 
 
 def test_every_method_gives_one_finite_score_per_layer(result, tiny_data):
-    assert set(result.methods) == set(ALL_METHODS) == set(IMPORTANCE)
+    assert set(result.methods) == set(DEFAULT_METHODS) and set(ALL_METHODS) == set(IMPORTANCE)
     for name, s in result.methods.items():
         assert isinstance(s, LayerScores) and s.method == name
         assert len(s.scores) == len(s.weights) == result.num_layers == 4
@@ -75,6 +76,21 @@ def test_ablation_detail_matches_a_student_without_the_layer(teacher, tiny_data,
     assert loss == pytest.approx(detail["loss_without"][1], abs=1e-5)
     assert ndcg == pytest.approx(detail["ndcg@10_without"][1], abs=1e-9)
     assert result.methods["ablation"].scores[1] == pytest.approx(loss - detail["base_loss"], abs=1e-5)
+
+
+def test_greedy_ablation_removes_the_cheapest_layer_first(teacher, tiny_data, result):
+    probe = ProbeSet.from_split(tiny_data.split("valid"), MAX_LEN)
+    g = IMPORTANCE["ablation_greedy"](teacher, probe, ImportanceConfig(batch_size=32))
+    assert sorted(g.scores) == [1.0, 2.0, 3.0, 4.0]
+    single = result.methods["ablation"].detail["loss_without"]
+    first = g.detail["steps"][0]
+    assert first["removed"] == int(np.argmin(single))
+    assert first["loss"] == pytest.approx(min(single), abs=1e-5)
+    # top_k over the removal order keeps exactly the greedy survivors
+    order = g.detail["removal_order"]
+    from compressor.select import top_k
+
+    assert top_k(g.scores, 2) == sorted(order[2:])
 
 
 @pytest.mark.parametrize("idx", [1, 2])
@@ -189,7 +205,7 @@ def test_write_and_load_importance(result, tmp_path):
     for png in ("importance_by_method.png", "selected_layers.png"):
         assert (path.parent / png).stat().st_size > 1000
     doc = load_importance(path.parent)
-    assert doc["num_layers"] == 4 and set(doc["methods"]) == set(ALL_METHODS)
+    assert doc["num_layers"] == 4 and set(doc["methods"]) == set(DEFAULT_METHODS)
     assert doc["methods"]["fisher"]["spearman_vs_ablation"] == result.spearman["fisher"]
     assert doc["selections"]["top_k/ablation/k=1"] == [int(np.argmax(result.methods["ablation"].scores))]
     assert all(len(v) == 1 for v in doc["selections"].values())  # 25% of 4 layers

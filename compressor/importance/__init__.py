@@ -20,9 +20,10 @@ from transformers import PreTrainedModel
 
 from compressor.data.protocol import RecData
 from compressor.errors import ArtifactError, CompressorError
-from compressor.importance.ablation import ablation, loss_and_ndcg
+from compressor.importance.ablation import ablation, ablation_greedy, loss_and_ndcg
 from compressor.importance.base import (
     ALL_METHODS,
+    DEFAULT_METHODS,
     FisherOptions,
     ImportanceConfig,
     LayerScores,
@@ -70,6 +71,7 @@ IMPORTANCE: dict[str, Estimator] = {
     "angular": angular,
     "ablation": ablation,
     "hybrid": hybrid,
+    "ablation_greedy": ablation_greedy,
 }
 assert tuple(IMPORTANCE) == ALL_METHODS
 
@@ -227,8 +229,8 @@ def estimate(model: PreTrainedModel, data: RecData, method: str, max_len: int,
 
 
 __all__ = [
-    "IMPORTANCE", "IMPORTANCE_FILE", "DEFAULT_METHOD", "ALL_METHODS", "ImportanceConfig", "FisherOptions",
-    "LayerScores", "ImportanceResult", "ProbeSet", "FisherAccumulator", "fisher_layer_weights", "combine",
-    "spearman", "run_importance", "write_importance", "load_importance", "validate_importance",
+    "IMPORTANCE", "IMPORTANCE_FILE", "DEFAULT_METHOD", "ALL_METHODS", "DEFAULT_METHODS", "ImportanceConfig",
+    "FisherOptions", "LayerScores", "ImportanceResult", "ProbeSet", "FisherAccumulator", "fisher_layer_weights",
+    "combine", "spearman", "run_importance", "write_importance", "load_importance", "validate_importance",
     "method_scores", "estimate", "check_method", "capture_layer_io", "skip_layers", "loss_and_ndcg",
 ]

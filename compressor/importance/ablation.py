@@ -67,3 +67,31 @@ def ablation(model: PreTrainedModel, probe: ProbeSet, cfg: ImportanceConfig) -> 
         "ndcg@10_drop": [base_ndcg - x for x in ndcgs],
     }
     return LayerScores("ablation", scores, normalise(scores), time.perf_counter() - t0, len(probe), detail)
+
+
+def ablation_greedy(model: PreTrainedModel, probe: ProbeSet, cfg: ImportanceConfig) -> LayerScores:
+    """Iterative ablation: repeatedly drop the layer whose removal (given those already dropped)
+    raises the validation loss least. score = removal step (1 = dropped first), so `top_k` keeps
+    exactly the greedy survivors for every k. Costs L(L+1)/2 - 1 validation passes."""
+    t0 = time.perf_counter()
+    L = len(decoder_parts(model).layers)
+    remaining, removed, steps = list(range(L)), [], []
+    bar = tqdm(total=L * (L + 1) // 2 - 1, desc="greedy ablation", leave=False)
+    while len(remaining) > 1:
+        trials = []
+        for i in remaining:
+            with skip_layers(model, [*removed, i]):
+                trials.append((*loss_and_ndcg(model, probe, cfg.batch_size), i))
+            bar.update()
+        loss, ndcg, drop = min(trials)
+        removed.append(drop)
+        remaining.remove(drop)
+        steps.append({"removed": drop, "loss": loss, "ndcg@10": ndcg})
+    bar.close()
+    order = removed + remaining
+    scores = [0.0] * L
+    for rank, i in enumerate(order):
+        scores[i] = float(rank + 1)
+    detail = {"score": "greedy removal order (1 = removed first; the last survivor scores L)",
+              "removal_order": order, "steps": steps}
+    return LayerScores("ablation_greedy", scores, normalise(scores), time.perf_counter() - t0, len(probe), detail)

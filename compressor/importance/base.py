@@ -17,8 +17,10 @@ from compressor.data.protocol import Split, left_pad
 from compressor.data.vocab import PAD_ID
 from compressor.modeling import decoder_parts, item_scores
 
-# Cheap estimators first; `hybrid` last because it combines the others.
-ALL_METHODS = ("fisher", "gradient", "attention", "block_influence", "angular", "ablation", "hybrid")
+# Cheap estimators first; `hybrid` last because it combines the others. `ablation_greedy`
+# (O(L^2) validation passes) runs only when asked for.
+DEFAULT_METHODS = ("fisher", "gradient", "attention", "block_influence", "angular", "ablation", "hybrid")
+ALL_METHODS = (*DEFAULT_METHODS, "ablation_greedy")
 
 
 @dataclass
@@ -64,7 +66,7 @@ class ImportanceConfig(BaseModel):
     target = validation item, loss = next-item cross-entropy at the last position); never test."""
 
     model_config = ConfigDict(extra="forbid")
-    methods: list[str] = Field(default_factory=lambda: list(ALL_METHODS))
+    methods: list[str] = Field(default_factory=lambda: list(DEFAULT_METHODS))
     samples: int = Field(512, ge=1, description="validation users sampled for the estimators")
     ablation_samples: int | None = Field(None, ge=1, description="users for the ablation ground truth; None = all validation users")
     batch_size: int = Field(64, ge=1)
