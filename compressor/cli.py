@@ -143,6 +143,31 @@ def cmd_truncate(args: argparse.Namespace) -> None:
     print(f"student keeping teacher layers {layers} of {L} saved to {out}")
 
 
+def cmd_distill(args: argparse.Namespace) -> None:
+    from pydantic import ValidationError
+
+    from compressor.config import load_config
+    from compressor.data import prepare
+    from compressor.distill import DistillConfig, distill
+    from compressor.modeling import load_model
+
+    cfg = load_config(DistillConfig, args.config, args.overrides)
+    update = {k: v for k, v in (("method", args.method), ("importance_file", args.importance)) if v}
+    try:
+        cfg = DistillConfig.model_validate({**cfg.model_dump(), **update})
+    except ValidationError as e:
+        raise CompressorError(f"config: {e.errors()[0]['msg']}") from e
+    teacher, t_vocab = load_model(args.teacher)
+    student, s_vocab = load_model(args.student)
+    if not t_vocab.same_as(s_vocab):
+        raise CompressorError(f"{args.student} and {args.teacher} have different item vocabularies "
+                              f"({s_vocab.num_items} vs {t_vocab.num_items} items)")
+    data = prepare(args.data, args.format, vocab=t_vocab)
+    r = distill(teacher, student, data, cfg, args.out, resume=args.resume)
+    print(f"{cfg.method}: student saved to {r.model_dir}: {r.steps} steps ({r.stop_reason}), best valid "
+          f"NDCG@10 {r.best_valid.get('ndcg@10', 0):.4f} at step {r.best_step}, {r.seconds:.0f} s")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="compressor", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -198,6 +223,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, help="validation users when importance is computed here")
     data_args(p, required=False)
     p.set_defaults(func=cmd_truncate)
+
+    p = sub.add_parser("distill", help="distil a teacher into a student (FISHER-LD or a baseline)")
+    p.add_argument("--teacher", required=True, help="teacher model directory")
+    p.add_argument("--student", required=True, help="student model directory (e.g. from `compressor truncate`)")
+    data_args(p)
+    p.add_argument("--method", help="fisher_ld (default), uniform_ld, finetune, logit_kd, fitnets, "
+                   "attention_transfer, minilm, pkd, tinybert, fisher_ld_static")
+    p.add_argument("--config", help="YAML with DistillConfig fields")
+    p.add_argument("--importance", help="importance.json with Fisher scores (else estimated from the data)")
+    p.add_argument("--out", required=True, help="directory for student/, train_log.jsonl, checkpoint.pt")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lam=0.01 train.epochs=3")
+    p.set_defaults(func=cmd_distill)
     return parser
 
 

@@ -1,0 +1,287 @@
+"""The distillation objectives, one class per method, all sharing one trainer.
+
+Every method is a weighted sum of named terms; a method says which terms it has and what the
+forward passes must capture for them. The coefficients come from `DistillConfig` and mean the
+same thing everywhere, so methods differ only in the knowledge they transfer:
+
+    finetune            CE                                   (no teacher)
+    logit_kd            α·CE + β·KD                          (Hinton et al. 2015)
+    uniform_ld          α·CE + β·KD + γ·Σ_i (1/K)·MSE_i + λ·L2   (the paper's "Uniform KD")
+    fisher_ld           α·CE + β·KD + γ·Σ_i w_i·MSE_i + λ·L2     (w = Fisher weights, EMA-updated)
+    fisher_ld_static    fisher_ld with the initial Fisher weights frozen (ablation of the EMA)
+    fitnets             α·CE + β·KD + γ·MSE at the student's middle layer (hint, Romero et al.)
+    attention_transfer  α·CE + β·KD + γ·AT on head-averaged attention maps of mapped layers
+    minilm              α·CE + β·KD + γ·(attention KL + value-relation KL), last layers only
+    pkd                 α·CE + β·KD + γ·‖h/‖h‖ − h'/‖h'‖‖² over mapped layers but the last
+    tinybert            α·CE + β·KD + γ·(embedding MSE + hidden MSE + attention MSE)
+
+CE is the full-softmax next-item cross-entropy at every real position; KD = T²·KL(teacher ‖
+student) of the item distributions at temperature T at the same positions; MSE_i is the mean
+over real positions and hidden units of (h^T_{map[i]} − Adapt_i(h^S_i))², hidden states being
+the raw layer outputs (before the final norm); L2 is set by `DistillConfig.l2` and, by
+default, applied decoupled from Adam (`DistillConfig.l2_mode`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from compressor.distill.features import Features, Request
+from compressor.distill.mapping import Adapters
+from compressor.errors import CompressorError
+
+
+@dataclass
+class Batch:
+    """What a loss reads from one step: masks, CE, item logits and captured features."""
+
+    mask: torch.Tensor  # (B, T) bool, real positions (= label positions)
+    task: torch.Tensor  # CE, scalar
+    s_logits: torch.Tensor  # (N, items) student logits at the label positions
+    t_logits: torch.Tensor | None  # (N, items) teacher logits, same rows
+    s: Features
+    t: Features | None
+
+
+@dataclass
+class Context:
+    """Per-run facts a loss needs."""
+
+    cfg: object  # DistillConfig (not imported: config imports this module)
+    layer_map: list[int]
+    n_teacher: int
+    n_student: int
+    adapters: Adapters
+    weights: torch.Tensor  # (K,) layer weights, Σ = 1
+    l2: object  # callable returning the L2 term
+
+
+# ---------------------------------------------------------------- building blocks
+
+def kd_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T²·KL(softmax(t/T) ‖ softmax(s/T)), averaged over rows (Hinton's T² keeps gradients in scale)."""
+    t = temperature
+    return F.kl_div(F.log_softmax(s_logits / t, -1), F.log_softmax(t_logits / t, -1),
+                    log_target=True, reduction="batchmean") * t * t
+
+
+def masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over real positions and features of (a − b)²; a, b (B, T, H)."""
+    return (a - b).pow(2).mean(-1)[mask].mean()
+
+
+def _same_heads(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention maps (B, h, T, T); average over heads when the counts differ."""
+    if a.shape[1] != b.shape[1]:
+        return a.mean(1, keepdim=True), b.mean(1, keepdim=True)
+    return a, b
+
+
+def row_kl(p: torch.Tensor, q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(p ‖ q) of distributions along the last axis, (B, h, T, T), averaged over heads and real
+    query rows (padding rows are skipped; padded keys have p = 0 and contribute nothing)."""
+    kl = torch.where(p > 0, p * (p.clamp_min(1e-30).log() - q.clamp_min(1e-12).log()), 0.0).sum(-1)
+    return kl.mean(1)[mask].mean()
+
+
+def attention_mse(t: torch.Tensor, s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    t, s = _same_heads(t, s)
+    return (t - s).pow(2).sum(-1).mean(1)[mask].mean()
+
+
+def attention_transfer(t: torch.Tensor, s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Zagoruyko & Komodakis: ‖Q_S/‖Q_S‖ − Q_T/‖Q_T‖‖² of each sequence's head-averaged attention
+    map, flattened (padding rows zeroed)."""
+    m = mask[:, :, None].float()
+    qt, qs = (F.normalize((x.mean(1) * m).flatten(1), dim=1) for x in (t, s))
+    return (qt - qs).pow(2).sum(1).mean()
+
+
+def value_relation(v: torch.Tensor, heads: int, mask: torch.Tensor) -> torch.Tensor:
+    """MiniLM: softmax(V·Vᵀ/√d) per relation head, padded keys masked; v (B, T, W) -> (B, h, T, T)."""
+    b, t, w = v.shape
+    if w % heads:
+        raise CompressorError(f"minilm: value width {w} is not divisible by {heads} relation heads")
+    v = v.view(b, t, heads, w // heads).transpose(1, 2)
+    scores = v @ v.transpose(-1, -2) / (w // heads) ** 0.5
+    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    return torch.where(mask[:, None, :, None], scores.softmax(-1).nan_to_num(0.0), 0.0)
+
+
+def normalised_mse(t: torch.Tensor, s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """PKD: squared distance of L2-normalised hidden vectors, mean over real positions."""
+    return (F.normalize(t, dim=-1) - F.normalize(s, dim=-1)).pow(2).sum(-1)[mask].mean()
+
+
+# ---------------------------------------------------------------- methods
+
+class DistillLoss:
+    """A distillation method: which features it needs and its weighted terms."""
+
+    uses_teacher = True
+    attentions = False  # needs eager attention in both models
+    fisher = False  # layer weights start from Fisher scores
+    dynamic = False  # layer weights follow the EMA of eq. 9 (when cfg.ema)
+    l2 = False  # has the λ·L2 term
+
+    def request(self, ctx: Context) -> tuple[Request, Request]:
+        """(student request, teacher request)."""
+        return Request(), Request()
+
+    def terms(self, b: Batch, ctx: Context) -> dict[str, tuple[float, torch.Tensor]]:
+        raise NotImplementedError
+
+    def __call__(self, b: Batch, ctx: Context) -> tuple[torch.Tensor, dict[str, float]]:
+        terms = self.terms(b, ctx)
+        total = sum(c * v for c, v in terms.values())
+        return total, {k: float(v.detach()) for k, (_, v) in terms.items()}
+
+    def base(self, b: Batch, ctx: Context) -> dict[str, tuple[float, torch.Tensor]]:
+        return {"task": (ctx.cfg.alpha, b.task), "kd": (ctx.cfg.beta, kd_loss(b.s_logits, b.t_logits, ctx.cfg.temperature))}
+
+
+class Finetune(DistillLoss):
+    uses_teacher = False
+
+    def terms(self, b, ctx):
+        return {"task": (1.0, b.task)}
+
+
+class LogitKD(DistillLoss):
+    def terms(self, b, ctx):
+        return self.base(b, ctx)
+
+
+class LayerwiseLD(DistillLoss):
+    """The FISHER-LD objective; with uniform weights it is the paper's Uniform KD."""
+
+    l2 = True
+
+    def request(self, ctx):
+        return Request(layers=frozenset(range(ctx.n_student))), Request(layers=frozenset(ctx.layer_map))
+
+    def terms(self, b, ctx):
+        mse = torch.stack([masked_mse(b.t.hidden[t], ctx.adapters(i, b.s.hidden[i]), b.mask)
+                           for i, t in enumerate(ctx.layer_map)])
+        terms = {**self.base(b, ctx), "layers": (ctx.cfg.gamma, (ctx.weights * mse).sum())}
+        if ctx.cfg.l2 != "none" and ctx.cfg.l2_mode == "loss":  # else the Distiller applies it decoupled
+            terms["l2"] = (ctx.cfg.lam, ctx.l2())
+        return terms
+
+
+class FisherLD(LayerwiseLD):
+    fisher = True
+    dynamic = True
+
+
+class FisherLDStatic(LayerwiseLD):
+    fisher = True
+
+
+class FitNets(DistillLoss):
+    def request(self, ctx):
+        i = (ctx.n_student - 1) // 2
+        return Request(layers=frozenset([i])), Request(layers=frozenset([ctx.layer_map[i]]))
+
+    def terms(self, b, ctx):
+        i = (ctx.n_student - 1) // 2
+        hint = masked_mse(b.t.hidden[ctx.layer_map[i]], ctx.adapters(i, b.s.hidden[i]), b.mask)
+        return {**self.base(b, ctx), "hint": (ctx.cfg.gamma, hint)}
+
+
+class AttentionTransfer(DistillLoss):
+    attentions = True
+
+    def request(self, ctx):
+        return Request(attentions=frozenset(range(ctx.n_student))), Request(attentions=frozenset(ctx.layer_map))
+
+    def terms(self, b, ctx):
+        at = torch.stack([attention_transfer(b.t.attentions[t], b.s.attentions[i], b.mask)
+                          for i, t in enumerate(ctx.layer_map)]).mean()
+        return {**self.base(b, ctx), "attention": (ctx.cfg.gamma, at)}
+
+
+class MiniLM(DistillLoss):
+    """Self-attention distributions and value relations of the teacher's last layer into the
+    student's last layer (Wang et al. 2020); relation heads = the student's key/value heads."""
+
+    attentions = True
+
+    def request(self, ctx):
+        s, t = frozenset([ctx.n_student - 1]), frozenset([ctx.n_teacher - 1])
+        return Request(attentions=s, values=s), Request(attentions=t, values=t)
+
+    def terms(self, b, ctx):
+        s_i, t_i = ctx.n_student - 1, ctx.n_teacher - 1
+        pt, ps = _same_heads(b.t.attentions[t_i], b.s.attentions[s_i])
+        heads = relation_heads(b.s.values[s_i].shape[-1], b.t.values[t_i].shape[-1], ps.shape[1])
+        vr = row_kl(value_relation(b.t.values[t_i], heads, b.mask), value_relation(b.s.values[s_i], heads, b.mask), b.mask)
+        return {**self.base(b, ctx), "attention": (ctx.cfg.gamma, row_kl(pt, ps, b.mask) + vr)}
+
+
+def relation_heads(w_student: int, w_teacher: int, preferred: int) -> int:
+    """The largest head count ≤ `preferred` dividing both value widths."""
+    for h in range(max(1, preferred), 0, -1):
+        if w_student % h == 0 and w_teacher % h == 0:
+            return h
+    return 1
+
+
+class PKD(DistillLoss):
+    """Patient KD (Sun et al. 2019), PKD-skip over the mapped layers; the last layer is left to KD
+    as in the paper (kept when the student has a single layer)."""
+
+    def _layers(self, ctx):
+        return list(range(ctx.n_student - 1)) or [0]
+
+    def request(self, ctx):
+        ids = self._layers(ctx)
+        return Request(layers=frozenset(ids)), Request(layers=frozenset(ctx.layer_map[i] for i in ids))
+
+    def terms(self, b, ctx):
+        pt = torch.stack([normalised_mse(b.t.hidden[ctx.layer_map[i]], ctx.adapters(i, b.s.hidden[i]), b.mask)
+                          for i in self._layers(ctx)]).mean()
+        return {**self.base(b, ctx), "patient": (ctx.cfg.gamma, pt)}
+
+
+class TinyBERT(DistillLoss):
+    """Embedding + hidden + attention matching over the mapped layers, plus KD (Jiao et al. 2020;
+    attention probabilities rather than pre-softmax scores, which Hugging Face does not expose)."""
+
+    attentions = True
+
+    def request(self, ctx):
+        s, t = frozenset(range(ctx.n_student)), frozenset(ctx.layer_map)
+        return (Request(layers=s, attentions=s, embeddings=True), Request(layers=t, attentions=t, embeddings=True))
+
+    def terms(self, b, ctx):
+        pairs = list(enumerate(ctx.layer_map))
+        emb = masked_mse(b.t.embeddings, ctx.adapters.embed(b.s.embeddings), b.mask)
+        hid = torch.stack([masked_mse(b.t.hidden[t], ctx.adapters(i, b.s.hidden[i]), b.mask) for i, t in pairs]).mean()
+        att = torch.stack([attention_mse(b.t.attentions[t], b.s.attentions[i], b.mask) for i, t in pairs]).mean()
+        return {**self.base(b, ctx), "embed": (ctx.cfg.gamma, emb), "hidden": (ctx.cfg.gamma, hid),
+                "attention": (ctx.cfg.gamma, att)}
+
+
+LOSSES: dict[str, DistillLoss] = {
+    "fisher_ld": FisherLD(),
+    "fisher_ld_static": FisherLDStatic(),
+    "uniform_ld": LayerwiseLD(),
+    "finetune": Finetune(),
+    "logit_kd": LogitKD(),
+    "fitnets": FitNets(),
+    "attention_transfer": AttentionTransfer(),
+    "minilm": MiniLM(),
+    "pkd": PKD(),
+    "tinybert": TinyBERT(),
+}
+DISTILL_METHODS = tuple(LOSSES)
+
+
+def get_loss(name: str) -> DistillLoss:
+    if name not in LOSSES:
+        raise CompressorError(f"unknown distillation method {name!r}; choose one of {', '.join(LOSSES)}")
+    return LOSSES[name]

@@ -1,0 +1,252 @@
+"""`distill`: the nanoGPT-shaped loop — setup, then one loop with validation, early stopping,
+best-checkpoint selection on validation NDCG@10, checkpoints for resume, and a JSONL log.
+
+Output in `out_dir`: `student/` (the best student: `save_pretrained` + item vocabulary +
+`distill_summary.json`), `train_log.jsonl`, `checkpoint.pt` (everything needed to resume),
+`distill_config.yaml` and `result.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from compressor.config import dump_config
+from compressor.data.protocol import RecData, left_pad, training_windows
+from compressor.distill.config import DistillConfig
+from compressor.distill.fisher_weights import estimate_layer_fisher, read_fisher_scores
+from compressor.distill.losses import get_loss
+from compressor.distill.step import Distiller, attention_implementation, frozen
+from compressor.errors import CompressorError
+from compressor.evaluate import evaluate_model
+from compressor.modeling import pick_device, recsys_meta, save_model, set_recsys_meta
+from compressor.teacher import next_item_loss
+from compressor.training import EarlyStopping, set_seed
+
+CHECKPOINT = "checkpoint.pt"
+LOG = "train_log.jsonl"
+RESULT = "result.json"
+STUDENT_DIR = "student"
+BUDGET_STOPS = ("time budget", "step limit")
+
+
+@dataclass
+class DistillResult:
+    method: str
+    best_valid: dict
+    best_step: int
+    steps: int
+    epochs: float
+    seconds: float  # wall clock of the whole run (training + validation), over resumes
+    seconds_per_step: float  # mean time of one optimisation step (validation excluded)
+    stop_reason: str
+    layer_map: list[int]
+    layer_weights: list[float]  # final w (uniform for methods without Fisher weights)
+    fisher_source: str | None
+    log_path: Path
+    model_dir: Path
+    model: PreTrainedModel | None = field(default=None, repr=False)
+
+    def to_json(self) -> dict:
+        return {f: (str(v) if isinstance(v, Path) else v)
+                for f in self.__dataclass_fields__ if f != "model" for v in [getattr(self, f)]}
+
+
+def check_compatible(teacher: PreTrainedModel, student: PreTrainedModel, data: RecData) -> None:
+    """Teacher, student and data must share one item vocabulary (the logits are compared item by item)."""
+    vt, vs = teacher.config.vocab_size, student.config.vocab_size
+    if vt != vs:
+        raise CompressorError(f"student and teacher have different item vocabularies ({vs} vs {vt} tokens)")
+    if vt != data.vocab.size:
+        raise CompressorError(f"the data's item vocabulary has {data.vocab.size} tokens, the models {vt}")
+
+
+def batch_tensors(windows: list[np.ndarray], idx: np.ndarray, max_len: int, device) -> tuple[torch.Tensor, ...]:
+    """(window indices, input ids, mask, labels) of windows `idx`, as `window_batches` builds them."""
+    chunk = [windows[i] for i in idx]
+    ids, mask = left_pad([w[:-1] for w in chunk], max_len)
+    labels, lmask = left_pad([w[1:] for w in chunk], max_len)
+    labels[lmask == 0] = -100
+    return tuple(torch.from_numpy(x).to(device) for x in (idx.astype(np.int64), ids, mask, labels))
+
+
+def teacher_fisher(teacher, cfg: DistillConfig, importance: dict | None, windows, max_len, device) -> tuple[np.ndarray, str]:
+    """Fisher scores of every teacher layer: given, from `cfg.importance_file`, or estimated now."""
+    n = teacher.config.num_hidden_layers
+    if importance is not None:
+        return read_fisher_scores(importance, n), "importance (given)"
+    if cfg.importance_file:
+        return read_fisher_scores(cfg.importance_file, n), cfg.importance_file
+    order = np.random.default_rng(cfg.train.seed + 1).permutation(len(windows))
+    bs = cfg.train.batch_size
+    batches = [batch_tensors(windows, order[a : a + bs], max_len, device)[1:]
+               for a in range(0, min(len(order), cfg.fisher_batches * bs), bs)]
+    return estimate_layer_fisher(teacher, batches, next_item_loss), f"estimated ({len(batches)} batches)"
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def _resume_log(path: Path, step: int) -> None:
+    """Keep the log rows up to the checkpoint's step (a resumed run rewrites what came after)."""
+    if not path.exists():
+        return
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    keep = [r for r in rows if r.get("step", 0) <= step and not r.get("final")]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    tmp.replace(path)
+
+
+def _config_diff(saved: dict, cfg: DistillConfig) -> list[str]:
+    now = cfg.model_dump(mode="json")
+    diff = [k for k in now if k != "train" and now[k] != saved.get(k)]
+    diff += [f"train.{k}" for k in now["train"] if k != "max_minutes" and now["train"][k] != saved["train"].get(k)]
+    return diff
+
+
+def distill(teacher: PreTrainedModel, student: PreTrainedModel, data: RecData, cfg: DistillConfig,
+            out_dir: str | Path, importance: dict | None = None, max_len: int | None = None,
+            progress: bool = True, resume: bool = False, max_steps: int | None = None) -> DistillResult:
+    """Train `student` (in place) against the frozen `teacher`; keep the best validation state.
+
+    `importance`: parsed importance.json (else `cfg.importance_file`, else estimated);
+    `resume`: continue from `out_dir/checkpoint.pt` if there is one; `max_steps`: stop after this
+    many optimisation steps in total (a checkpoint is written there, as at the time budget)."""
+    loss = get_loss(cfg.method)
+    check_compatible(teacher, student, data)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    max_len = max_len or recsys_meta(student).get("max_len") or recsys_meta(teacher).get("max_len") or 50
+    t = cfg.train
+    device = pick_device(t.device)
+    set_seed(t.seed)
+    teacher.to(device)
+    student.to(device)
+    windows = training_windows(data.train_sequences(), max_len)
+    if not windows:
+        raise CompressorError(f"{data.name}: no training windows")
+    steps_per_epoch = math.ceil(len(windows) / t.batch_size)
+    scores, fisher_source = (None, None)
+    if loss.fisher:
+        scores, fisher_source = teacher_fisher(teacher, cfg, importance, windows, max_len, device)
+    valid = data.split("valid")
+    ckpt_path, log_path = out / CHECKPOINT, out / LOG
+    with frozen(teacher), attention_implementation([teacher, student], "eager" if loss.attentions else None):
+        d = Distiller(teacher, student, cfg, data.vocab.num_special, len(windows), steps_per_epoch * t.epochs, scores)
+        rng = np.random.default_rng(t.seed)
+        stopper = EarlyStopping(t.patience)
+        st = {"epoch": 0, "batch": 0, "epoch_rng": rng.bit_generator.state, "best_state": None,
+              "best_metrics": {}, "best_step": 0, "elapsed": 0.0, "step_time": 0.0, "finished": False,
+              "stop_reason": "epochs", "last_eval_step": -1}
+        if resume and ckpt_path.exists():
+            ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+            if diff := _config_diff(ck["config"], cfg):
+                raise CompressorError(f"{ckpt_path}: written with a different config ({', '.join(diff)}); "
+                                      "use another --out or drop --resume")
+            d.load_state_dict(ck["distiller"])
+            stopper.load_state_dict(ck["stopper"])
+            torch.set_rng_state(ck["torch_rng"].cpu())
+            st.update(ck["loop"])
+            if not st["finished"]:
+                st["stop_reason"] = "epochs"  # a budget stop is lifted by resuming
+            _resume_log(log_path, d.step_n)
+        else:
+            log_path.write_text("")
+        dump_config(cfg, out / "distill_config.yaml")
+        log = log_path.open("a")
+
+        def validate(final: bool = False) -> None:
+            m = evaluate_model(student, valid, max_len).metrics
+            done = stopper.step(m["ndcg@10"]) if not final else False
+            better = stopper.improved if not final else m["ndcg@10"] > stopper.best
+            if better:
+                st["best_state"] = {k: v.detach().clone() for k, v in student.state_dict().items()}
+                st["best_metrics"], st["best_step"] = m, d.step_n
+                if final:
+                    stopper.best = m["ndcg@10"]
+            st["last_eval_step"] = d.step_n
+            log.write(json.dumps({"step": d.step_n, "epoch": st["epoch"], "valid": m, "best": better,
+                                  **({"final": True} if final else {})}) + "\n")
+            log.flush()
+            if done:
+                st["finished"], st["stop_reason"] = True, "early stopping"
+
+        def checkpoint() -> None:
+            _atomic_save({"config": cfg.model_dump(mode="json"), "method": cfg.method, "distiller": d.state_dict(),
+                          "stopper": stopper.state_dict(), "torch_rng": torch.get_rng_state(), "loop": dict(st),
+                          "layer_map": d.layer_map, "fisher_scores": None if scores is None else scores.tolist()},
+                         ckpt_path)
+
+        start = time.time() - st["elapsed"]
+        if d.step_n == 0 and st["last_eval_step"] < 0 and cfg.eval_at_start:
+            validate()
+        bar = tqdm(total=steps_per_epoch * t.epochs, initial=d.step_n, desc=f"distill {cfg.method}",
+                   unit="step", disable=not progress)
+        while not st["finished"] and st["epoch"] < t.epochs:
+            rng.bit_generator.state = st["epoch_rng"]
+            order = rng.permutation(len(windows))
+            for b in range(st["batch"], steps_per_epoch):
+                if (time.time() - start) / 60 > t.max_minutes:
+                    st["stop_reason"] = "time budget"
+                    break
+                if max_steps is not None and d.step_n >= max_steps:
+                    st["stop_reason"] = "step limit"
+                    break
+                row = d.step(*batch_tensors(windows, order[b * t.batch_size : (b + 1) * t.batch_size], max_len, device))
+                st["step_time"] += row["step_seconds"]
+                st["batch"] = b + 1
+                log.write(json.dumps({**row, "epoch": st["epoch"] + st["batch"] / steps_per_epoch}) + "\n")
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", best=f"{stopper.best:.4f}")
+                if cfg.checkpoint_every and d.step_n % cfg.checkpoint_every == 0:
+                    st["elapsed"] = time.time() - start
+                    checkpoint()
+            if st["stop_reason"] in BUDGET_STOPS:
+                break
+            st["epoch"], st["batch"], st["epoch_rng"] = st["epoch"] + 1, 0, rng.bit_generator.state
+            if st["epoch"] % t.eval_every == 0 or st["epoch"] == t.epochs:
+                validate()
+            st["elapsed"] = time.time() - start
+            checkpoint()
+        bar.close()
+        st["elapsed"] = time.time() - start
+        if st["stop_reason"] in BUDGET_STOPS:
+            checkpoint()  # before the closing validation, so a resume replays exactly this run
+            if st["last_eval_step"] != d.step_n:
+                validate(final=True)
+        else:
+            st["finished"] = True
+            checkpoint()
+        log.close()
+    if st["best_state"] is not None:
+        student.load_state_dict(st["best_state"])
+    student.eval()
+    steps = d.step_n
+    result = DistillResult(
+        method=cfg.method, best_valid=st["best_metrics"], best_step=st["best_step"], steps=steps,
+        epochs=st["epoch"] + st["batch"] / steps_per_epoch, seconds=st["elapsed"],
+        seconds_per_step=st["step_time"] / max(1, steps), stop_reason=st["stop_reason"], layer_map=d.layer_map,
+        layer_weights=d.weights.w.tolist(), fisher_source=fisher_source, log_path=log_path,
+        model_dir=out / STUDENT_DIR, model=student,
+    )
+    summary = {**result.to_json(), "config": cfg.model_dump(mode="json"),
+               "fisher_scores": None if scores is None else scores.tolist(),
+               "weights_history": d.weights.history, "train_windows": len(windows), "max_len": max_len}
+    set_recsys_meta(student, kind="student", max_len=max_len, distilled_with=cfg.method)
+    save_model(student, data.vocab, out / STUDENT_DIR, {"distill_summary.json": summary})
+    tmp = out / (RESULT + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=2, default=str))
+    tmp.replace(out / RESULT)
+    return result

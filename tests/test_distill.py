@@ -1,0 +1,292 @@
+"""Distillation: every loss on tiny models, Fisher weights and their EMA, the trainer, resume, CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from compressor.cli import main
+from compressor.data import prepare, training_windows
+from compressor.distill import (
+    LOSSES,
+    DistillConfig,
+    Distiller,
+    LayerWeights,
+    distill,
+    mapped_weights,
+    read_fisher_scores,
+    resolve_layer_map,
+    uniform_map,
+)
+from compressor.distill.step import attention_implementation
+from compressor.distill.trainer import batch_tensors
+from compressor.errors import CompressorError
+from compressor.modeling import load_model, save_model, set_recsys_meta
+from compressor.teacher import TrainConfig, build_teacher
+from compressor.truncate import truncate
+from tests.conftest import tiny_interactions, tiny_teacher_config
+
+MAX_LEN = 20
+FAST = TrainConfig(epochs=2, batch_size=64, lr=2e-3, warmup_steps=2, patience=5, max_minutes=2)
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_teacher_dir):
+    model, _ = load_model(tiny_teacher_dir)
+    return model
+
+
+@pytest.fixture(scope="module")
+def windows(tiny_data):
+    return training_windows(tiny_data.train_sequences(), MAX_LEN)
+
+
+def make_distiller(teacher, student, method, windows, **cfg):
+    cfg = DistillConfig(method=method, train=FAST, **cfg)
+    d = Distiller(teacher, student, cfg, 1, len(windows), 100, np.arange(1, 5, dtype=float))
+    return d
+
+
+def batch(windows, n=16, start=0):
+    return batch_tensors(windows, np.arange(start, start + n), MAX_LEN, "cpu")
+
+
+@pytest.mark.parametrize("method", list(LOSSES))
+def test_each_loss_is_finite_and_trains_only_the_student(teacher, windows, method):
+    student = truncate(teacher, [0, 2])
+    teacher.zero_grad(set_to_none=True)
+    loss = LOSSES[method]
+    with attention_implementation([teacher, student], "eager" if loss.attentions else None):
+        d = make_distiller(teacher, student, method, windows)
+        teacher.eval().requires_grad_(False)
+        try:
+            total, terms, _ = d.compute(*batch(windows))
+            assert torch.isfinite(total) and all(np.isfinite(v) for v in terms.values()), terms
+            total.backward()
+        finally:
+            teacher.requires_grad_(True)
+    assert all(p.grad is None for p in teacher.parameters())
+    grads = [p.grad for p in student.parameters() if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert set(terms) >= {"task"}
+
+
+@pytest.mark.parametrize("method", [m for m in LOSSES if m != "finetune"])
+def test_matching_terms_vanish_for_an_exact_teacher_copy(teacher, windows, method):
+    """Student = all teacher layers, identity map: every teacher-matching term is ~0 (the
+    task loss is not: it is the teacher's own CE)."""
+    student = truncate(teacher, list(range(teacher.config.num_hidden_layers))).eval()
+    loss = LOSSES[method]
+    with attention_implementation([teacher, student], "eager" if loss.attentions else None), torch.no_grad():
+        d = make_distiller(teacher, student, method, windows)
+        teacher.eval()
+        student.eval()  # the same mode as the teacher, so the two forwards are identical
+        _, terms, task = d.compute(*batch(windows))
+    assert task > 1.0
+    for name, value in terms.items():
+        if name != "task":
+            assert abs(value) < 1e-5, (name, value)
+
+
+def test_source_mapping_matches_the_layers_a_student_came_from(teacher, windows):
+    """A truncated student's layers equal their teacher layers until the first dropped one:
+    with the source mapping their layer losses start at 0."""
+    student = truncate(teacher, [0, 1]).eval()
+    assert resolve_layer_map("source", student, teacher) == [0, 1]
+    assert resolve_layer_map("uniform", student, teacher) == [1, 3]
+    d = make_distiller(teacher, student, "uniform_ld", windows)
+    with torch.no_grad():
+        teacher.eval()
+        sf = d.s_req, d.t_req
+        assert sf[1].layers == frozenset([0, 1])
+        _, terms, _ = d.compute(*batch(windows))
+    assert terms["layers"] < 1e-8 and terms["kd"] > 1e-3
+
+
+def test_layer_map_validation(teacher):
+    student = truncate(teacher, [0, 3])
+    assert uniform_map(4, 16) == [3, 7, 11, 15] and uniform_map(2, 16) == [7, 15]
+    with pytest.raises(CompressorError, match="out of range"):
+        resolve_layer_map([0, 4], student, teacher)
+    with pytest.raises(CompressorError, match="entries"):
+        resolve_layer_map([0], student, teacher)
+
+
+def test_fisher_scores_reader_and_weights(tmp_path):
+    doc = {"methods": {"fisher": {"scores": [4.0, 1.0, 1.0, 2.0], "weights": [0.5, 0.125, 0.125, 0.25]}}}
+    assert read_fisher_scores(doc, 4).tolist() == [4.0, 1.0, 1.0, 2.0]
+    (tmp_path / "importance.json").write_text(json.dumps(doc))
+    assert read_fisher_scores(tmp_path / "importance.json", 4)[0] == 4.0
+    assert read_fisher_scores([1, 2], 2).tolist() == [1.0, 2.0]
+    with pytest.raises(CompressorError, match="4 Fisher scores for a teacher of 16"):
+        read_fisher_scores(doc, 16)
+    with pytest.raises(CompressorError, match="no Fisher scores"):
+        read_fisher_scores({"methods": {"gradient": {"scores": [1]}}}, 1)
+    # weights of the mapped layers, renormalised; the depth bias favours the deeper one
+    assert np.allclose(mapped_weights(np.array([4.0, 1.0, 1.0, 2.0]), [0, 3]), [2 / 3, 1 / 3])
+    biased = mapped_weights(np.array([1.0, 1.0]), [0, 1], depth_bias=1.0)
+    assert biased[1] > biased[0] and np.isclose(biased.sum(), 1)
+
+
+def test_ema_moves_weights_toward_the_current_estimate():
+    w = LayerWeights(np.array([0.5, 0.5]), eta=0.2)
+    assert np.allclose(w.update(np.array([3.0, 1.0])), [0.55, 0.45])  # current normalised to [.75, .25]
+    for _ in range(60):
+        w.update(np.array([3.0, 1.0]))
+    assert np.allclose(w.w, [0.75, 0.25], atol=1e-4)
+    assert len(w.history) == 62
+
+
+def test_dynamic_weights_follow_the_students_fisher(teacher, windows):
+    student = truncate(teacher, [0, 3])
+    d = make_distiller(teacher, student, "fisher_ld", windows, ema_every=1, ema_eta=0.5)
+    start = d.weights.w.copy()
+    assert np.allclose(start, [1 / 5, 4 / 5])  # scores 1..4 of the mapped layers 0 and 3
+    teacher.eval().requires_grad_(False)
+    try:
+        rows = [d.step(*batch(windows, start=i * 16, n=16)) for i in range(3)]
+    finally:
+        teacher.requires_grad_(True)
+    assert all("weights" in r for r in rows) and len(d.weights.history) == 4
+    assert not np.allclose(d.weights.w, start) and np.isclose(d.weights.w.sum(), 1)
+    static = make_distiller(teacher, truncate(teacher, [0, 3]), "fisher_ld_static", windows, ema_every=1)
+    teacher.requires_grad_(False)
+    try:
+        static.step(*batch(windows, n=16))
+    finally:
+        teacher.requires_grad_(True)
+    assert np.allclose(static.weights.w, start)
+
+
+def test_a_few_steps_lower_the_loss(teacher, windows):
+    student = truncate(teacher, [0, 3])
+    d = make_distiller(teacher, student, "fisher_ld", windows)
+    d.opt.param_groups[0]["lr"] = d.opt.param_groups[1]["lr"] = 5e-3
+    d.sched.base_lrs = [5e-3, 5e-3]
+    b = batch(windows, n=64)
+    teacher.eval().requires_grad_(False)
+    try:
+        with torch.no_grad():
+            before = float(d.compute(*b)[0])
+        rows = [d.step(*b) for _ in range(10)]
+        with torch.no_grad():
+            student.eval()
+            after = float(d.compute(*b)[0])
+    finally:
+        teacher.requires_grad_(True)
+    assert after < before * 0.95, (before, after)
+    assert rows[-1]["l2"] > 0  # the decoupled L2-SP term is tracked
+
+
+def test_decoupled_l2_pulls_the_student_back_to_where_it_started(teacher, windows):
+    student = truncate(teacher, [0, 3])
+    d = make_distiller(teacher, student, "uniform_ld", windows, lam=0.5)
+    p = d.student_params[3]
+    start = p.detach().clone()
+    with torch.no_grad():
+        p.add_(1.0)
+    value = d.apply_decoupled_l2(lr=1.0)
+    assert value == pytest.approx(p.numel(), rel=1e-4) or value >= p.numel()
+    assert torch.allclose(p, start + 0.5, atol=1e-6)
+    as_loss = make_distiller(teacher, truncate(teacher, [0, 3]), "uniform_ld", windows, l2_mode="loss")
+    teacher.eval()
+    with torch.no_grad():
+        assert "l2" in as_loss.compute(*batch(windows, n=8))[1] and not as_loss.decoupled_l2
+
+
+def test_hidden_size_mismatch_uses_trained_adapters(teacher, tiny_data, tmp_path):
+    cfg = copy.deepcopy(teacher.config)
+    cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers = 16, 32, 2
+    torch.manual_seed(0)
+    student = AutoModelForCausalLM.from_config(cfg)
+    set_recsys_meta(student, kind="student", max_len=MAX_LEN)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    r = distill(teacher, student, tiny_data, DistillConfig(method="tinybert", train=FAST), tmp_path / "o",
+                progress=False, max_steps=3)
+    assert r.layer_map == [1, 3] and r.steps == 3  # no teacher_layers in the meta: uniform spacing
+    ck = torch.load(tmp_path / "o" / "checkpoint.pt", weights_only=False)
+    assert any(not torch.equal(v, before[k]) for k, v in ck["distiller"]["student"].items())
+    assert any(k.endswith("weight") for k in ck["distiller"]["adapters"])  # Linear 16 -> 32, trained
+    saved, _ = load_model(r.model_dir)
+    assert not any("adapter" in k for k in saved.state_dict())
+
+
+def test_distill_end_to_end_writes_student_log_and_checkpoint(teacher, tiny_data, tmp_path):
+    t_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student = truncate(teacher, [0, 3])
+    cfg = DistillConfig(method="fisher_ld", train=FAST, ema_every=3)
+    r = distill(teacher, student, tiny_data, cfg, tmp_path / "run", progress=False)
+    assert r.steps == 2 * int(np.ceil(len(training_windows(tiny_data.train_sequences(), MAX_LEN)) / 64))
+    assert r.stop_reason == "epochs" and r.fisher_source.startswith("estimated")
+    assert 0 <= r.best_valid["ndcg@10"] <= 1 and r.seconds_per_step > 0
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in t_before.items())  # teacher untouched
+    rows = [json.loads(x) for x in r.log_path.read_text().splitlines()]
+    assert rows[0]["step"] == 0 and "valid" in rows[0]  # the untouched student is validated too
+    assert any("weights" in x for x in rows) and sum("valid" in x for x in rows) == 3
+    model, vocab = load_model(r.model_dir)
+    meta = model.config.recsys
+    assert meta["distilled_with"] == "fisher_ld" and meta["teacher_layers"] == [0, 3] and vocab.size == model.config.vocab_size
+    assert (tmp_path / "run" / "checkpoint.pt").exists() and (tmp_path / "run" / "result.json").exists()
+
+
+def test_resume_continues_from_the_saved_step(teacher, tiny_data, tmp_path):
+    cfg = DistillConfig(method="uniform_ld", train=FAST, cache_teacher=False)
+    full = truncate(teacher, [0, 3])
+    r_full = distill(teacher, full, tiny_data, cfg, tmp_path / "a", progress=False)
+
+    part = truncate(teacher, [0, 3])
+    r1 = distill(teacher, part, tiny_data, cfg, tmp_path / "b", progress=False, max_steps=3)
+    assert r1.steps == 3 and r1.stop_reason == "step limit"
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["distiller"]["step"] == 3
+    resumed = truncate(teacher, [0, 3])  # a fresh process would load the student again
+    r2 = distill(teacher, resumed, tiny_data, cfg, tmp_path / "b", progress=False, resume=True)
+    assert r2.steps == r_full.steps and r2.stop_reason == "epochs"
+    steps = [json.loads(x)["step"] for x in r2.log_path.read_text().splitlines() if "loss" in x]
+    assert steps == list(range(1, r_full.steps + 1))  # no step repeated or lost
+    for a, b in zip(full.parameters(), resumed.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert r2.best_valid["ndcg@10"] == pytest.approx(r_full.best_valid["ndcg@10"], abs=1e-6)
+    with pytest.raises(CompressorError, match="different config"):
+        distill(teacher, truncate(teacher, [0, 3]), tiny_data, cfg.model_copy(update={"lam": 0.5}),
+                tmp_path / "b", progress=False, resume=True)
+
+
+def test_bad_inputs_raise(teacher, tiny_data, tmp_path):
+    with pytest.raises(ValueError, match="unknown distillation method"):
+        DistillConfig(method="nope")
+    other = copy.deepcopy(teacher.config)
+    other.vocab_size = teacher.config.vocab_size + 5
+    with pytest.raises(CompressorError, match="different item vocabularies"):
+        distill(teacher, AutoModelForCausalLM.from_config(other), tiny_data, DistillConfig(train=FAST), tmp_path)
+    with pytest.raises(CompressorError, match="out of range"):
+        distill(teacher, truncate(teacher, [0, 3]), tiny_data, DistillConfig(layer_map=[0, 9], train=FAST), tmp_path)
+
+
+def test_cli_distill_and_its_errors(tiny_teacher_dir, tmp_path, capsys):
+    inter = tiny_interactions()
+    inter.events.rename(columns={"user": "userId", "item": "movieId"}).to_csv(tmp_path / "ratings.csv", index=False)
+    inter.items.rename(columns={"item": "movieId"}).to_csv(tmp_path / "movies.csv", index=False)
+    data = str(tmp_path)
+    teacher, vocab = load_model(tiny_teacher_dir)
+    save_model(truncate(teacher, [0, 3]), vocab, tmp_path / "student")
+    base = ["distill", "--teacher", str(tiny_teacher_dir), "--student", str(tmp_path / "student"), "--data", data]
+    ok = base + ["--method", "logit_kd", "--out", str(tmp_path / "out"), "train.epochs=1", "train.batch_size=128"]
+    assert main(ok) == 0
+    assert "logit_kd: student saved" in capsys.readouterr().out
+    assert main(base + ["--method", "nope", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown distillation method" in capsys.readouterr().err
+    (tmp_path / "bad.yaml").write_text("layer_map: [0, 7]\n")
+    assert main(base + ["--config", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "x")]) == 2
+    assert "out of range" in capsys.readouterr().err
+    # a student over another catalogue
+    d20 = prepare(tiny_interactions(20))
+    save_model(build_teacher(tiny_teacher_config(num_layers=2), d20.vocab), d20.vocab, tmp_path / "alien")
+    err = base[:4] + [str(tmp_path / "alien"), "--data", data, "--out", str(tmp_path / "x")]
+    assert main(err) == 2
+    assert "different item vocabularies" in capsys.readouterr().err
