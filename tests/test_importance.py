@@ -131,6 +131,7 @@ def test_fisher_is_the_accumulated_squared_per_sample_gradient(teacher, tiny_dat
     assert set(groups) >= {"self_attn", "mlp"}
     np.testing.assert_allclose(np.sum([groups[g] for g in groups], axis=0), got.scores, rtol=1e-6)
     assert all(p.grad is None for p in teacher.parameters())  # the estimator leaves no gradients behind
+    assert all(p.requires_grad for p in teacher.parameters())  # and restores requires_grad
 
 
 def test_fisher_weights_follow_the_paper():

@@ -198,7 +198,6 @@ def layer_param_groups(model: PreTrainedModel) -> list[dict[str, list[torch.nn.P
     for layer in decoder_parts(model).layers:
         groups: dict[str, list[torch.nn.Parameter]] = {}
         for name, p in layer.named_parameters():
-            if p.requires_grad:
-                groups.setdefault(name.split(".")[0], []).append(p)
+            groups.setdefault(name.split(".")[0], []).append(p)
         out.append(groups)
     return out

@@ -24,6 +24,7 @@ from compressor.importance.base import (
     next_item_ce,
     normalise,
 )
+from compressor.modeling import decoder_parts
 
 
 class FisherAccumulator:
@@ -74,12 +75,14 @@ def depth_bias_factors(num_layers: int, beta: float, delta: float) -> np.ndarray
 
 @contextlib.contextmanager
 def _gradients_on(model: PreTrainedModel):
-    """Eval mode (no dropout), layer parameters trainable, gradients cleared before and after."""
-    params = [p for p in model.parameters()]
+    """Eval mode (no dropout); only decoder-layer parameters need gradients (an LLM's embedding
+    gradient alone can be larger than all its layers'); gradients cleared before and after."""
+    params = list(model.parameters())
+    in_layers = {id(p) for p in decoder_parts(model).layers.parameters()}
     was_training, flags = model.training, [p.requires_grad for p in params]
     model.eval()
     for p in params:
-        p.requires_grad_(True)
+        p.requires_grad_(id(p) in in_layers)
         p.grad = None
     try:
         with torch.enable_grad():
