@@ -39,3 +39,16 @@ def tiny_teacher_dir(tmp_path_factory, tiny_data):
     out = tmp_path_factory.mktemp("teacher") / "teacher"
     train_teacher(tiny_data, tiny_teacher_config(), out)
     return out
+
+
+# --- exported artifact (shared by test_export, test_serving, test_retrieval, test_runtime) ----------
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact_dir(tmp_path_factory, tiny_teacher_dir, tiny_data):
+    """`tiny_teacher_dir` exported to an artifact directory (ONNX parity checked)."""
+    from compressor.export import ExportConfig, export_artifact
+
+    out = tmp_path_factory.mktemp("artifact") / "teacher"
+    export_artifact(tiny_teacher_dir, out, tiny_data, ExportConfig())
+    return out
