@@ -96,7 +96,8 @@ def report_md(payload: dict) -> str:
         f"Machine: {machine_md(payload['machine'])}; load average at the end {payload['load_average_1m_end']}. "
         "Load generator and servers share the machine, so compare ratios, not absolute times.", "",
         f"Settings: `{cfg['service']}` on {cfg['host']}, ONNX Runtime {cfg['ort_threads']} intra-op thread(s), "
-        f"Faiss {cfg['faiss_threads']} thread(s), extra env {cfg['env'] or 'none'}; Locust FastHttpUser without "
+        f"Faiss {cfg['faiss_threads']} thread(s), server environment "
+        f"`{' '.join(f'{k}={v}' for k, v in sorted(payload.get('server_env', {}).items()))}`; Locust FastHttpUser without "
         f"think time, {cfg['duration_s']:g} s per level, spawn rate {cfg['spawn_rate'] or 'all at once'}; "
         f"requests POST /recommend k={cfg['k']}, known users : explicit test-split histories = "
         f"{cfg['user_weight']}:{cfg['history_weight']} (payloads `{payload['payloads']}`).", "",

@@ -23,6 +23,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -36,7 +37,12 @@ from tqdm import tqdm
 
 from benchmarks.common import machine_info, save_figure, write_atomic, write_json
 from benchmarks.load_report import compare, level_stats, plot_levels, report_md
-from benchmarks.make_payloads import build_payloads, load_payloads, sequences_from_artifact
+from benchmarks.make_payloads import (
+    build_payloads,
+    load_payloads,
+    save_payloads,
+    sequences_from_artifact,
+)
 from benchmarks.processes import ProcessGroup, RssSampler, free_port, log_tail, tree_rss, wait_ready
 from compressor.artifact import load_manifest
 from compressor.errors import CompressorError
@@ -100,7 +106,7 @@ def serial_http(url: str, payloads: dict, n: int, k: int) -> dict:
             t0 = time.perf_counter()
             r = s.post(url + "/recommend", json=body, timeout=30)
             times.append((time.perf_counter() - t0) * 1e3)
-            errors += r.status_code != 200 or len(r.json().get("items", [])) != k
+            errors += r.status_code != 200 or len(r.json()["items"]) != k
     return {"requests": n, "errors": int(errors), "ms_p50": float(np.median(times)),
             "ms_p95": float(np.percentile(times, 95))}
 
@@ -232,13 +238,15 @@ def run(cfg: LoadTestConfig, out: str | Path) -> dict:
         payload_path, payloads = cfg.payloads, load_payloads(cfg.payloads)
     else:
         payloads = build_payloads(*sequences_from_artifact(cfg.student))
-        payload_path = write_json(out / "payloads.json", payloads)
+        payload_path = save_payloads(payloads, out / "payloads.json")
     info = machine_info()
     services = {}
     with tqdm(total=len(ROLES) * len(cfg.users), desc="load test", unit="level") as bar:
         for role in ROLES:
             services[role] = run_service(cfg, role, getattr(cfg, role), payload_path, payloads, out, bar)
-    payload = {"config": cfg.model_dump(mode="json"), "machine": info,
+    server_env = {k: v for k, v in service_env(cfg, cfg.student).items()
+                  if k.startswith(("RECSYS_", "OMP_")) and k != "RECSYS_ARTIFACT_DIR"}
+    payload = {"config": cfg.model_dump(mode="json"), "machine": info, "server_env": server_env,
                "load_average_1m_end": round(os.getloadavg()[0], 2), "payloads": str(payload_path),
                "services": services, "comparison": compare(services["teacher"], services["student"])}
     write_json(out / "load_test.json", payload)
@@ -253,6 +261,10 @@ def _duration(text: str) -> float:
         return float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
     except (ValueError, IndexError) as e:
         raise argparse.ArgumentTypeError(f"duration like 20s, 2m or 20, got {text!r}") from e
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -280,7 +292,11 @@ def main(argv: list[str] | None = None) -> int:
                              spawn_rate=args.spawn_rate, ort_threads=args.ort_threads, env=env,
                              payloads=args.payloads, user_weight=args.user_weight,
                              history_weight=args.history_weight, ready_timeout_s=args.ready_timeout)
-        payload = run(cfg, args.out)
+        previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM cleans up like Ctrl-C
+        try:
+            payload = run(cfg, args.out)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     except ValueError as e:  # includes pydantic's ValidationError and a bad --env / --users
         msg = e.errors()[0]["msg"] if isinstance(e, ValidationError) else str(e)
         print(f"error: {msg}", file=sys.stderr)

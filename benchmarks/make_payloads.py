@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import write_json
+from benchmarks.common import write_atomic
 from compressor.errors import ArtifactError, CompressorError
 
 FORMAT = "recsys-locust-payloads/1"
@@ -69,6 +69,14 @@ def build_payloads(sequences: dict[str, list], source: str, n_users: int = 500, 
     }
 
 
+def save_payloads(payload: dict, path: str | Path) -> Path:
+    """JSON with one history per line: compact, yet diffs and greps stay readable."""
+    head = {k: v for k, v in payload.items() if k != "histories"}
+    body = json.dumps(head)[:-1] + ', "histories": [\n'
+    body += ",\n".join(json.dumps(h) for h in payload["histories"]) + "\n]}\n"
+    return write_atomic(path, body)
+
+
 def load_payloads(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -100,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     except CompressorError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    write_json(args.out, payload)
+    save_payloads(payload, args.out)
     print(f"wrote {args.out}: {len(payload['user_ids'])} user ids, {len(payload['histories'])} histories")
     return 0
 

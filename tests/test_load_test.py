@@ -5,6 +5,7 @@ validation) on their own."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -160,15 +161,46 @@ def test_locustfile_counts_wrong_answers_as_failures(tmp_path):
     env = {"RECSYS_PAYLOADS": str(tmp_path / "p.json"), "RECSYS_LATENCY_FILE": str(tmp_path / "lat.npy"),
            "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
     try:
-        subprocess.run([sys.executable, "-m", "locust", "-f", str(ROOT / "benchmarks" / "locustfile.py"),
-                        "--headless", "-u", "1", "-r", "1", "-t", "2s", "--host", f"http://127.0.0.1:{port}",
-                        "--json-file", str(tmp_path / "stats"), "--only-summary", "--loglevel", "WARNING"],
-                       env=env, cwd=ROOT, timeout=60, capture_output=True)
+        done = subprocess.run([sys.executable, "-m", "locust", "-f", str(ROOT / "benchmarks" / "locustfile.py"),
+                               "--headless", "-u", "1", "-r", "1", "-t", "4s", "--host", f"http://127.0.0.1:{port}",
+                               "--json-file", str(tmp_path / "stats"), "--only-summary", "--loglevel", "WARNING"],
+                              env=env, cwd=ROOT, timeout=60, capture_output=True, text=True)
     finally:
         server.shutdown()
     stats = level_stats(json.loads((tmp_path / "stats.json").read_text()), np.load(tmp_path / "lat.npy"),
                         json.loads((tmp_path / "lat.errors.json").read_text()))
-    assert stats["requests"] > 6
+    assert stats["requests"] > 6, done.stderr[-3000:]
     assert stats["failures"] == pytest.approx(stats["requests"] * 2 / 3, abs=2)  # short and 500 both count
     assert any("9 items, expected 10" in msg for msg in stats["errors"])
     assert any("HTTP 500" in msg for msg in stats["errors"])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_stops_every_process(tiny_artifact, tmp_path, sig):
+    """Ctrl-C or SIGTERM in the middle of a load level: servers and Locust are stopped, exit 130."""
+    runner = subprocess.Popen([sys.executable, "-m", "benchmarks.load_test", "--teacher", str(tiny_artifact),
+                               "--student", str(tiny_artifact), "--users", "1", "--duration", "60s",
+                               "--out", str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    family: set[int] = set()
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # wait until Locust is loading the teacher's server
+            kids = psutil.Process(runner.pid).children(recursive=True)
+            family |= {k.pid for k in kids}
+            if any("locust" in " ".join(k.cmdline()) for k in kids if k.is_running()):
+                break
+            assert runner.poll() is None, runner.stderr.read().decode()[-2000:]
+            time.sleep(0.3)
+        else:
+            pytest.fail("the load never started")
+        time.sleep(1)
+        family |= {k.pid for k in psutil.Process(runner.pid).children(recursive=True)}
+        runner.send_signal(sig)
+        assert runner.wait(timeout=60) == 130
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+    time.sleep(0.5)
+    alive = [p for p in family if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert not alive, [psutil.Process(p).cmdline() for p in alive]
+    assert not (tmp_path / "load_test.json").exists()  # no report from an interrupted run
