@@ -257,7 +257,9 @@ def plot(p: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw={"width_ratios": [1, 2]})
+    n_sets = len({tuple(r["layers"]) for r in p["students"]})
+    fig, (a, b) = plt.subplots(2, 1, figsize=(11, 4 + 0.32 * n_sets),
+                               gridspec_kw={"height_ratios": [3, max(3, 0.32 * n_sets)]})
     rho = {m: r for m, r in p["spearman_vs_ablation"].items() if m != "ablation" and r is not None}
     a.bar(list(rho), list(rho.values()), color=["tab:red" if m == "fisher" else "tab:blue" for m in rho])
     a.axhline(FISHER_TARGET, color="gray", linestyle="--", label=f"target {FISHER_TARGET}")
@@ -265,7 +267,7 @@ def plot(p: dict, path: Path) -> None:
     a.set_ylim(-1, 1)
     a.set_ylabel("Spearman correlation with ablation")
     a.set_title("Estimators vs ablation")
-    a.tick_params(axis="x", rotation=45)
+    a.tick_params(axis="x", rotation=20)
     a.legend()
     groups: dict[tuple, list[dict]] = {}
     for r in p["students"]:
@@ -274,7 +276,8 @@ def plot(p: dict, path: Path) -> None:
     y = np.arange(len(rows))
     colors = ["tab:gray" if any(r["kind"] == "baseline" for r in g) else
               "tab:red" if any(r["name"].endswith("/fisher") for r in g) else "tab:blue" for g in rows]
-    b.barh(y, [g[0]["ndcg@10"] for g in rows], xerr=[g[0]["se"] for g in rows], color=colors)
+    b.barh(y, [g[0]["ndcg@10"] for g in rows], xerr=[g[0]["se"] for g in rows], color=colors,
+           error_kw={"ecolor": "dimgray", "capsize": 2, "elinewidth": 0.8})
     b.set_yticks(y)
 
     def label(g: list[dict]) -> str:
@@ -291,6 +294,7 @@ def plot(p: dict, path: Path) -> None:
     b.set_xlabel("test NDCG@10 (no distillation)")
     b.set_title(f"{p['keep']}-of-{p['num_layers']}-layer students")
     b.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
     save_figure(fig, path)
 
 
