@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,6 +47,16 @@ class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field("ml-latest-small", description="bundled name, downloadable MovieLens name, or a path")
     format: str = Field("auto", description="auto, ml-latest, ml-100k, ml-1m or generic")
+    max_users: int | None = Field(None, ge=3, description="keep only the first N users (by id): quick runs")
+
+    def load(self, vocab=None) -> RecData:
+        from compressor.data import load_interactions
+
+        inter = load_interactions(self.name, self.format)
+        if self.max_users is not None:
+            users = sorted(inter.events["user"].unique())[: self.max_users]
+            inter.events = inter.events[inter.events["user"].isin(users)].reset_index(drop=True)
+        return prepare(inter, vocab=vocab)
 
 
 class TeacherStage(TeacherConfig):
@@ -133,7 +142,7 @@ class Context:
             from compressor.data import ItemVocab
 
             vocab = ItemVocab.load(self.output("teacher", "model")) if "teacher" in self.records else None
-            self._data = prepare(self.cfg.data.name, self.cfg.data.format, vocab=vocab)
+            self._data = self.cfg.data.load(vocab)
         return self._data
 
     @property
@@ -223,7 +232,7 @@ def stage_teacher(ctx: Context) -> tuple[dict, dict]:
         return {"model": str(src)}, {"max_len": meta.get("max_len", tcfg.max_len),
                                      "num_layers": model.config.num_hidden_layers, "given": True,
                                      "seconds_per_epoch": summary.get("seconds_per_epoch")}
-    data = prepare(ctx.cfg.data.name, ctx.cfg.data.format)
+    data = ctx.cfg.data.load()
     ctx._data = data
     out = ctx.path("models/teacher")
     model, summary = train_teacher(data, TeacherConfig(**tcfg.model_dump(exclude={"path"})), out)
@@ -273,9 +282,7 @@ def stage_truncate(ctx: Context) -> tuple[dict, dict]:
 
 
 def stage_prune(ctx: Context) -> tuple[dict, dict]:
-    from compressor.prune import prune_dir
-
-    from compressor.prune import REPORT_FILE
+    from compressor.prune import REPORT_FILE, prune_dir
 
     out = prune_dir(ctx.output("truncate", "model"), ctx.path("models/pruned"), ctx.cfg.prune, ctx.data)
     report = json.loads((out / REPORT_FILE).read_text())
@@ -325,7 +332,12 @@ def stage_evaluate(ctx: Context) -> tuple[dict, dict]:
     """Test metrics of every model the run made, the baselines, the served ONNX graphs, and
     paired bootstraps of the student against the teacher and the truncated floor."""
     from compressor.baselines import evaluate_baseline
-    from compressor.evaluate import artifact_scorer, evaluate_model, evaluate_scorer, paired_bootstrap
+    from compressor.evaluate import (
+        artifact_scorer,
+        evaluate_model,
+        evaluate_scorer,
+        paired_bootstrap,
+    )
     from compressor.modeling import count_parameters, load_model
 
     test = ctx.data.split("test")

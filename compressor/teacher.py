@@ -64,6 +64,9 @@ class TeacherConfig(BaseModel):
     dropout: float = Field(0.2, ge=0, lt=1)
     tie_embeddings: bool = True
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    pretrained: str | None = Field(
+        None, description="a local pretrained HF causal LM to adapt to the item vocabulary and fine-tune "
+        "(its own sizes replace architecture/hidden_size/num_layers/...; see configs/pretrained_llm.yaml)")
     train: TrainConfig = TrainConfig()
 
 
@@ -174,10 +177,16 @@ def train_recommender(
 
 def train_teacher(data: RecData, cfg: TeacherConfig, out: str | Path) -> tuple[PreTrainedModel, dict]:
     """Build, train and save the teacher; returns the model and its training summary."""
-    model = build_teacher(cfg, data.vocab, cfg.train.seed)
+    if cfg.pretrained:
+        from compressor.pretrained import adapt_llm
+
+        set_seed(cfg.train.seed)
+        model = adapt_llm(cfg.pretrained, data, cfg.max_len)
+    else:
+        model = build_teacher(cfg, data.vocab, cfg.train.seed)
     summary = train_recommender(model, data, cfg.max_len, cfg.train, desc="teacher")
     summary.update(
-        architecture=cfg.architecture, parameters=count_parameters(model), data=data.name,
+        architecture=model.config.model_type, parameters=count_parameters(model), data=data.name,
         data_fingerprint=data.interactions.fingerprint(), config=cfg.model_dump(),
     )
     set_recsys_meta(model, max_len=cfg.max_len, kind="teacher")

@@ -1,0 +1,107 @@
+"""The whole job on the smoke config: artifacts, report, skipping, resuming, damaged run dirs."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from compressor.artifact import verify_artifact
+from compressor.cli import main
+from compressor.config import load_config
+from compressor.errors import ArtifactError, CompressorError
+from compressor.pipeline import STAGES, RunConfig, run
+
+SMOKE = Path(__file__).resolve().parent.parent / "configs" / "smoke.yaml"
+# A smaller slice than the smoke config's full data keeps the suite quick; the code path is the same.
+FAST = ["data.max_users=150", "evaluate.bootstrap_resamples=200"]
+
+
+def _cfg(*overrides: str) -> RunConfig:
+    return load_config(RunConfig, SMOKE, [*FAST, *overrides])
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run") / "smoke"
+    records = run(_cfg(), run_dir, log=lambda m: None)
+    return run_dir, records
+
+
+def test_smoke_run_writes_verified_artifacts_and_a_measured_report(smoke_run):
+    run_dir, records = smoke_run
+    assert set(records) == set(STAGES)
+    teacher, student = verify_artifact(run_dir / "teacher"), verify_artifact(run_dir / "student")
+    assert student["num_layers"] == 2 and teacher["num_layers"] == 4
+    assert student["parameters"] < teacher["parameters"]  # layers dropped and heads/channels pruned
+    assert "model.int8.onnx" in student["onnx_files"]
+    assert student["parity"]["model.onnx"]["max_abs_diff"] <= 1e-4
+    report = json.loads((run_dir / "report.json").read_text())
+    metrics = report["evaluation"]["metrics"]
+    assert {"teacher", "truncated", "pruned", "student", "mostpop", "student:model.int8.onnx"} <= set(metrics)
+    # The exported float graph ranks exactly as the PyTorch student does.
+    assert metrics["student:model.onnx"]["ndcg@10"] == pytest.approx(metrics["student"]["ndcg@10"], abs=1e-3)
+    assert report["speed"]["vs_teacher"]["student"]["batch_1"]["latency_speedup"] > 0
+    md = (run_dir / "report.md").read_text()
+    assert "Teacher vs student" in md and "Export parity" in md
+    for png in ("quality_vs_size.png", "latency_vs_size.png", "importance_by_method.png", "stage_times.png"):
+        assert (run_dir / png).stat().st_size > 1000
+
+
+def test_rerun_skips_finished_stages_and_a_changed_stage_reruns_downstream(smoke_run):
+    run_dir, first = smoke_run
+    again = run(_cfg(), run_dir, log=lambda m: None)
+    assert all(r.skipped for r in again.values())
+    changed = run(_cfg("speed.rounds=1"), run_dir, log=lambda m: None)
+    assert not changed["speed"].skipped and not changed["report"].skipped
+    assert changed["distill"].skipped and changed["export"].skipped
+
+
+def test_damaged_artifact_is_a_clear_error_not_a_silent_reuse(smoke_run, tmp_path, capsys):
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(smoke_run[0], run_dir)
+    onnx = run_dir / "student" / "model.onnx"
+    onnx.write_bytes(onnx.read_bytes()[:-10])
+    with pytest.raises(ArtifactError, match="model.onnx"):
+        run(_cfg(), run_dir, log=lambda m: None)
+    code = main(["run", "--config", str(SMOKE), "--out", str(run_dir), *FAST])
+    assert code == 2 and "--force export" in capsys.readouterr().err
+    # Forcing the damaged stage rebuilds it.
+    records = run(_cfg(), run_dir, log=lambda m: None, force=["export"])
+    assert not records["export"].skipped
+    verify_artifact(run_dir / "student")
+
+
+def test_killed_run_resumes_and_finishes(tmp_path):
+    run_dir = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "compressor.cli", "run", "--config", str(SMOKE), "--out", str(run_dir), *FAST]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not (run_dir / "stages" / "truncate.json").exists():
+            assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not (run_dir / "report.md").exists()
+    records = run(_cfg(), run_dir, log=lambda m: None)
+    assert records["teacher"].skipped and records["truncate"].skipped
+    assert not records["report"].skipped
+    verify_artifact(run_dir / "student")
+
+
+def test_bad_configs_are_one_line_errors(tmp_path):
+    with pytest.raises(CompressorError, match="teacher.num_layerz"):
+        load_config(RunConfig, SMOKE, ["teacher.num_layerz=3"])
+    with pytest.raises(CompressorError, match="unknown stage"):
+        run(_cfg(), tmp_path, force=["nope"])
+    with pytest.raises(CompressorError, match="keep"):
+        run(_cfg("selection.keep=4"), tmp_path / "bad", log=lambda m: None)
