@@ -17,7 +17,9 @@ from compressor.cli import main
 from compressor.data import left_pad
 from compressor.errors import CompressorError
 from compressor.export import (
+    ExportConfig,
     check_parity,
+    export_artifact,
     export_onnx,
     item_embeddings,
     ort_session,
@@ -26,6 +28,8 @@ from compressor.export import (
 )
 from compressor.modeling import QueryEncoder, count_parameters, load_model, set_recsys_meta
 from compressor.teacher import build_teacher
+from serving.artifact import load_artifact
+from serving.runtime import OnnxEncoder
 from tests.conftest import tiny_teacher_config
 
 
@@ -103,3 +107,15 @@ def test_gpt2_family_exports_with_parity(tiny_data, tmp_path):
     path = export_onnx(model, tmp_path / "gpt2.onnx", 20)
     parity = check_parity(path, model, parity_histories(tiny_data, 40, 20), 20, 1e-4, 0.99)
     assert parity["passed"], parity
+
+
+def test_quantized_artifact_is_checked_and_served(tiny_teacher_dir, tiny_data, tmp_path):
+    cfg = ExportConfig(quantize="int8", serve_quantized=True, parity_users=24, quantized_min_topk_agreement=0.5)
+    m = export_artifact(tiny_teacher_dir, tmp_path / "q", tiny_data, cfg).manifest
+    assert m["serve_model"] == "model.int8.onnx" and set(m["onnx_files"]) == {"model.onnx", "model.int8.onnx"}
+    q = m["parity"]["model.int8.onnx"]
+    assert q["atol"] is None and q["passed"] and 0.5 <= q["topk_agreement"] <= 1 and q["max_abs_diff"] > 0
+    assert m["parity"]["model.onnx"]["max_abs_diff"] <= 1e-4
+    a = load_artifact(tmp_path / "q")  # verifies every file first
+    assert a.onnx_path.name == "model.int8.onnx"
+    assert OnnxEncoder(a.onnx_path, 20).encode([[1, 2, 3]]).shape == (1, 32)
