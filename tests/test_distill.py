@@ -109,6 +109,24 @@ def test_source_mapping_matches_the_layers_a_student_came_from(teacher, windows)
     assert terms["layers"] < 1e-8 and terms["kd"] > 1e-3
 
 
+@pytest.mark.parametrize("method", ["minilm", "tinybert", "fisher_ld"])
+def test_gpt2_family(tiny_data, windows, method):
+    """GPT-2 names its parts differently (h, c_attn as a Conv1D holding q, k and v)."""
+    t = build_teacher(tiny_teacher_config("gpt2"), tiny_data.vocab)
+    set_recsys_meta(t, max_len=MAX_LEN)
+    student = truncate(t, [0, 3])
+    with attention_implementation([t, student], "eager" if LOSSES[method].attentions else None):
+        d = make_distiller(t, student, method, windows)
+        t.eval().requires_grad_(False)
+        total, terms, _ = d.compute(*batch(windows))
+        total.backward()
+        same = make_distiller(t, truncate(t, [0, 1, 2, 3]).eval(), method, windows)
+        with torch.no_grad():
+            _, copy_terms, _ = same.compute(*batch(windows))
+    assert torch.isfinite(total) and all(p.grad is None for p in t.parameters())
+    assert all(abs(v) < 1e-5 for k, v in copy_terms.items() if k != "task")
+
+
 def test_layer_map_validation(teacher):
     student = truncate(teacher, [0, 3])
     assert uniform_map(4, 16) == [3, 7, 11, 15] and uniform_map(2, 16) == [7, 15]
@@ -255,6 +273,16 @@ def test_resume_continues_from_the_saved_step(teacher, tiny_data, tmp_path):
     with pytest.raises(CompressorError, match="different config"):
         distill(teacher, truncate(teacher, [0, 3]), tiny_data, cfg.model_copy(update={"lam": 0.5}),
                 tmp_path / "b", progress=False, resume=True)
+
+
+def test_partial_train_section_keeps_the_distillation_defaults(tmp_path):
+    from compressor.config import load_config
+    from compressor.distill import DISTILL_TRAIN
+
+    (tmp_path / "c.yaml").write_text("method: pkd\ntrain:\n  epochs: 3\n")
+    cfg = load_config(DistillConfig, tmp_path / "c.yaml")
+    assert cfg.method == "pkd" and cfg.train.epochs == 3
+    assert cfg.train.lr == DISTILL_TRAIN.lr and cfg.train.max_minutes == DISTILL_TRAIN.max_minutes
 
 
 def test_bad_inputs_raise(teacher, tiny_data, tmp_path):

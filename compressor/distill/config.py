@@ -69,6 +69,12 @@ class DistillConfig(BaseModel):
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = at each validation")
     train: TrainConfig = DISTILL_TRAIN
 
+    @field_validator("train", mode="before")
+    @classmethod
+    def _distill_train_defaults(cls, v):
+        """A partial `train:` section overrides the distillation defaults, not the teacher's."""
+        return {**DISTILL_TRAIN.model_dump(), **v} if isinstance(v, dict) else v
+
     @field_validator("method")
     @classmethod
     def _known_method(cls, v: str) -> str:
