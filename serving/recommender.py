@@ -61,7 +61,9 @@ class RecommenderEngine:
         verify = os.environ.get("RECSYS_VERIFY_ARTIFACT", "1") not in ("0", "false", "no")
         artifact = load_artifact(directory, os.environ.get("RECSYS_MODEL_FILE") or None, verify=verify)
         encoder = OnnxEncoder.from_env(artifact.onnx_path, artifact.max_len)
-        index = ItemIndex(artifact.embeddings, artifact.bias, artifact.num_special, IndexConfig.from_env())
+        files = artifact.manifest["files"]
+        key = "".join(files[f]["sha256"][:12] for f in ("item_embeddings.npy", "item_bias.npy") if f in files)
+        index = ItemIndex(artifact.embeddings, artifact.bias, artifact.num_special, IndexConfig.from_env(), key)
         return cls(artifact, encoder, index)
 
     # -- requests -------------------------------------------------------------------------------

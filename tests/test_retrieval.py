@@ -67,3 +67,18 @@ def test_hnsw_recall_at_10_on_real_embeddings(tiny_artifact_dir, record_property
     print(f"HNSW recall@10 vs exact: {recall:.4f} over {len(queries)} users, {flat.num_items} items")
     assert all(len(a[0]) == 10 and not set(a[0].tolist()) & set(s.tolist()) for a, s in zip(approx, seen, strict=True))
     assert recall >= 0.95
+
+
+def test_hnsw_graph_is_cached_and_read_back(tmp_path):
+    rng = np.random.default_rng(2)
+    emb = rng.normal(size=(2001, 16)).astype(np.float32)
+    cfg = IndexConfig(hnsw_threshold=0, cache_dir=str(tmp_path))
+    first = ItemIndex(emb, cfg=cfg, cache_key="abc123")
+    (cached,) = list(tmp_path.iterdir())
+    stamp = cached.stat().st_mtime_ns
+    second = ItemIndex(emb, cfg=cfg, cache_key="abc123")
+    assert cached.stat().st_mtime_ns == stamp and second.index.hnsw.efSearch == cfg.ef_search
+    q = rng.normal(size=(4, 16)).astype(np.float32)
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(first.search(q, 10), second.search(q, 10), strict=True))
+    ItemIndex(emb, cfg=cfg, cache_key="other")  # other embeddings, other file
+    assert len(list(tmp_path.iterdir())) == 2
