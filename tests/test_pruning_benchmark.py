@@ -1,0 +1,41 @@
+"""benchmarks.pruning end to end on the tiny teacher: every output written, rows consistent."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks.pruning import PruningBenchConfig, main, run
+
+
+def test_tiny_run_writes_table_json_and_plot(tiny_teacher_dir, tmp_path):
+    from tests.conftest import tiny_interactions
+
+    inter = tiny_interactions()
+    data = tmp_path / "data"
+    data.mkdir()
+    inter.events.rename(columns={"user": "userId", "item": "movieId"}).to_csv(data / "ratings.csv", index=False)
+    inter.items.rename(columns={"item": "movieId"}).to_csv(data / "movies.csv", index=False)
+    cfg = PruningBenchConfig(kinds=["mlp"], ratios=[0.5], scorers=["magnitude"], recovery="finetune",
+                             recovery_epochs=1, sparsity=0.5, quantize=["int8"], fisher_samples=16,
+                             rounds=1, calls=2)
+    out = tmp_path / "bench"
+    payload = run(cfg, tiny_teacher_dir, data, out)
+    for name in ("pruning.md", "pruning.json", "pruning.png"):
+        assert (out / name).stat().st_size > 0
+    rows = {r["name"]: r for r in json.loads((out / "pruning.json").read_text())["rows"]}
+    assert set(rows) == {"float", "mlp50-magnitude", "mlp50-magnitude+finetune", "sparse50-fisher_weighted", "float int8"}
+    base, mlp, sparse = rows["float"], rows["mlp50-magnitude"], rows["sparse50-fisher_weighted"]
+    assert base["b1_ratio"] == 1.0 and base["b64_ratio"] == 1.0
+    assert mlp["params"] < base["params"] and mlp["units"] == "64->32"
+    assert sparse["params"] == base["params"] and sparse["nonzero_params"] < base["nonzero_params"]
+    assert abs(sparse["effective_ratio"] - 0.5) < 0.01
+    assert 0 <= rows["float int8"]["top10_agreement"] <= 1
+    assert rows["mlp50-magnitude+finetune"]["recovery"]["method"] == "finetune"
+    assert all(r["b64_ms"] > 0 and 0 <= r["ndcg@10"] <= 1 for r in rows.values())
+    assert "| float |" in (out / "pruning.md").read_text() and payload["test_users"] == 60
+
+
+def test_bad_ratio_is_one_line_exit_2(tmp_path, capsys):
+    assert main(["--model", str(tmp_path), "--out", str(tmp_path / "o"), "--ratios", "1.5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ratios" in err[0]
