@@ -224,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     data_args(p, required=False)
     p.add_argument("--quantize", choices=["int8", "fp16"], help="also write model.<mode>.onnx")
     p.add_argument("--config", help="YAML with ExportConfig fields")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. atol=1e-5 parity_users=512")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="other ExportConfig fields, e.g. --set atol=1e-5 --set parity_users=512")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("analyze", help="per-layer importance of a teacher (Fisher and the other estimators)")
