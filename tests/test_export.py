@@ -93,7 +93,7 @@ def test_cli_refuses_threshold_zero_and_keeps_old_artifact(tiny_artifact_dir, ti
     out = tmp_path / "art"
     shutil.copytree(tiny_artifact_dir, out)
     before = (out / "manifest.json").read_bytes()
-    rc = main(["export", str(tiny_teacher_dir), "atol=0", "parity_users=16", "--out", str(out)])
+    rc = main(["export", str(tiny_teacher_dir), "--out", str(out), "--set", "atol=0", "--set", "parity_users=16"])
     err = capsys.readouterr().err
     assert rc == 2 and "rejected" in err and "> atol 0" in err and "no artifact written" in err
     assert (out / "manifest.json").read_bytes() == before and verify_artifact(out)
