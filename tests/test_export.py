@@ -100,9 +100,12 @@ def test_cli_refuses_threshold_zero_and_keeps_old_artifact(tiny_artifact_dir, ti
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]  # nothing half-written beside it
 
 
-def test_gpt2_family_exports_with_parity(tiny_data, tmp_path):
-    """Learned absolute positions (GPT-2) must also be right under left padding."""
+def test_gpt2_family_exports_with_parity_eager_attention(tiny_data, tmp_path):
+    """Learned absolute positions (GPT-2) must also be right under left padding; eager attention
+    (the other exportable implementation) is traced here, sdpa by the fixture."""
     model = build_teacher(tiny_teacher_config("gpt2", num_layers=2), tiny_data.vocab).eval()
+    model.set_attn_implementation("eager")
+    assert model.config._attn_implementation == "eager"
     set_recsys_meta(model, max_len=20, kind="teacher")
     path = export_onnx(model, tmp_path / "gpt2.onnx", 20)
     parity = check_parity(path, model, parity_histories(tiny_data, 40, 20), 20, 1e-4, 0.99)
@@ -119,3 +122,11 @@ def test_quantized_artifact_is_checked_and_served(tiny_teacher_dir, tiny_data, t
     a = load_artifact(tmp_path / "q")  # verifies every file first
     assert a.onnx_path.name == "model.int8.onnx"
     assert OnnxEncoder(a.onnx_path, 20).encode([[1, 2, 3]]).shape == (1, 32)
+
+
+def test_unexportable_attention_is_refused(tiny_data, tmp_path):
+    model = build_teacher(tiny_teacher_config(num_layers=1), tiny_data.vocab)
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(CompressorError, match="does not export"):
+        export_onnx(model, tmp_path / "m.onnx", 20)
+    assert not (tmp_path / "m.onnx").exists()
