@@ -251,6 +251,10 @@ def test_distill_end_to_end_writes_student_log_and_checkpoint(teacher, tiny_data
     meta = model.config.recsys
     assert meta["distilled_with"] == "fisher_ld" and meta["teacher_layers"] == [0, 3] and vocab.size == model.config.vocab_size
     assert (tmp_path / "run" / "checkpoint.pt").exists() and (tmp_path / "run" / "result.json").exists()
+    # resuming a finished run trains nothing and keeps the Fisher scores and weights it had
+    again = distill(teacher, truncate(teacher, [0, 3]), tiny_data, cfg, tmp_path / "run", progress=False, resume=True)
+    assert again.steps == r.steps and again.fisher_source == r.fisher_source and again.fisher_seconds == 0
+    assert again.layer_weights == r.layer_weights and again.best_valid == r.best_valid
 
 
 def test_resume_continues_from_the_saved_step(teacher, tiny_data, tmp_path):

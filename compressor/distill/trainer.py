@@ -51,6 +51,7 @@ class DistillResult:
     layer_map: list[int]
     layer_weights: list[float]  # final w (uniform for methods without Fisher weights)
     fisher_source: str | None
+    fisher_seconds: float  # estimating the teacher's Fisher here (0 when read from importance.json)
     log_path: Path
     model_dir: Path
     model: PreTrainedModel | None = field(default=None, repr=False)
@@ -138,11 +139,19 @@ def distill(teacher: PreTrainedModel, student: PreTrainedModel, data: RecData, c
     if not windows:
         raise CompressorError(f"{data.name}: no training windows")
     steps_per_epoch = math.ceil(len(windows) / t.batch_size)
-    scores, fisher_source = (None, None)
-    if loss.fisher:
-        scores, fisher_source = teacher_fisher(teacher, cfg, importance, windows, max_len, device)
-    valid = data.split("valid")
     ckpt_path, log_path = out / CHECKPOINT, out / LOG
+    ck = torch.load(ckpt_path, map_location=device, weights_only=False) if resume and ckpt_path.exists() else None
+    if ck is not None and (diff := _config_diff(ck["config"], cfg)):
+        raise CompressorError(f"{ckpt_path}: written with a different config ({', '.join(diff)}); "
+                              "use another --out or drop --resume")
+    scores, fisher_source, fisher_seconds = None, None, 0.0
+    if loss.fisher and ck is not None:
+        scores, fisher_source = np.asarray(ck["fisher_scores"]), ck.get("fisher_source")
+    elif loss.fisher:
+        t0 = time.time()
+        scores, fisher_source = teacher_fisher(teacher, cfg, importance, windows, max_len, device)
+        fisher_seconds = time.time() - t0
+    valid = data.split("valid")
     with frozen(teacher), attention_implementation([teacher, student], "eager" if loss.attentions else None):
         d = Distiller(teacher, student, cfg, data.vocab.num_special, len(windows), steps_per_epoch * t.epochs, scores)
         rng = np.random.default_rng(t.seed)
@@ -150,11 +159,7 @@ def distill(teacher: PreTrainedModel, student: PreTrainedModel, data: RecData, c
         st = {"epoch": 0, "batch": 0, "epoch_rng": rng.bit_generator.state, "best_state": None,
               "best_metrics": {}, "best_step": 0, "elapsed": 0.0, "step_time": 0.0, "finished": False,
               "stop_reason": "epochs", "last_eval_step": -1}
-        if resume and ckpt_path.exists():
-            ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-            if diff := _config_diff(ck["config"], cfg):
-                raise CompressorError(f"{ckpt_path}: written with a different config ({', '.join(diff)}); "
-                                      "use another --out or drop --resume")
+        if ck is not None:
             d.load_state_dict(ck["distiller"])
             stopper.load_state_dict(ck["stopper"])
             torch.set_rng_state(ck["torch_rng"].cpu())
@@ -186,7 +191,8 @@ def distill(teacher: PreTrainedModel, student: PreTrainedModel, data: RecData, c
         def checkpoint() -> None:
             _atomic_save({"config": cfg.model_dump(mode="json"), "method": cfg.method, "distiller": d.state_dict(),
                           "stopper": stopper.state_dict(), "torch_rng": torch.get_rng_state(), "loop": dict(st),
-                          "layer_map": d.layer_map, "fisher_scores": None if scores is None else scores.tolist()},
+                          "layer_map": d.layer_map, "fisher_source": fisher_source,
+                          "fisher_scores": None if scores is None else scores.tolist()},
                          ckpt_path)
 
         start = time.time() - st["elapsed"]
@@ -238,7 +244,8 @@ def distill(teacher: PreTrainedModel, student: PreTrainedModel, data: RecData, c
         method=cfg.method, best_valid=st["best_metrics"], best_step=st["best_step"], steps=steps,
         epochs=st["epoch"] + st["batch"] / steps_per_epoch, seconds=st["elapsed"],
         seconds_per_step=st["step_time"] / max(1, steps), stop_reason=st["stop_reason"], layer_map=d.layer_map,
-        layer_weights=d.weights.w.tolist(), fisher_source=fisher_source, log_path=log_path,
+        layer_weights=d.weights.w.tolist(), fisher_source=fisher_source, fisher_seconds=fisher_seconds,
+        log_path=log_path,
         model_dir=out / STUDENT_DIR, model=student,
     )
     summary = {**result.to_json(), "config": cfg.model_dump(mode="json"),
