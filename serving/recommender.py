@@ -146,11 +146,12 @@ class RecommenderEngine:
         return dict(self.artifact.item_info(tok))
 
     def encode_items(self, histories: Sequence[Sequence]) -> np.ndarray:
-        """Query vectors for histories of item ids (unknown ids dropped; an empty row is an error)."""
-        rows = []
-        for h in histories:
-            row = [t for t in (self.artifact.token(i) for i in h) if t is not None]
-            if not row:
-                raise BadRequest("a history has no item of the catalogue")
-            rows.append(row)
-        return self.encoder.encode(rows)
+        """Query vectors for histories of item ids. Unknown ids are dropped and a history with no
+        known item gets the zero vector: rows of different clients share a batch, so one client's
+        bad row must not fail the others."""
+        rows = [[t for t in (self.artifact.token(i) for i in h) if t is not None] for h in histories]
+        out = np.zeros((len(rows), self.artifact.embeddings.shape[1]), dtype=np.float32)
+        known = [i for i, r in enumerate(rows) if r]
+        if known:
+            out[known] = self.encoder.encode([rows[i] for i in known])
+        return out

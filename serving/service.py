@@ -18,14 +18,16 @@ from __future__ import annotations
 import asyncio
 import os
 from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated
 
 import bentoml
 import numpy as np
-from bentoml.exceptions import InvalidArgument
+from pydantic import Field
 from starlette.responses import JSONResponse
 
 from serving.recommender import BadRequest, NotFoundError, RecommenderEngine
 from serving.schemas import (
+    MAX_HISTORY,
     Item,
     ItemId,
     ItemRequest,
@@ -93,11 +95,11 @@ class Recommender:
         return _answer(Item, self.engine.item, item_id)
 
     @bentoml.api(batchable=True, batch_dim=0, max_batch_size=BATCH_MAX_SIZE, max_latency_ms=BATCH_MAX_LATENCY_MS)
-    async def embed(self, histories: list[list[ItemId]]) -> np.ndarray:
-        """Query vectors (B, H) for histories of item ids (unknown ids dropped); adaptively batched."""
+    async def embed(
+        self, histories: list[Annotated[list[ItemId], Field(min_length=1, max_length=MAX_HISTORY)]]
+    ) -> np.ndarray:
+        """Query vectors (B, H) for histories of item ids, adaptively batched. Unknown ids are
+        dropped; a history with no known item gets the zero vector."""
         # Its own thread: the API threads may all be waiting on this call (RECSYS_BATCHING=1).
         loop = asyncio.get_running_loop()
-        try:  # a batch function cannot return a response of its own: raise the BentoML error
-            return await loop.run_in_executor(self._model_thread, self.engine.encode_items, histories)
-        except BadRequest as e:
-            raise InvalidArgument(str(e)) from e
+        return await loop.run_in_executor(self._model_thread, self.engine.encode_items, histories)

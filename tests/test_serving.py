@@ -207,6 +207,10 @@ def test_embed_endpoint(server, artifact):
     token = {item: i + 1 for i, item in enumerate(artifact["vocab"])}
     ref = artifact["encoder"].encode([[token[i] for i in hist[-5:]], [token[i] for i in hist[-20:]]])
     assert vecs.shape == ref.shape and np.abs(vecs - ref).max() < 1e-5
+    r = post(server, "/embed", {"histories": [hist[-5:], [987654321]]})  # a row with no known item
+    assert r.status_code == 200 and not np.asarray(r.json())[1].any()
+    r = post(server, "/embed", {"histories": [hist[-5:], []]})
+    assert r.status_code == 400 and "at least 1 item" in r.text
 
 
 def test_recommend_latency_known_user(server, artifact, record_property):
