@@ -59,6 +59,42 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     _write_json(payload, args.json)
 
 
+def cmd_prune(args: argparse.Namespace) -> None:
+    from compressor.config import load_config
+    from compressor.prune import REPORT_FILE, PruneConfig, prune_dir
+
+    flags = {"heads": args.heads, "mlp": args.mlp, "sparsity": args.sparsity, "scorer": args.scorer}
+    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.overrides)
+    cfg = load_config(PruneConfig, args.config, overrides)
+    if not (cfg.structured or cfg.sparsity > 0):
+        raise CompressorError("nothing to prune: give --heads, --mlp or --sparsity above 0")
+    out = prune_dir(args.model_dir, args.out, cfg, args.data)
+    report = json.loads((out / REPORT_FILE).read_text())
+    s = report.get("structured", {})
+    print(f"pruned model saved to {out}: {report['params_before']:,} -> {report['params_after']:,} parameters"
+          + (f", heads {s['heads']['before']} -> {s['heads']['after']}" if "heads" in s else "")
+          + (f", MLP channels {s['mlp']['before']} -> {s['mlp']['after']}" if "mlp" in s else "")
+          + (f", sparsity {report['sparsity']['total']:.1%}" if cfg.sparsity > 0 else ""))
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from compressor.quantize import quantize_onnx
+
+    out = quantize_onnx(args.onnx_file, args.out, mode=args.mode, per_channel=args.per_channel)
+    before, after = Path(args.onnx_file).stat().st_size, out.stat().st_size
+    print(f"{args.mode} model saved to {out}: {before / 2**20:.2f} MB -> {after / 2**20:.2f} MB")
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from compressor.config import load_config
+    from compressor.pipeline import RunConfig, run
+
+    cfg = load_config(RunConfig, args.config, args.overrides)
+    out = Path(args.out) if args.out else Path("runs") / Path(args.config or "default").stem
+    run(cfg, out, force=args.force.split(",") if args.force else None)
+    print(f"done: artifacts in {out}/teacher and {out}/student, report in {out}/report.md")
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     from compressor.config import load_config
     from compressor.data import prepare
@@ -168,32 +204,6 @@ def cmd_distill(args: argparse.Namespace) -> None:
           f"NDCG@10 {r.best_valid.get('ndcg@10', 0):.4f} at step {r.best_step}, {r.seconds:.0f} s")
 
 
-def cmd_prune(args: argparse.Namespace) -> None:
-    from compressor.config import load_config
-    from compressor.prune import REPORT_FILE, PruneConfig, prune_dir
-
-    flags = {"heads": args.heads, "mlp": args.mlp, "sparsity": args.sparsity, "scorer": args.scorer}
-    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.overrides)
-    cfg = load_config(PruneConfig, args.config, overrides)
-    if not (cfg.structured or cfg.sparsity > 0):
-        raise CompressorError("nothing to prune: give --heads, --mlp or --sparsity above 0")
-    out = prune_dir(args.model_dir, args.out, cfg, args.data)
-    report = json.loads((out / REPORT_FILE).read_text())
-    s = report.get("structured", {})
-    print(f"pruned model saved to {out}: {report['params_before']:,} -> {report['params_after']:,} parameters"
-          + (f", heads {s['heads']['before']} -> {s['heads']['after']}" if "heads" in s else "")
-          + (f", MLP channels {s['mlp']['before']} -> {s['mlp']['after']}" if "mlp" in s else "")
-          + (f", sparsity {report['sparsity']['total']:.1%}" if cfg.sparsity > 0 else ""))
-
-
-def cmd_quantize(args: argparse.Namespace) -> None:
-    from compressor.quantize import quantize_onnx
-
-    out = quantize_onnx(args.onnx_file, args.out, mode=args.mode, per_channel=args.per_channel)
-    before, after = Path(args.onnx_file).stat().st_size, out.stat().st_size
-    print(f"{args.mode} model saved to {out}: {before / 2**20:.2f} MB -> {after / 2**20:.2f} MB")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="compressor", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -217,6 +227,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", choices=["mostpop", "ease"])
     p.add_argument("--json", help="also write the metrics here")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("prune", help="remove attention heads / MLP channels, zero weights (unstructured)")
+    p.add_argument("model_dir")
+    p.add_argument("--out", required=True, help="model directory to write")
+    p.add_argument("--heads", type=float, help="fraction of attention heads to remove, in [0, 1)")
+    p.add_argument("--mlp", type=float, help="fraction of MLP intermediate channels to remove, in [0, 1)")
+    p.add_argument("--sparsity", type=float, help="fraction of decoder weights to zero (unstructured), in [0, 1)")
+    p.add_argument("--scorer", help="head/channel importance: fisher (default) or magnitude")
+    p.add_argument("--data", default="ml-latest-small", help="data for Fisher scores (validation histories)")
+    p.add_argument("--config", help="YAML with PruneConfig fields")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="other PruneConfig fields, e.g. --set scope=per_layer --set samples=256")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("quantize", help="int8 (CPU) or fp16 (GPU) version of an exported ONNX model")
+    p.add_argument("onnx_file")
+    p.add_argument("--out", required=True, help="ONNX file to write")
+    p.add_argument("--mode", choices=["int8", "fp16"], default="int8")
+    p.add_argument("--per-channel", action="store_true", help="int8: one scale per output channel")
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("run", help="the whole job: teacher -> importance -> student -> distil -> export -> report")
+    p.add_argument("--config", help="YAML RunConfig (configs/default.yaml shows every field)")
+    p.add_argument("--out", help="run directory (default runs/<config name>)")
+    p.add_argument("--force", help="comma-separated stages to rerun even if up to date")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. distill.train.epochs=2")
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("export", help="ONNX export + parity check -> an artifact directory serving loads")
     p.add_argument("model_dir")
@@ -263,25 +300,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lam=0.01 train.epochs=3")
     p.set_defaults(func=cmd_distill)
-    p = sub.add_parser("prune", help="remove attention heads / MLP channels, zero weights (unstructured)")
-    p.add_argument("model_dir")
-    p.add_argument("--out", required=True, help="model directory to write")
-    p.add_argument("--heads", type=float, help="fraction of attention heads to remove, in [0, 1)")
-    p.add_argument("--mlp", type=float, help="fraction of MLP intermediate channels to remove, in [0, 1)")
-    p.add_argument("--sparsity", type=float, help="fraction of decoder weights to zero (unstructured), in [0, 1)")
-    p.add_argument("--scorer", help="head/channel importance: fisher (default) or magnitude")
-    p.add_argument("--data", default="ml-latest-small", help="data for Fisher scores (validation histories)")
-    p.add_argument("--config", help="YAML with PruneConfig fields")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="other PruneConfig fields, e.g. --set scope=per_layer --set samples=256")
-    p.set_defaults(func=cmd_prune)
-
-    p = sub.add_parser("quantize", help="int8 (CPU) or fp16 (GPU) version of an exported ONNX model")
-    p.add_argument("onnx_file")
-    p.add_argument("--out", required=True, help="ONNX file to write")
-    p.add_argument("--mode", choices=["int8", "fp16"], default="int8")
-    p.add_argument("--per-channel", action="store_true", help="int8: one scale per output channel")
-    p.set_defaults(func=cmd_quantize)
     return parser
 
 
