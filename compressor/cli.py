@@ -245,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("onnx_file")
     p.add_argument("--out", required=True, help="ONNX file to write")
     p.add_argument("--mode", choices=["int8", "fp16"], default="int8")
-    p.add_argument("--per-channel", action="store_true", help="int8: one scale per output channel")
+    p.add_argument("--per-tensor", dest="per_channel", action="store_false",
+                   help="int8: one scale per weight tensor instead of one per output channel")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("run", help="the whole job: teacher -> importance -> student -> distil -> export -> report")

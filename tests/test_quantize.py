@@ -80,7 +80,7 @@ def test_cli_quantize(float_onnx, tmp_path, capsys):
     from compressor.cli import main
 
     path, _ = float_onnx
-    assert main(["quantize", str(path), "--out", str(tmp_path / "q.onnx"), "--per-channel"]) == 0
+    assert main(["quantize", str(path), "--out", str(tmp_path / "q.onnx"), "--per-tensor"]) == 0
     session(tmp_path / "q.onnx")
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"\x00garbage")
