@@ -150,7 +150,8 @@ def run(cfg: PruningBenchConfig, model_dir: str | Path, data_name: str | Path, o
                 info = {"kind": kind, "ratio": ratio, "scorer": scorer, "effective_ratio": s["effective_ratio"],
                         "units": f"{s['before']}->{s['after']}", "prune_seconds": time.time() - t0}
                 measure(name, pruned, **info, recovered=False)
-                if cfg.recovery != "none":
+                # A ratio the model cannot express (e.g. 25% of 2 heads) changed nothing: no recovery.
+                if cfg.recovery != "none" and s["effective_ratio"] > 0:
                     rec, rinfo = _recover(teacher, pruned, data, max_len, cfg, out / "recovery" / name)
                     measure(f"{name}+{cfg.recovery}", rec, **info, recovered=True, recovery=rinfo)
     if cfg.sparsity > 0:

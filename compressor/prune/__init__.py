@@ -53,7 +53,8 @@ class PruneConfig(BaseModel):
     sparsity: float = Field(0.0, ge=0, lt=1, description="fraction of decoder-layer weights zeroed (unstructured)")
     scorer: str = Field("fisher", description="head/channel importance: fisher (mask gradients) or magnitude")
     scope: Literal["global", "per_layer"] = Field(
-        "global", description="unstructured: one threshold over all layers, or the same sparsity in each layer")
+        "global", description="unstructured: one threshold over all layers, or the same sparsity in each layer "
+        "(structured pruning always removes the same count per layer: stock configs hold one count)")
     unstructured_criterion: str = Field("fisher_weighted", description="magnitude |w| or fisher_weighted w^2 * F")
     samples: int = Field(512, ge=1, description="validation users whose gradients give the Fisher scores")
     batch_size: int = Field(32, ge=1, description="users per backward pass while scoring")
