@@ -22,7 +22,8 @@ from benchmarks.retrieval import (
 from benchmarks.retrieval_report import flat_threshold, recommend
 from compressor.errors import CompressorError
 
-FAST = dict(queries=40, repeats=5, batch=8, batch_repeats=3, ef_search=[8, 64], nprobe=[1, 4, 64], hnsw_m=[8])
+FAST = dict(queries=40, repeats=5, batch=8, batch_repeats=3, ef_search=[8, 64], nprobe=[1, 4, 64], hnsw_m=[8],
+            recall_target=0.9)
 
 
 def test_tiny_sizes_end_to_end_write_all_outputs(tmp_path):
