@@ -13,6 +13,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from benchmarks.common import machine_md, md_table  # noqa: E402
+
 KIND_STYLE = {"flat": ("k", "*"), "hnsw": ("tab:blue", "o"), "ivf": ("tab:orange", "s"),
               "ivf_l2": ("tab:green", "^")}
 
@@ -186,3 +188,35 @@ def plot_results(rows: list[dict], target: float):
         ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def report_md(payload: dict) -> str:
+    cfg, rows = payload["config"], payload["results"]
+    lines = ["# Retrieval benchmark: Faiss flat vs HNSW vs IVF (inner product)", "",
+             f"Machine: {machine_md(payload['machine'])}; load average at the end "
+             f"{payload.get('load_average_1m_end')} (the machine is shared: single timings can be inflated "
+             f"by other jobs). Faiss {payload['faiss']}; searches timed with "
+             f"1 thread (as in a serving worker), builds with {payload['build_threads']}.", "",
+             "Synthetic items: Zipf-sized genres in an anisotropic space (power-law spectrum), log-normal "
+             "norms tied to Zipf popularity; queries: noisy means of 5-30-item histories from 1-3 genres "
+             "(see `benchmarks/retrieval.py`). "
+             f"Recall@{cfg['k']} is against exact search over {cfg['queries']} queries; latency is the "
+             f"median of {cfg['repeats']} batch-1 and {cfg['batch_repeats']} batch-{cfg['batch']} searches "
+             f"(fewer, at least 3, where a series took over {cfg.get('time_budget_s', 'inf')} s). "
+             "Flat is the exact search itself, so its recall is 1 by construction.", ""]
+    for name in dict.fromkeys(r["catalogue"] for r in rows):
+        sub = [r for r in rows if r["catalogue"] == name]
+        lines += [f"## {name} items, dim {sub[0]['dim']}", "", md_table(
+            ["index", "build params", "search", "build s", "memory MB", f"recall@{cfg['k']}",
+             "batch-1 p50 ms", "batch-1 p95 ms", f"batch-{cfg['batch']} ms", "ms/query in batch"],
+            [[r["index"], _fmt(r["build"]), _fmt(r["search"]), r["build_s"], r["memory_bytes"] / 2**20,
+              r["recall"], r["b1_ms_p50"], r["b1_ms_p95"], r["batch_ms_p50"], r["batch_ms_per_query"]]
+             for r in sub]), ""]
+    lines += [recommendation_md(payload["recommendation"]), "", "![retrieval](retrieval.png)", "",
+              "Reproduce: `python -m benchmarks.retrieval --dim " + str(cfg["dim"]) + " --sizes "
+              + ",".join(str(s) for s in cfg["sizes"]) + " --out DIR`", ""]
+    return "\n".join(lines)
+
+
+def _fmt(d: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in d.items()) or "–"

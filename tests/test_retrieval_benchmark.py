@@ -7,16 +7,15 @@ import json
 import numpy as np
 import pytest
 
+from benchmarks.catalogues import genre_queries, synthetic_catalogue
 from benchmarks.retrieval import (
     RetrievalBenchConfig,
     auto_nlist,
     exact_topk,
-    genre_queries,
     main,
     mips_to_l2,
     recall_at_k,
     run,
-    synthetic_catalogue,
     time_searches,
 )
 from benchmarks.retrieval_report import flat_threshold, recommend
