@@ -199,7 +199,7 @@ def report_md(payload: dict) -> str:
              f"1 thread (as in a serving worker), builds with {payload['build_threads']}.", "",
              "Synthetic items: Zipf-sized genres in an anisotropic space (power-law spectrum), log-normal "
              "norms tied to Zipf popularity; queries: noisy means of 5-30-item histories from 1-3 genres "
-             "(see `benchmarks/retrieval.py`). "
+             "(see `benchmarks/catalogues.py`). "
              f"Recall@{cfg['k']} is against exact search over {cfg['queries']} queries; latency is the "
              f"median of {cfg['repeats']} batch-1 and {cfg['batch_repeats']} batch-{cfg['batch']} searches "
              f"(fewer, at least 3, where a series took over {cfg.get('time_budget_s', 'inf')} s). "
