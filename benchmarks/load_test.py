@@ -116,7 +116,7 @@ def profile_artifact(artifact: str, env: dict, payloads: dict, n: int, k: int) -
     os.environ.update({key: v for key, v in env.items() if key.startswith(("RECSYS_", "OMP_"))})
     import psutil
 
-    from serving.recommender import RecommenderEngine
+    from serving.recommender import BadRequest, NotFoundError, RecommenderEngine
 
     me = psutil.Process()
     rss0 = me.memory_info().rss
@@ -124,7 +124,10 @@ def profile_artifact(artifact: str, env: dict, payloads: dict, n: int, k: int) -
     rss_loaded = me.memory_info().rss
     model, retrieval, total = [], [], []
     for i, body in enumerate(_bodies(payloads, n + 10, k)):
-        q = engine.resolve(body.get("user_id"), body.get("history"))
+        try:
+            q = engine.resolve(body.get("user_id"), body.get("history"))
+        except (BadRequest, NotFoundError) as e:
+            raise CompressorError(f"{artifact}: a payload request fails: {e}") from None
         t0 = time.perf_counter()
         vec = engine.encoder.encode([q.tokens])
         t1 = time.perf_counter()
@@ -227,6 +230,16 @@ def _model_facts(manifest: dict, artifact: Path) -> dict:
             "num_items": manifest.get("num_items")}
 
 
+def check_payloads(payloads: dict, artifact: Path) -> None:
+    """Every known-user request must name a user of the artifact, or it would count as an error."""
+    users = set(sequences_from_artifact(artifact)[0])
+    unknown = [u for u in payloads["user_ids"] if str(u) not in users]
+    if unknown:
+        raise CompressorError(f"{len(unknown)} of the payload's {len(payloads['user_ids'])} user ids are not "
+                              f"users of {artifact} (e.g. {unknown[:5]}); make the payloads from this "
+                              "artifact (python -m benchmarks.make_payloads --artifact ...)")
+
+
 def run(cfg: LoadTestConfig, out: str | Path) -> dict:
     """Run the whole comparison and write load_test.{json,md,png} under `out`; returns the JSON."""
     out = Path(out)
@@ -239,6 +252,8 @@ def run(cfg: LoadTestConfig, out: str | Path) -> dict:
     else:
         payloads = build_payloads(*sequences_from_artifact(cfg.student))
         payload_path = save_payloads(payloads, out / "payloads.json")
+    for role in ROLES:
+        check_payloads(payloads, getattr(cfg, role))
     info = machine_info()
     services = {}
     with tqdm(total=len(ROLES) * len(cfg.users), desc="load test", unit="level") as bar:

@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from benchmarks.load_report import compare, level_stats
-from benchmarks.load_test import LoadTestConfig, main, run
+from benchmarks.load_test import LoadTestConfig, check_payloads, main, run
 from benchmarks.make_payloads import build_payloads, load_payloads, sequences_from_artifact
 from benchmarks.processes import ProcessGroup, RssSampler, free_port
 from compressor.errors import ArtifactError, CompressorError
@@ -89,6 +89,9 @@ def test_payloads_are_test_split_histories(tiny_artifact, tmp_path):
         load_payloads(tmp_path / "bad.json")
     with pytest.raises(CompressorError, match="no user"):
         build_payloads({"1": [5, 6]}, "x")
+    check_payloads(payload, tiny_artifact)  # made from it: every user is known
+    with pytest.raises(CompressorError, match="not users of"):
+        check_payloads({**payload, "user_ids": [*payload["user_ids"], "no-such-user"]}, tiny_artifact)
 
 
 def test_level_stats_and_ratios_closed_form():
