@@ -53,7 +53,7 @@ class FamilyAdapter:
     no_head_pruning: str = ""  # why heads cannot shrink for this family (empty = they can)
 
     def matches(self, layer: nn.Module) -> bool:
-        return all(_get(layer, path) is not None for path in self.required)
+        return all(submodule(layer, path) is not None for path in self.required)
 
     def layout(self, config) -> HeadLayout:
         heads = config.num_attention_heads
@@ -74,7 +74,8 @@ class FamilyAdapter:
         return {hd: layout.head_dim, h: heads, kv: kv_heads}
 
 
-def _get(module: nn.Module, path: str):
+def submodule(module: nn.Module, path: str):
+    """The module or parameter at a dotted path ("self_attn.q_proj.weight"), or None."""
     for part in path.split("."):
         module = getattr(module, part, None)
         if module is None:

@@ -30,7 +30,7 @@ from transformers import PreTrainedModel
 from compressor.data.protocol import RecData, left_pad
 from compressor.data.vocab import PAD_ID
 from compressor.modeling import decoder_parts, item_scores
-from compressor.prune.adapters import FamilyAdapter, _get
+from compressor.prune.adapters import FamilyAdapter, submodule
 
 
 @dataclass
@@ -117,9 +117,9 @@ def fisher_unit_scores(model: PreTrainedModel, adapter: FamilyAdapter, probe: Pr
     handles = []
     for i, layer in enumerate(layers):
         if heads:
-            handles.append(_get(layer, adapter.head_out).register_forward_pre_hook(_head_mask_hook(n_heads, masks, ("h", i))))
+            handles.append(submodule(layer, adapter.head_out).register_forward_pre_hook(_head_mask_hook(n_heads, masks, ("h", i))))
         if channels:
-            handles.append(_get(layer, adapter.channel_out).register_forward_pre_hook(_channel_mask_hook(masks, ("c", i))))
+            handles.append(submodule(layer, adapter.channel_out).register_forward_pre_hook(_channel_mask_hook(masks, ("c", i))))
     head_f = torch.zeros(len(layers), n_heads, dtype=torch.float64)
     chan_f = torch.zeros(len(layers), n_channels, dtype=torch.float64)
     was_training = model.training
@@ -150,7 +150,7 @@ def _unit_sq_norms(layer, rules, units: int) -> torch.Tensor:
     """Sum of squared weights per unit over every tensor a rule names (absent ones skipped)."""
     total = torch.zeros(units, dtype=torch.float64)
     for name, dim in rules:
-        w = _get(layer, name)
+        w = submodule(layer, name)
         if w is not None:
             total += w.detach().double().movedim(dim, 0).reshape(units, -1).pow(2).sum(1).cpu()
     return total
