@@ -13,14 +13,9 @@ import numpy as np
 
 def machine_info() -> dict:
     """What the numbers were measured on: every absolute time is only meaningful with this."""
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from compressor.speed import machine_info as runtime_info
+
+    base = runtime_info()
     try:
         import psutil
 
@@ -28,8 +23,9 @@ def machine_info() -> dict:
     except Exception:  # psutil is a dependency, but the description must never fail a run
         mem_gb = None
     return {
-        "cpu": cpu, "logical_cores": os.cpu_count(), "memory_gb": mem_gb,
-        "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
+        "cpu": base["cpu"], "logical_cores": base["cores"], "memory_gb": mem_gb,
+        "os": f"{platform.system()} {platform.release()}", "python": base["python"],
+        "onnxruntime": base["onnxruntime"],
         "load_average_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }

@@ -39,6 +39,7 @@ from compressor.modeling import (
     load_model,
     recsys_meta,
 )
+from compressor.speed import ort_session
 
 INPUT_NAMES = ("input_ids", "attention_mask")
 OUTPUT_NAME = "hidden"
@@ -128,13 +129,6 @@ def parity_histories(data: RecData, n: int, max_len: int, seed: int = 0) -> list
     for i, h in enumerate(split.histories):
         out.append(h[-int(rng.integers(1, max_len + 1)):] if i % 2 else h)
     return out
-
-
-def ort_session(onnx_path: str | Path):
-    import onnxruntime as ort
-
-    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-    return ort.InferenceSession(str(onnx_path), providers=providers)
 
 
 def _topk(scores: np.ndarray, histories: list[np.ndarray], k: int, num_special: int) -> np.ndarray:

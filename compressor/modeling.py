@@ -167,3 +167,21 @@ def recsys_meta(model: PreTrainedModel) -> dict:
 
 def set_recsys_meta(model: PreTrainedModel, **fields) -> None:
     model.config.recsys = {**recsys_meta(model), **fields}
+
+
+def add_hidden_dropout(model: PreTrainedModel, p: float) -> list:
+    """Dropout on the embeddings and on every decoder layer's output, in training mode only.
+
+    Llama-family decoders have attention dropout but no hidden-state dropout, which small
+    recommendation datasets need (SASRec uses both). Hooks add it without changing the
+    architecture, so checkpoints stay stock; the caller removes the returned handles."""
+    parts = decoder_parts(model)
+
+    def hook(module: nn.Module, args, output):
+        if not module.training or p <= 0:
+            return output
+        if isinstance(output, tuple):
+            return (torch.nn.functional.dropout(output[0], p, True), *output[1:])
+        return torch.nn.functional.dropout(output, p, True)
+
+    return [parts.embed.register_forward_hook(hook)] + [layer.register_forward_hook(hook) for layer in parts.layers]

@@ -23,6 +23,7 @@ import numpy as np
 from compressor.data.protocol import left_pad
 from compressor.data.vocab import PAD_ID
 from compressor.errors import CompressorError
+from compressor.speed import ort_session
 
 OUTPUT_NAME = "hidden"
 IR_VERSION_MAX = 10  # ONNX Runtime 1.31 rejects IR > 13; hand-built graphs may carry 14
@@ -99,25 +100,14 @@ def quantize_onnx(src: str | Path, dst: str | Path, mode: str = "int8", per_chan
 def _check_runs(path: Path) -> None:
     """The result must load in ONNX Runtime before it replaces anything."""
     try:
-        session(path)
+        ort_session(path)
     except Exception as e:
         raise CompressorError(f"quantized graph does not load in ONNX Runtime: {str(e).splitlines()[0][:200]}") from e
 
 
-def session(path: str | Path, threads: int | None = None):
-    """An ONNX Runtime session (CUDA when present, else CPU)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-    return ort.InferenceSession(str(path), opts, providers=providers)
-
-
 def onnx_hidden(path: str | Path, histories: list[np.ndarray], max_len: int, batch_size: int = 256) -> np.ndarray:
     """(N, H) float32 query vectors of `histories` from the graph at `path`."""
-    sess = session(path)
+    sess = ort_session(path)
     out = []
     for a in range(0, len(histories), batch_size):
         ids, mask = left_pad(histories[a : a + batch_size], max_len)

@@ -22,6 +22,7 @@ from compressor.data.protocol import RecData, training_windows, window_batches
 from compressor.data.vocab import PAD_ID, ItemVocab
 from compressor.evaluate import evaluate_model
 from compressor.modeling import (
+    add_hidden_dropout,
     count_parameters,
     hidden_states,
     pick_device,
@@ -46,6 +47,7 @@ class TrainConfig(BaseModel):
     patience: int = Field(3, ge=0, description="validation rounds without NDCG@10 gain before stopping")
     eval_every: int = Field(1, ge=1, description="epochs between validation rounds")
     max_minutes: float = Field(8.0, gt=0, description="wall-clock budget; the best checkpoint so far is kept")
+    hidden_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on embeddings and each layer's output while training")
     seed: int = 0
     device: str = "auto"
 
@@ -130,6 +132,7 @@ def train_recommender(
     best_state, best_metrics, history = None, {}, []
     start = time.time()
     stop_reason = "epochs"
+    hooks = add_hidden_dropout(model, train.hidden_dropout) if train.hidden_dropout > 0 else []
     bar = tqdm(range(train.epochs), desc=desc, unit="epoch")
     for epoch in bar:
         model.train()
@@ -161,6 +164,8 @@ def train_recommender(
             stop_reason = "time budget"
             break
     bar.close()
+    for h in hooks:
+        h.remove()
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()

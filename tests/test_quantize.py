@@ -11,7 +11,8 @@ import pytest
 from compressor.errors import CompressorError
 from compressor.export import export_onnx, item_embeddings
 from compressor.modeling import load_model
-from compressor.quantize import compare_onnx, onnx_hidden, quantize_onnx, session
+from compressor.quantize import compare_onnx, onnx_hidden, quantize_onnx
+from compressor.speed import ort_session as session
 
 MAX_LEN = 20
 
