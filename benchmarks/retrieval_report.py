@@ -156,7 +156,11 @@ def recommendation_md(rec: dict) -> str:
         got = [f"{kind} {key}={v[key]}: recall {v['recall']:.3f}, smallest {key} at target "
                f"{r.get(f'{kind}_min_{key}_at_target')}"
                for kind, (key, _) in ANN.items() if (v := r.get(kind))]
-        lines.append(f"- On the {r['catalogue']} catalogue the recommended settings give: " + "; ".join(got) + ".")
+        if got:
+            lines.append(f"- On the {r['catalogue']} catalogue the recommended settings give: " + "; ".join(got) + ".")
+        else:
+            lines.append(f"- {r['catalogue']}: no synthetic size was measured, so no recommended setting "
+                         "to check here; read the table above.")
     return "\n".join(lines)
 
 
@@ -213,8 +217,10 @@ def report_md(payload: dict) -> str:
               r["recall"], r["b1_ms_p50"], r["b1_ms_p95"], r["batch_ms_p50"], r["batch_ms_per_query"]]
              for r in sub]), ""]
     lines += [recommendation_md(payload["recommendation"]), "", "![retrieval](retrieval.png)", "",
-              "Reproduce: `python -m benchmarks.retrieval --dim " + str(cfg["dim"]) + " --sizes "
-              + ",".join(str(s) for s in cfg["sizes"]) + " --out DIR`", ""]
+              "Reproduce: `python -m benchmarks.retrieval --dim " + str(cfg["dim"]) + " --sizes '"
+              + ",".join(str(s) for s in cfg["sizes"]) + "'"
+              + (f" --real-embeddings {cfg['real_embeddings']}" if cfg.get("real_embeddings") else "")
+              + " --out DIR`", ""]
     return "\n".join(lines)
 
 
