@@ -1,6 +1,7 @@
 """Pruning and quantization benchmark: quality, size and ONNX Runtime latency of each step.
 
-    python -m benchmarks.pruning --model runs/default/teacher --data ml-latest-small --out benchmarks/results/pruning
+    python -m benchmarks.pruning --model runs/default/models/teacher --data ml-latest-small --out benchmarks/results/pruning \\
+        --work runs/pruning_work
 
 For head and MLP pruning at each ratio and with each scorer (Fisher mask gradients vs weight
 magnitude), optionally followed by a short recovery run (FISHER-LD distillation from the
@@ -10,13 +11,16 @@ ONNX file size, test NDCG@10 / HR@10 of the exported graph (full ranking, seen i
 excluded, with a paired bootstrap CI of the change against the float model) and single-request
 and batch-64 latency as a ratio to the unpruned float graph. Every graph is timed in the same
 run, interleaved (compressor.speed.compare_latency). Writes pruning.json, pruning.md and
-pruning.png to --out (models and graphs under --out/models and --out/onnx).
+pruning.png to --out; models, graphs, recovery runs and a per-cell cache go to --work (default
+--out): a rerun reuses the cells measured with the same settings, and --report-only builds the
+tables from the finished cells alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 import time
 import zlib
@@ -102,7 +106,24 @@ def _recover(teacher, student, data, max_len: int, cfg: PruningBenchConfig, out:
     return student.cpu().eval(), info
 
 
-def run(cfg: PruningBenchConfig, model_dir: str | Path, data_name: str | Path, out: str | Path) -> dict:
+CELLS = "cells"  # per-cell cache under the work directory: one JSON per measured graph
+
+
+def _cell_key(cfg: PruningBenchConfig, model_dir, data_name, recovered: bool) -> dict:
+    """What a cached cell's numbers depend on (beyond its name): reuse only on an exact match."""
+    key = {"model": str(Path(model_dir).resolve()), "data": str(data_name), "users": cfg.users, "seed": cfg.seed,
+           "fisher_samples": cfg.fisher_samples}
+    if recovered:
+        key.update(recovery=cfg.recovery, recovery_epochs=cfg.recovery_epochs, recovery_minutes=cfg.recovery_minutes)
+    return key
+
+
+def run(cfg: PruningBenchConfig, model_dir: str | Path, data_name: str | Path, out: str | Path,
+        work: str | Path | None = None, report_only: bool = False) -> dict:
+    """Measure the grid and write the results to `out`; models, graphs, recovery runs and the
+    per-cell cache go to `work` (default `out`). A cell already measured in `work` with the same
+    settings is reused, so a stopped run resumes; `report_only` measures nothing new and builds
+    the tables (latency timed afresh) from the finished cells."""
     from compressor.data import prepare
     from compressor.evaluate import evaluate_scorer, paired_bootstrap
     from compressor.export import export_onnx, item_embeddings
@@ -112,7 +133,10 @@ def run(cfg: PruningBenchConfig, model_dir: str | Path, data_name: str | Path, o
     from compressor.speed import compare_latency
 
     out = Path(out)
-    (out / "onnx").mkdir(parents=True, exist_ok=True)
+    work = Path(work).resolve() if work is not None else out
+    out.mkdir(parents=True, exist_ok=True)
+    (work / "onnx").mkdir(parents=True, exist_ok=True)
+    (work / CELLS).mkdir(parents=True, exist_ok=True)
     machine = machine_info()
     teacher, vocab = load_model(model_dir)
     data = prepare(data_name, vocab=vocab)
@@ -123,10 +147,28 @@ def run(cfg: PruningBenchConfig, model_dir: str | Path, data_name: str | Path, o
     rows: list[dict] = []
     per_user: dict[str, np.ndarray] = {}
 
+    def store(row: dict) -> None:
+        write_json(work / CELLS / f"{row['name']}.json",
+                   {"key": _cell_key(cfg, model_dir, data_name, bool(row.get("recovered"))), "row": row,
+                    "per_user_ndcg@10": per_user[row["name"]].tolist()})
+
+    def reuse(name: str, recovered: bool = False) -> dict | None:
+        path = work / CELLS / f"{name}.json"
+        if not path.is_file():
+            return None
+        cell = json.loads(path.read_text())
+        if cell["key"] != _cell_key(cfg, model_dir, data_name, recovered) or not Path(cell["row"]["onnx"]).is_file():
+            return None
+        row = cell["row"]
+        rows.append(row)
+        per_user[name] = np.asarray(cell["per_user_ndcg@10"], dtype=np.float64)
+        print(f"{name}: reused from {path}", file=sys.stderr)
+        return row
+
     def measure(name: str, model, **info) -> dict:
         model = model.cpu().eval()
-        mdir = save_model(model, vocab, out / "models" / name)
-        onnx_path = export_onnx(model, out / "onnx" / f"{name}.onnx", max_len)
+        mdir = save_model(model, vocab, work / "models" / name)
+        onnx_path = export_onnx(model, work / "onnx" / f"{name}.onnx", max_len)
         res = evaluate_scorer(_onnx_scorer(onnx_path, item_embeddings(model)[0], max_len), test)
         per_user[name] = res.per_user["ndcg@10"]
         raw, packed = _dir_bytes(mdir)
@@ -135,44 +177,65 @@ def run(cfg: PruningBenchConfig, model_dir: str | Path, data_name: str | Path, o
                "ckpt_zlib_bytes": packed, "onnx_bytes": onnx_path.stat().st_size, "onnx": str(onnx_path),
                "ndcg@10": res.metrics["ndcg@10"], "hr@10": res.metrics["hr@10"], **info}
         rows.append(row)
+        store(row)
         print(f"{name}: NDCG@10 {row['ndcg@10']:.4f}, {row['params']:,} parameters", file=sys.stderr)
         return row
 
-    base = measure("float", teacher, kind="float")
+    base = reuse("float")
+    if base is None:
+        if report_only:
+            raise CompressorError(f"{work}: no finished float cell to report on; run without --report-only first")
+        base = measure("float", teacher, kind="float")
     for kind in cfg.kinds:
         for ratio in cfg.ratios:
             for scorer in cfg.scorers:
                 name = f"{kind}{round(ratio * 100)}-{scorer}"
-                pcfg = PruneConfig(**{kind: ratio}, scorer=scorer, samples=cfg.fisher_samples, seed=cfg.seed)
-                t0 = time.time()
-                pruned, rep = prune_model(copy.deepcopy(teacher), data, pcfg, max_len)
-                s = rep["structured"]["heads" if kind == "heads" else "mlp"]
-                info = {"kind": kind, "ratio": ratio, "scorer": scorer, "effective_ratio": s["effective_ratio"],
-                        "units": f"{s['before']}->{s['after']}", "prune_seconds": time.time() - t0}
-                measure(name, pruned, **info, recovered=False)
+                pruned = None
+                row = reuse(name)
+                if row is None:
+                    if report_only:
+                        continue
+                    pcfg = PruneConfig(**{kind: ratio}, scorer=scorer, samples=cfg.fisher_samples, seed=cfg.seed)
+                    t0 = time.time()
+                    pruned, rep = prune_model(copy.deepcopy(teacher), data, pcfg, max_len)
+                    s = rep["structured"]["heads" if kind == "heads" else "mlp"]
+                    row = measure(name, pruned, kind=kind, ratio=ratio, scorer=scorer,
+                                  effective_ratio=s["effective_ratio"], units=f"{s['before']}->{s['after']}",
+                                  prune_seconds=time.time() - t0, recovered=False)
+                info = {k: row[k] for k in ("kind", "ratio", "scorer", "effective_ratio", "units", "prune_seconds")}
                 # A ratio the model cannot express (e.g. 25% of 2 heads) changed nothing: no recovery.
-                if cfg.recovery != "none" and s["effective_ratio"] > 0:
-                    rec, rinfo = _recover(teacher, pruned, data, max_len, cfg, out / "recovery" / name)
-                    measure(f"{name}+{cfg.recovery}", rec, **info, recovered=True, recovery=rinfo)
+                if cfg.recovery == "none" or row["effective_ratio"] <= 0:
+                    continue
+                rname = f"{name}+{cfg.recovery}"
+                if reuse(rname, recovered=True) is None and not report_only:
+                    if pruned is None:
+                        pruned, _ = load_model(work / "models" / name)
+                    rec, rinfo = _recover(teacher, pruned, data, max_len, cfg, work / "recovery" / name)
+                    measure(rname, rec, **info, recovered=True, recovery=rinfo)
     if cfg.sparsity > 0:
-        pcfg = PruneConfig(sparsity=cfg.sparsity, samples=cfg.fisher_samples, seed=cfg.seed)
-        sparse, rep = prune_model(copy.deepcopy(teacher), data, pcfg, max_len)
-        measure(f"sparse{round(cfg.sparsity * 100)}-fisher_weighted", sparse, kind="unstructured",
-                ratio=cfg.sparsity, effective_ratio=rep["sparsity"]["total"], scorer="fisher_weighted")
+        sname = f"sparse{round(cfg.sparsity * 100)}-fisher_weighted"
+        if reuse(sname) is None and not report_only:
+            pcfg = PruneConfig(sparsity=cfg.sparsity, samples=cfg.fisher_samples, seed=cfg.seed)
+            sparse, rep = prune_model(copy.deepcopy(teacher), data, pcfg, max_len)
+            measure(sname, sparse, kind="unstructured", ratio=cfg.sparsity, effective_ratio=rep["sparsity"]["total"],
+                    scorer="fisher_weighted")
     base_onnx = Path(base["onnx"])
     for q in cfg.quantize:
+        qname = f"float {q}"
+        if reuse(qname) is not None or report_only:
+            continue
         mode = "fp16" if q == "fp16" else "int8"
-        path = quantize_onnx(base_onnx, out / "onnx" / f"float.{q}.onnx", mode, per_channel=q == "int8_per_channel")
+        path = quantize_onnx(base_onnx, work / "onnx" / f"float.{q}.onnx", mode, per_channel=q == "int8_per_channel")
         cmp = compare_onnx(base_onnx, path, test.histories, max_len, emb, test.targets)
         res = evaluate_scorer(_onnx_scorer(path, emb, max_len), test)
-        per_user[q] = res.per_user["ndcg@10"]
-        rows.append({"name": f"float {q}", "kind": q, "params": base["params"], "nonzero_params": base["nonzero_params"],
+        per_user[qname] = res.per_user["ndcg@10"]
+        rows.append({"name": qname, "kind": q, "params": base["params"], "nonzero_params": base["nonzero_params"],
                      "ckpt_bytes": None, "ckpt_zlib_bytes": None, "onnx_bytes": path.stat().st_size, "onnx": str(path),
                      "ndcg@10": res.metrics["ndcg@10"], "hr@10": res.metrics["hr@10"],
                      "top10_agreement": cmp["top10_agreement"], "max_abs_diff": cmp["max_abs_diff"]})
+        store(rows[-1])
     for r in rows:
-        key = r["name"] if r["kind"] not in ("int8", "int8_per_channel", "fp16") else r["kind"]
-        r["ndcg@10_vs_float"] = paired_bootstrap(per_user[key], per_user["float"], seed=cfg.seed)
+        r["ndcg@10_vs_float"] = paired_bootstrap(per_user[r["name"]], per_user["float"], seed=cfg.seed)
     print("timing all graphs, interleaved ...", file=sys.stderr)
     lat = compare_latency({r["name"]: r["onnx"] for r in rows}, test.histories, max_len, (1, 64),
                           cfg.rounds, cfg.calls, cfg.threads)
@@ -182,7 +245,8 @@ def run(cfg: PruningBenchConfig, model_dir: str | Path, data_name: str | Path, o
             r[f"b{b}_ms"] = ms
             r[f"b{b}_ratio"] = ms / lat["float"][f"batch_{b}"]["ms_median"]
     payload = {"config": cfg.model_dump(), "model": str(model_dir), "data": str(data_name), "max_len": max_len,
-               "test_users": len(test), "machine": machine, "rows": rows}
+               "test_users": len(test), "machine": machine, "work": str(work), "report_only": report_only,
+               "rows": rows}
     write_json(out / "pruning.json", payload)
     write_atomic(out / "pruning.md", _markdown(payload))
     _plot(rows, out / "pruning.png")
@@ -264,11 +328,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int)
     ap.add_argument("--calls", type=int)
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--work", help="models, ONNX graphs, recovery runs and the per-cell cache (default: --out)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="measure nothing new: tables from the cells finished in the work directory")
     args = vars(ap.parse_args(argv))
     model, data, out = args.pop("model"), args.pop("data"), args.pop("out")
+    work, report_only = args.pop("work"), args.pop("report_only")
     try:
         cfg = PruningBenchConfig(**{k: v for k, v in args.items() if v is not None})
-        p = run(cfg, model, data, out)
+        p = run(cfg, model, data, out, work, report_only)
     except ValidationError as e:
         first = e.errors()[0]
         print(f"benchmarks.pruning: error: {'.'.join(map(str, first['loc']))}: {first['msg']}", file=sys.stderr)

@@ -33,6 +33,13 @@ def test_tiny_run_writes_table_json_and_plot(tiny_teacher_dir, tmp_path):
     assert rows["mlp50-magnitude+finetune"]["recovery"]["method"] == "finetune"
     assert all(r["b64_ms"] > 0 and 0 <= r["ndcg@10"] <= 1 for r in rows.values())
     assert "| float |" in (out / "pruning.md").read_text() and payload["test_users"] == 60
+    # Every cell is cached in the work directory (here --out): a report-only rerun measures
+    # nothing new and rebuilds the same rows (latency timed afresh) into another --out.
+    again = run(cfg, tiny_teacher_dir, data, tmp_path / "report", work=out, report_only=True)
+    same = {r["name"]: r for r in again["rows"]}
+    assert list(same) == list(rows)
+    assert all(same[n]["ndcg@10"] == rows[n]["ndcg@10"] for n in rows)
+    assert not (tmp_path / "report" / "models").exists() and (tmp_path / "report" / "pruning.md").is_file()
 
 
 def test_bad_ratio_is_one_line_exit_2(tmp_path, capsys):
