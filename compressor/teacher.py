@@ -38,7 +38,7 @@ class TrainConfig(BaseModel):
     """How a recommender is trained (teacher here; distillation reuses the same fields)."""
 
     model_config = ConfigDict(extra="forbid")
-    epochs: int = Field(28, ge=1, description="passes over the training windows (the cosine schedule spans them)")
+    epochs: int = Field(40, ge=1, description="passes over the training windows (the cosine schedule spans them)")
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.1, ge=0)
