@@ -133,9 +133,11 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 
 def cmd_truncate(args: argparse.Namespace) -> None:
     from compressor.importance import DEFAULT_METHOD, check_method, load_importance, method_scores
-    from compressor.modeling import is_model_dir
+    from compressor.modeling import is_model_dir, recsys_meta
     from compressor.select import (
         DEFAULT_STRATEGY,
+        SELECTION,
+        VALIDATED,
         parse_layers,
         select_layers,
         validate_keep,
@@ -156,25 +158,42 @@ def cmd_truncate(args: argparse.Namespace) -> None:
         layers, info = validate_layers(parse_layers(args.layers), L), {"chosen_by": "explicit list"}
     else:
         method, strategy = check_method(args.method or DEFAULT_METHOD), args.strategy or DEFAULT_STRATEGY
-        select_layers(strategy, [0.0] * L, 1)  # unknown strategy fails here, before any work
+        if strategy != VALIDATED:
+            select_layers(strategy, [0.0] * L, 1)  # unknown strategy fails here, before any work
         validate_keep(args.keep, L)
+        loaded: list = []  # teacher and data, read once if some step needs them
+
+        def teacher_and_data():
+            if not loaded:
+                from compressor.data import prepare
+                from compressor.modeling import load_model
+
+                model, vocab = load_model(args.teacher_dir)
+                loaded.extend([model, prepare(args.data, args.format, vocab=vocab)])
+            return loaded
+
         if args.importance:
             doc = load_importance(args.importance)
             if doc["num_layers"] != L:
                 raise CompressorError(f"{args.importance} scores {doc['num_layers']} layers, the teacher has {L}")
             scores, source = method_scores(doc, method), str(args.importance)
         else:
-            from compressor.data import prepare
             from compressor.importance import ImportanceConfig, estimate
-            from compressor.modeling import load_model, recsys_meta
 
-            model, vocab = load_model(args.teacher_dir)
-            data = prepare(args.data, args.format, vocab=vocab)
+            model, data = teacher_and_data()
             cfg = ImportanceConfig(**({"samples": args.samples} if args.samples else {}))
             scores, source = estimate(model, data, method, recsys_meta(model).get("max_len", 50), cfg).scores, "computed"
-        layers = select_layers(strategy, scores, args.keep)
         info = {"chosen_by": f"{strategy} over {method} importance", "method": method, "strategy": strategy,
                 "importance": source, "scores": scores}
+        if strategy == VALIDATED:
+            from compressor.truncate import validated
+
+            model, data = teacher_and_data()
+            layers, info["candidates"] = validated(model, list(SELECTION), scores, args.keep, data, recsys_meta(model).get("max_len", 50))
+            for row in info["candidates"]:
+                print(f"  {row['layers']} ({', '.join(row['strategies'])}): validation NDCG@10 {row['valid_ndcg@10']:.4f}")
+        else:
+            layers = select_layers(strategy, scores, args.keep)
     out = truncate_dir(args.teacher_dir, args.out, layers, info)
     print(f"student keeping teacher layers {layers} of {L} saved to {out}")
 
@@ -283,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", help="explicit teacher layers, e.g. 0,5,10,15")
     p.add_argument("--keep", type=int, help="number of layers to keep, chosen by --method and --strategy")
     p.add_argument("--method", help="importance method (default fisher)")
-    p.add_argument("--strategy", help="top_k, distributed, strategic (default) or hybrid")
+    p.add_argument("--strategy", help="top_k, distributed, strategic (default), hybrid, or validated "
+                   "(the best of the others' sets on the validation split; needs --data)")
     p.add_argument("--importance", help="importance.json from `compressor analyze` (else computed with --data)")
     p.add_argument("--samples", type=int, help="validation users when importance is computed here")
     data_args(p, required=False)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from compressor import stages
 from compressor.config import dump_config
@@ -41,6 +41,7 @@ from compressor.export import ExportConfig
 from compressor.importance import ImportanceConfig
 from compressor.modeling import is_model_dir
 from compressor.prune import PruneConfig
+from compressor.select import SELECTION, VALIDATED
 from compressor.teacher import TeacherConfig
 
 STAGES = ("teacher", "importance", "truncate", "prune", "distill", "export", "evaluate", "speed", "report")
@@ -70,7 +71,24 @@ class SelectionConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     keep: int = Field(2, ge=1, description="decoder layers the student keeps")
     method: str = Field("fisher", description="importance method whose scores choose the layers")
-    strategy: str = Field("top_k", description="selection strategy (top_k, distributed, strategic, hybrid)")
+    strategy: str = Field("top_k", description="selection strategy (top_k, distributed, strategic, hybrid), "
+                          "or validated: the best of the `candidates` sets on the validation split")
+    candidates: list[str] = Field(default_factory=lambda: list(SELECTION),
+                                  description="strategies whose sets `validated` compares")
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, v: str) -> str:
+        if v != VALIDATED and v not in SELECTION:
+            raise ValueError(f"unknown selection strategy {v!r}; choose one of {', '.join([*SELECTION, VALIDATED])}")
+        return v
+
+    @field_validator("candidates")
+    @classmethod
+    def _known_candidates(cls, v: list[str]) -> list[str]:
+        if not v or any(c not in SELECTION for c in v):
+            raise ValueError(f"candidates {v}: give one or more of {', '.join(SELECTION)}")
+        return v
     layers: list[int] | None = Field(None, description="explicit teacher layers; overrides keep/method/strategy")
 
 

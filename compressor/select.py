@@ -112,8 +112,25 @@ SELECTION: dict[str, Strategy] = {
 }
 
 
+# Not a function of the scores alone: every strategy in `candidates` proposes a set and the set
+# whose truncated student scores best on the validation split wins (compressor.truncate.validated).
+VALIDATED = "validated"
+
+
+def propose_layer_sets(strategies: Sequence[str], scores: Sequence[float], k: int) -> dict[tuple[int, ...], list[str]]:
+    """Distinct layer sets the named strategies choose, each with the strategies that chose it
+    (in the order given, so ties go to the first strategy listed)."""
+    sets: dict[tuple[int, ...], list[str]] = {}
+    for name in strategies:
+        sets.setdefault(tuple(select_layers(name, scores, k)), []).append(name)
+    return sets
+
+
 def select_layers(strategy: str, scores: Sequence[float], k: int, **opts) -> list[int]:
     """Look `strategy` up in `SELECTION` and apply it (a clear error for an unknown name)."""
+    if strategy == VALIDATED:
+        raise CompressorError("the validated strategy needs the teacher and the data: use "
+                              "compressor.truncate.validated (the CLI and the pipeline do)")
     if strategy not in SELECTION:
         raise CompressorError(f"unknown selection strategy {strategy!r}; choose one of {', '.join(SELECTION)}")
     return SELECTION[strategy](scores, k, **opts)

@@ -60,7 +60,7 @@ def stage_importance(ctx: Context) -> tuple[dict, dict]:
 def choose_layers(ctx: Context) -> tuple[list[int], dict]:
     """The teacher layers the student keeps, and why."""
     from compressor.importance import load_importance, method_scores
-    from compressor.select import select_layers, validate_keep, validate_layers
+    from compressor.select import VALIDATED, select_layers, validate_keep, validate_layers
 
     sel = ctx.cfg.selection
     L = int(ctx.records["teacher"].summary["num_layers"])
@@ -68,9 +68,17 @@ def choose_layers(ctx: Context) -> tuple[list[int], dict]:
         return validate_layers(sel.layers, L), {"chosen_by": "explicit list"}
     validate_keep(sel.keep, L)
     doc = load_importance(ctx.output("importance", "importance"))
-    layers = select_layers(sel.strategy, method_scores(doc, sel.method), sel.keep)
-    return layers, {"chosen_by": f"{sel.strategy} over {sel.method} importance", "method": sel.method,
-                    "strategy": sel.strategy}
+    scores = method_scores(doc, sel.method)
+    why = {"chosen_by": f"{sel.strategy} over {sel.method} importance", "method": sel.method,
+           "strategy": sel.strategy}
+    if sel.strategy == VALIDATED:
+        from compressor.modeling import load_model
+        from compressor.truncate import validated
+
+        teacher, _ = load_model(ctx.output("teacher", "model"))
+        layers, why["candidates"] = validated(teacher, sel.candidates, scores, sel.keep, ctx.data, ctx.max_len)
+        return layers, why
+    return select_layers(sel.strategy, scores, sel.keep), why
 
 
 def stage_truncate(ctx: Context) -> tuple[dict, dict]:

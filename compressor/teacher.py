@@ -48,6 +48,9 @@ class TrainConfig(BaseModel):
     eval_every: int = Field(1, ge=1, description="epochs between validation rounds")
     max_minutes: float = Field(10.0, gt=0, description="wall-clock budget; the best checkpoint so far is kept")
     hidden_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on embeddings and each layer's output while training")
+    random_windows: bool = Field(
+        False, description="re-cut the training windows at a random offset every epoch (augmentation: "
+        "each item is predicted from a different amount of context); teacher training only")
     seed: int = 0
     device: str = "auto"
 
@@ -122,8 +125,11 @@ def train_recommender(
     set_seed(train.seed)
     device = pick_device(train.device)
     model.to(device)
-    windows = training_windows(data.train_sequences(), max_len)
-    steps_per_epoch = -(-len(windows) // train.batch_size)
+    seqs = data.train_sequences()
+    windows = training_windows(seqs, max_len)
+    # random cuts add at most one window per sequence; the schedule clamps at its end
+    n_windows = len(windows) + (len(seqs) if train.random_windows else 0)
+    steps_per_epoch = -(-n_windows // train.batch_size)
     opt = make_optimizer(model, train.lr, train.weight_decay, train.betas)
     sched = cosine_schedule(opt, steps_per_epoch * train.epochs, train.warmup_steps)
     stopper = EarlyStopping(train.patience)
@@ -137,6 +143,8 @@ def train_recommender(
     for epoch in bar:
         model.train()
         t0, losses = time.time(), []
+        if train.random_windows:
+            windows = training_windows(seqs, max_len, rng)
         for ids, mask, labels in window_batches(windows, max_len, train.batch_size, rng):
             loss = next_item_loss(model, *(torch.from_numpy(x).to(device) for x in (ids, mask, labels)))
             opt.zero_grad(set_to_none=True)

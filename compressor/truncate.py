@@ -15,6 +15,7 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from compressor.data.protocol import RecData
 from compressor.modeling import (
     count_parameters,
     decoder_parts,
@@ -23,7 +24,7 @@ from compressor.modeling import (
     save_model,
     set_recsys_meta,
 )
-from compressor.select import validate_layers
+from compressor.select import propose_layer_sets, validate_layers
 
 TRUNCATION_FILE = "truncation.json"
 # Config lists that are not per layer even when their length happens to equal the depth.
@@ -91,3 +92,19 @@ def truncate_dir(teacher_dir: str | Path, out_dir: str | Path, layers: list[int]
         **(info or {}),
     }
     return save_model(student, vocab, out_dir, {TRUNCATION_FILE: record})
+
+
+def validated(teacher: PreTrainedModel, strategies: list[str], scores: list[float], k: int,
+              data: RecData, max_len: int) -> tuple[list[int], list[dict]]:
+    """Let each strategy propose k layers, truncate the teacher to every distinct proposal and keep
+    the one with the best validation NDCG@10 (untrained, so it measures the layers themselves).
+    The test split is never touched. Returns the layers and one row per proposal."""
+    from compressor.evaluate import evaluate_model
+
+    valid = data.split("valid")
+    rows = []
+    for layers, names in propose_layer_sets(strategies, scores, k).items():
+        ndcg = evaluate_model(truncate(teacher, list(layers)).eval(), valid, max_len).metrics["ndcg@10"]
+        rows.append({"layers": list(layers), "strategies": names, "valid_ndcg@10": ndcg})
+    best = max(rows, key=lambda r: r["valid_ndcg@10"])  # first of equals: the earlier strategy
+    return best["layers"], rows

@@ -113,6 +113,18 @@ def test_left_pad_and_windows_predict_each_item_once():
     assert (batch[2][batch[1] == 0] == -100).all()
 
 
+def test_random_windows_still_predict_each_item_once_but_move_the_cuts():
+    seq = np.arange(1, 40)
+    rng = np.random.default_rng(0)
+    cuts = set()
+    for _ in range(5):
+        windows = training_windows([seq], max_len=8, rng=rng)
+        assert all(2 <= len(w) <= 9 for w in windows)
+        assert sorted(np.concatenate([w[1:] for w in windows]).tolist()) == list(range(2, 40))
+        cuts.add(tuple(int(w[0]) for w in windows))
+    assert len(cuts) > 1
+
+
 def test_prepare_with_a_model_vocab_drops_unknown_items(tiny_data):
     inter = tiny_data.interactions
     vocab = ItemVocab.from_items(tiny_data.vocab.items[:200])

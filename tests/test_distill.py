@@ -292,6 +292,8 @@ def test_partial_train_section_keeps_the_distillation_defaults(tmp_path):
 def test_bad_inputs_raise(teacher, tiny_data, tmp_path):
     with pytest.raises(ValueError, match="unknown distillation method"):
         DistillConfig(method="nope")
+    with pytest.raises(ValueError, match="random_windows is for teacher training"):
+        DistillConfig(train={"random_windows": True})
     other = copy.deepcopy(teacher.config)
     other.vocab_size = teacher.config.vocab_size + 5
     with pytest.raises(CompressorError, match="different item vocabularies"):

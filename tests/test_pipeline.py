@@ -105,3 +105,7 @@ def test_bad_configs_are_one_line_errors(tmp_path):
         run(_cfg(), tmp_path, force=["nope"])
     with pytest.raises(CompressorError, match="keep"):
         run(_cfg("selection.keep=4"), tmp_path / "bad", log=lambda m: None)
+    with pytest.raises(CompressorError, match="unknown selection strategy 'best'"):
+        load_config(RunConfig, SMOKE, ["selection.strategy=best"])
+    with pytest.raises(CompressorError, match="candidates"):
+        load_config(RunConfig, SMOKE, ["selection.strategy=validated", "selection.candidates=[top_k,nope]"])

@@ -11,6 +11,7 @@ from compressor.select import (
     distributed,
     hybrid,
     parse_layers,
+    propose_layer_sets,
     select_layers,
     strategic,
     top_k,
@@ -85,6 +86,15 @@ def test_select_layers_by_name():
     assert select_layers("top_k", S, 2) == [0, 6]
     with pytest.raises(CompressorError, match="unknown selection strategy 'best'"):
         select_layers("best", S, 2)
+    with pytest.raises(CompressorError, match="needs the teacher and the data"):
+        select_layers("validated", S, 2)
+
+
+def test_propose_layer_sets_merges_equal_proposals():
+    # layers 0 and 6 are the two best and one per half: three strategies agree, strategic keeps the ends
+    sets = propose_layer_sets(["strategic", "top_k", "distributed", "hybrid"], S, 2)
+    assert sets == {(0, 7): ["strategic"], (0, 6): ["top_k", "distributed", "hybrid"]}
+    assert list(sets)[0] == (0, 7)  # first proposer first: ties in `validated` go to it
 
 
 def test_parse_layers():

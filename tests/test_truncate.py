@@ -13,7 +13,8 @@ from compressor.errors import CompressorError
 from compressor.importance import load_importance
 from compressor.modeling import decoder_parts, load_model, position_ids, recsys_meta, save_model
 from compressor.teacher import build_teacher
-from compressor.truncate import TRUNCATION_FILE, truncate, truncate_dir
+from compressor.evaluate import evaluate_model
+from compressor.truncate import TRUNCATION_FILE, truncate, truncate_dir, validated
 from tests.conftest import tiny_teacher_config
 
 
@@ -172,3 +173,27 @@ def test_cli_truncate(tiny_teacher_dir, tmp_path):
     record = json.loads((tmp_path / "c" / TRUNCATION_FILE).read_text())
     assert record["importance"] == "computed" and record["strategy"] == "strategic"
     assert len(record["teacher_layers"]) == 1
+
+
+def test_validated_keeps_the_proposal_best_on_validation(tiny_teacher_dir, tiny_data):
+    teacher, _ = load_model(tiny_teacher_dir)
+    scores = [0.1, 0.9, 0.2, 0.3]  # top_k [1, 3], strategic [0, 3], distributed [1, 3]
+    max_len = recsys_meta(teacher)["max_len"]
+    layers, rows = validated(teacher, ["strategic", "top_k", "distributed"], scores, 2, tiny_data, max_len)
+    assert [r["layers"] for r in rows] == [[0, 3], [1, 3]]
+    assert rows[1]["strategies"] == ["top_k", "distributed"]
+    valid = tiny_data.split("valid")
+    for r in rows:  # each number is that set's untrained student on the validation split
+        assert r["valid_ndcg@10"] == evaluate_model(truncate(teacher, r["layers"]), valid, max_len).metrics["ndcg@10"]
+    assert layers == max(rows, key=lambda r: r["valid_ndcg@10"])["layers"]
+
+
+def test_cli_truncate_validated(tiny_teacher_dir, tmp_path, capsys):
+    out = tmp_path / "v"
+    assert main(["truncate", str(tiny_teacher_dir), "--out", str(out), "--keep", "2",
+                 "--method", "block_influence", "--strategy", "validated", "--samples", "8"]) == 0
+    record = json.loads((out / TRUNCATION_FILE).read_text())
+    assert record["strategy"] == "validated" and record["candidates"]
+    best = max(record["candidates"], key=lambda r: r["valid_ndcg@10"])
+    assert record["teacher_layers"] == best["layers"]
+    assert "validation NDCG@10" in capsys.readouterr().out

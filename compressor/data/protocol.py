@@ -129,14 +129,22 @@ def left_pad(seqs: list[np.ndarray], max_len: int) -> tuple[np.ndarray, np.ndarr
     return out, mask
 
 
-def training_windows(seqs: list[np.ndarray], max_len: int) -> list[np.ndarray]:
+def training_windows(
+    seqs: list[np.ndarray], max_len: int, rng: np.random.Generator | None = None
+) -> list[np.ndarray]:
     """Cut sequences into windows of `max_len + 1` from the newest end, overlapping by one
-    item, so every item after the first is predicted exactly once per epoch."""
+    item, so every item after the first is predicted exactly once per epoch.
+
+    With `rng`, each sequence's newest window gets a random length, which shifts every cut
+    below it: an item is then predicted from a different amount of context each epoch."""
     windows = []
     for s in seqs:
         end = len(s)
+        first = rng is not None
         while end >= 2:
-            start = max(0, end - max_len - 1)
+            length = int(rng.integers(2, max_len + 2)) if first else max_len + 1
+            first = False
+            start = max(0, end - length)
             windows.append(s[start:end])
             end = start + 1
             if start == 0:

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from compressor.teacher import TrainConfig
 
 # Distillation fine-tunes an already-trained student (a truncated teacher), so the budget is
-# a few epochs at a lower rate than the teacher's 3e-3, with the paper's weight decay (0.01).
+# a few epochs with a short warm-up and the paper's weight decay (0.01).
 DISTILL_TRAIN = TrainConfig(
     epochs=8, batch_size=64, lr=1e-3, weight_decay=0.01, warmup_steps=20, patience=2,
     eval_every=1, max_minutes=5.0,
@@ -74,6 +74,14 @@ class DistillConfig(BaseModel):
     def _distill_train_defaults(cls, v):
         """A partial `train:` section overrides the distillation defaults, not the teacher's."""
         return {**DISTILL_TRAIN.model_dump(), **v} if isinstance(v, dict) else v
+
+    @field_validator("train")
+    @classmethod
+    def _fixed_windows(cls, v: TrainConfig) -> TrainConfig:
+        if v.random_windows:
+            raise ValueError("train.random_windows is for teacher training: distillation caches the "
+                             "teacher's outputs per fixed window")
+        return v
 
     @field_validator("method")
     @classmethod
