@@ -34,28 +34,49 @@ def cmd_train_teacher(args: argparse.Namespace) -> None:
           f"{summary['epochs_run']} epochs ({summary['stop_reason']}), valid NDCG@10 {best.get('ndcg@10', 0):.4f}")
 
 
+def _evaluated(spec: str, data, split: str):
+    """(EvalResult, extra JSON) of a baseline name or a model directory on `data`'s `split`."""
+    from compressor.baselines import BASELINES, evaluate_baseline
+
+    if spec in BASELINES:
+        result, info = evaluate_baseline(spec, data, split)
+        return result, ({"fit": info} if info else {})
+    from compressor.evaluate import evaluate_model
+    from compressor.modeling import load_model, recsys_meta
+
+    model, vocab = load_model(spec)
+    if not vocab.same_as(data.vocab):
+        raise CompressorError(f"{spec}: its item vocabulary differs from the one evaluated against "
+                              f"({vocab.num_items} vs {data.vocab.num_items} items)")
+    return evaluate_model(model, data.split(split), recsys_meta(model).get("max_len", 50), progress=True), {}
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from compressor.data import prepare
+    from compressor.evaluate import paired_bootstrap
+    from compressor.modeling import load_model
 
-    if args.baseline:
-        from compressor.baselines import evaluate_baseline
-
-        if args.model_dir:
-            raise CompressorError("give either MODEL_DIR or --baseline, not both")
-        data = prepare(args.data, args.format)
-        result, info = evaluate_baseline(args.baseline, data, args.split)
-        payload = {**result.to_json(), "model": args.baseline, "split": args.split, **({"fit": info} if info else {})}
-    else:
-        from compressor.evaluate import evaluate_model
-        from compressor.modeling import load_model, recsys_meta
-
-        if not args.model_dir:
-            raise CompressorError("evaluate needs MODEL_DIR or --baseline mostpop|ease")
-        model, vocab = load_model(args.model_dir)
-        data = prepare(args.data, args.format, vocab=vocab)
-        max_len = recsys_meta(model).get("max_len", 50)
-        result = evaluate_model(model, data.split(args.split), max_len, progress=True)
-        payload = {**result.to_json(), "model": str(args.model_dir), "split": args.split}
+    if args.baseline and args.model_dir:
+        raise CompressorError("give either MODEL_DIR or --baseline, not both")
+    if not (args.baseline or args.model_dir):
+        raise CompressorError("evaluate needs MODEL_DIR or --baseline mostpop|ease")
+    # A model's own vocabulary defines the catalogue, so baselines and rivals rank the same items.
+    vocab = load_model(args.model_dir)[1] if args.model_dir else None
+    data = prepare(args.data, args.format, vocab=vocab)
+    name = args.baseline or str(args.model_dir)
+    result, extra = _evaluated(name, data, args.split)
+    payload = {**result.to_json(), "model": name, "split": args.split, **extra}
+    if args.against:
+        payload["against"] = {}
+        for rival in args.against:
+            other, _ = _evaluated(rival, data, args.split)
+            payload["against"][rival] = {m: {"other": other.metrics[m], **paired_bootstrap(
+                result.per_user[m], other.per_user[m])} for m in ("ndcg@10", "hr@10")}
+            d = payload["against"][rival]["ndcg@10"]
+            print(f"NDCG@10 {result.metrics['ndcg@10']:.4f} vs {rival} {other.metrics['ndcg@10']:.4f}: "
+                  f"difference {d['mean_diff']:+.4f}, 95% interval [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]"
+                  + (" (excludes 0)" if d["excludes_zero"] else " (includes 0: not distinguishable)"),
+                  file=sys.stderr)
     _write_json(payload, args.json)
 
 
@@ -244,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     data_args(p)
     p.add_argument("--split", choices=["test", "valid"], default="test")
     p.add_argument("--baseline", choices=["mostpop", "ease"])
+    p.add_argument("--against", action="append", metavar="BASELINE_OR_MODEL_DIR",
+                   help="also compare with mostpop, ease or another model directory: paired bootstrap of "
+                   "the per-user NDCG@10 and HR@10 differences (repeatable)")
     p.add_argument("--json", help="also write the metrics here")
     p.set_defaults(func=cmd_evaluate)
 

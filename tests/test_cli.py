@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -36,8 +37,22 @@ def test_train_teacher_then_evaluate(tiny_csv_dir, tmp_path):
                  "hidden_size=16", "num_heads=2", "intermediate_size=32", "max_len=10", "train.epochs=1"])
     assert code == 0
     assert main(["evaluate", str(out), "--data", str(tiny_csv_dir), "--split", "valid",
-                 "--json", str(tmp_path / "m.json")]) == 0
-    assert KEYS <= set(json.loads((tmp_path / "m.json").read_text()))
+                 "--json", str(tmp_path / "m.json"), "--against", "mostpop", "--against", str(out)]) == 0
+    doc = json.loads((tmp_path / "m.json").read_text())
+    assert KEYS <= set(doc)
+    pop = main_json(["evaluate", "--baseline", "mostpop", "--data", str(tiny_csv_dir), "--split", "valid"],
+                    tmp_path / "pop.json")
+    vs_pop = doc["against"]["mostpop"]["ndcg@10"]
+    assert vs_pop["other"] == pop["ndcg@10"]
+    assert vs_pop["mean_diff"] == pytest.approx(doc["ndcg@10"] - pop["ndcg@10"])
+    assert vs_pop["ci_low"] <= vs_pop["mean_diff"] <= vs_pop["ci_high"]
+    itself = doc["against"][str(out)]["hr@10"]  # a model against itself: no difference at all
+    assert itself["mean_diff"] == itself["ci_low"] == itself["ci_high"] == 0 and not itself["excludes_zero"]
+
+
+def main_json(argv: list[str], path: Path) -> dict:
+    assert main([*argv, "--json", str(path)]) == 0
+    return json.loads(path.read_text())
 
 
 @pytest.mark.parametrize(

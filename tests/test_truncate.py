@@ -10,10 +10,10 @@ from transformers import AutoModelForCausalLM
 
 from compressor.cli import main
 from compressor.errors import CompressorError
+from compressor.evaluate import evaluate_model
 from compressor.importance import load_importance
 from compressor.modeling import decoder_parts, load_model, position_ids, recsys_meta, save_model
 from compressor.teacher import build_teacher
-from compressor.evaluate import evaluate_model
 from compressor.truncate import TRUNCATION_FILE, truncate, truncate_dir, validated
 from tests.conftest import tiny_teacher_config
 
