@@ -39,17 +39,17 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     epochs: int = Field(40, ge=1, description="passes over the training windows (the cosine schedule spans them)")
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.1, ge=0)
     betas: tuple[float, float] = (0.9, 0.98)
     warmup_steps: int = Field(100, ge=0)
-    patience: int = Field(5, ge=0, description="validation rounds without NDCG@10 gain before stopping")
+    patience: int = Field(8, ge=0, description="validation rounds without NDCG@10 gain before stopping")
     eval_every: int = Field(1, ge=1, description="epochs between validation rounds")
-    max_minutes: float = Field(10.0, gt=0, description="wall-clock budget; the best checkpoint so far is kept")
+    max_minutes: float = Field(15.0, gt=0, description="wall-clock budget; the best checkpoint so far is kept")
     hidden_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on embeddings and each layer's output while training")
     random_windows: bool = Field(
-        False, description="re-cut the training windows at a random offset every epoch (augmentation: "
+        True, description="re-cut the training windows at a random offset every epoch (augmentation: "
         "each item is predicted from a different amount of context); teacher training only")
     seed: int = 0
     device: str = "auto"
