@@ -14,7 +14,7 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
@@ -49,10 +49,15 @@ class TrainConfig(BaseModel):
     max_minutes: float = Field(15.0, gt=0, description="wall-clock budget; the best checkpoint so far is kept")
     hidden_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on embeddings and each layer's output while training")
     random_windows: bool = Field(
-        True, description="re-cut the training windows at a random offset every epoch (augmentation: "
+        False, description="re-cut the training windows at a random offset every epoch (augmentation: "
         "each item is predicted from a different amount of context); teacher training only")
     seed: int = 0
     device: str = "auto"
+
+
+# The teacher's recipe: the generic defaults above plus windows re-cut every epoch, which let
+# training run longer before validation stalled (README: "The teacher recipe").
+TEACHER_TRAIN = TrainConfig(random_windows=True)
 
 
 class TeacherConfig(BaseModel):
@@ -72,7 +77,13 @@ class TeacherConfig(BaseModel):
     pretrained: str | None = Field(
         None, description="a local pretrained HF causal LM to adapt to the item vocabulary and fine-tune "
         "(its own sizes replace architecture/hidden_size/num_layers/...; see configs/pretrained_llm.yaml)")
-    train: TrainConfig = TrainConfig()
+    train: TrainConfig = TEACHER_TRAIN
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _teacher_train_defaults(cls, v):
+        """A partial `train:` section overrides the teacher's recipe, not the generic defaults."""
+        return {**TEACHER_TRAIN.model_dump(), **v} if isinstance(v, dict) else v
 
 
 def build_hf_config(cfg: TeacherConfig, vocab_size: int) -> PretrainedConfig:

@@ -12,7 +12,7 @@ from compressor.teacher import TrainConfig
 # a few epochs with a short warm-up and the paper's weight decay (0.01).
 DISTILL_TRAIN = TrainConfig(
     epochs=8, batch_size=64, lr=1e-3, weight_decay=0.01, warmup_steps=20, patience=2,
-    eval_every=1, max_minutes=5.0, random_windows=False,
+    eval_every=1, max_minutes=5.0,
 )
 
 
