@@ -148,7 +148,8 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     path = write_importance(result, args.out)
     for name, s in result.methods.items():
         rho = result.spearman.get(name)
-        print(f"{name:16s} {s.seconds:8.2f} s  spearman vs ablation: {'-' if rho is None else f'{rho:+.3f}'}")
+        overlap = " ".join(f"top-{k[2:]} overlap {v:.2f}" for k, v in ((result.overlap or {}).get(name) or {}).items())
+        print(f"{name:16s} {s.seconds:8.2f} s  spearman vs ablation: {'-' if rho is None else f'{rho:+.3f}'}  {overlap}")
     print(f"importance written to {path}")
 
 

@@ -63,7 +63,8 @@ def collect(run_dir: Path, cfg, records: dict) -> dict:
         "selection": records["truncate"].summary,
         "importance": {
             "methods": {n: {"weights": m["weights"], "seconds": m["seconds"], "samples": m["samples"],
-                            "spearman_vs_ablation": m.get("spearman_vs_ablation")}
+                            "spearman_vs_ablation": m.get("spearman_vs_ablation"),
+                            "top_k_overlap_vs_ablation": m.get("top_k_overlap_vs_ablation")}
                         for n, m in importance.get("methods", {}).items()},
         } if importance else None,
         "pruning": records["prune"].summary if "prune" in records else None,
@@ -174,9 +175,12 @@ def render_markdown(doc: dict) -> str:
     if imp:
         out += ["## Which layers matter", "", "![importance](importance_by_method.png)", "",
                 f"Teacher training: {_fmt(doc['teacher_training'].get('seconds_per_epoch'), 1)} s per epoch.", ""]
-        rows = [[n, v.get("spearman_vs_ablation"), v["seconds"], v["samples"],
-                 " ".join(f"{w:.2f}" for w in v["weights"])] for n, v in imp["methods"].items()]
-        out += [_table(["method", "Spearman vs ablation", "seconds", "samples", "normalised weight per layer"], rows), ""]
+        ks = sorted({k for v in imp["methods"].values() for k in (v.get("top_k_overlap_vs_ablation") or {})})
+        rows = [[n, v.get("spearman_vs_ablation"), *[(v.get("top_k_overlap_vs_ablation") or {}).get(k) for k in ks],
+                 v["seconds"], v["samples"], " ".join(f"{w:.2f}" for w in v["weights"])]
+                for n, v in imp["methods"].items()]
+        out += [_table(["method", "Spearman vs ablation", *[f"top-{k[2:]} overlap with ablation" for k in ks],
+                        "seconds", "samples", "normalised weight per layer"], rows), ""]
     if doc.get("pruning"):
         p = doc["pruning"]
         out += ["## Pruning", "", f"Parameters {_fmt(p.get('params_before'))} → {_fmt(p.get('params_after'))}; "

@@ -26,6 +26,7 @@ from compressor.importance import (
     run_importance,
     skip_layers,
     spearman,
+    top_k_overlap,
     write_importance,
 )
 from compressor.importance.base import next_item_ce
@@ -164,6 +165,9 @@ def test_spearman_and_hybrid():
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert spearman([1, 1, 1], [1, 2, 3]) is None
     assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486833, abs=1e-6)  # average ranks for ties
+    assert top_k_overlap([9, 8, 1, 0], [7, 0, 6, 1], 2) == 0.5  # {0, 1} vs {0, 2}
+    assert top_k_overlap([9, 8, 1, 0], [5, 6, 0, 1], 2) == 1.0
+    assert top_k_overlap([9, 8, 1, 0], [0, 1, 8, 9], 1) == 0.0
     a = LayerScores("a", [3, 1], [0.75, 0.25], 1.0, 10)
     b = LayerScores("b", [0, 5], [0.0, 1.0], 2.0, 20)
     h = combine({"a": a, "b": b}, {"a": 3, "b": 1})
@@ -208,6 +212,9 @@ def test_write_and_load_importance(result, tmp_path):
     doc = load_importance(path.parent)
     assert doc["num_layers"] == 4 and set(doc["methods"]) == set(DEFAULT_METHODS)
     assert doc["methods"]["fisher"]["spearman_vs_ablation"] == result.spearman["fisher"]
+    overlap = doc["methods"]["fisher"]["top_k_overlap_vs_ablation"]["k=1"]
+    assert overlap == top_k_overlap(result.methods["fisher"].scores, result.methods["ablation"].scores, 1)
+    assert doc["methods"]["ablation"]["top_k_overlap_vs_ablation"] == {"k=1": 1.0}
     assert doc["selections"]["top_k/ablation/k=1"] == [int(np.argmax(result.methods["ablation"].scores))]
     assert all(len(v) == 1 for v in doc["selections"].values())  # 25% of 4 layers
     bad = tmp_path / "bad.json"

@@ -35,7 +35,7 @@ from compressor.importance.base import (
 from compressor.importance.fisher import FisherAccumulator, fisher, fisher_layer_weights, gradient
 from compressor.importance.similarity import angular, attention, block_influence
 from compressor.modeling import decoder_parts, pick_device
-from compressor.select import SELECTION
+from compressor.select import SELECTION, top_k
 
 IMPORTANCE_FILE = "importance.json"
 # The estimator `truncate --keep` uses when none is named. Fisher is the method under test; the
@@ -91,6 +91,15 @@ def spearman(a, b) -> float | None:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
+def top_k_overlap(a, b, k: int) -> float:
+    """Share of the k highest-scoring layers of `a` that are also among the k highest of `b`.
+
+    Where ablation concentrates on a few layers and leaves the rest at noise level, this says
+    whether an estimator finds the layers a k-layer student would keep; Spearman over all layers
+    then mostly ranks noise."""
+    return len(set(top_k(a, k)) & set(top_k(b, k))) / k
+
+
 def default_keep(num_layers: int) -> list[int]:
     """A 25%-depth student (at least one layer, fewer than all)."""
     return [min(max(1, round(num_layers / 4)), max(1, num_layers - 1))]
@@ -104,12 +113,14 @@ class ImportanceResult:
     spearman: dict[str, float | None]
     selections: dict[str, list[int]]
     config: dict
+    overlap: dict[str, dict[str, float]] | None = None  # method -> {"k=2": share of ablation's top 2}
 
     def to_json(self) -> dict:
         return {
             "num_layers": self.num_layers,
             "samples": self.samples,
-            "methods": {n: {**s.to_json(), "spearman_vs_ablation": self.spearman.get(n)}
+            "methods": {n: {**s.to_json(), "spearman_vs_ablation": self.spearman.get(n),
+                            "top_k_overlap_vs_ablation": (self.overlap or {}).get(n)}
                         for n, s in self.methods.items()},
             "selections": self.selections,
             "config": self.config,
@@ -150,8 +161,11 @@ def run_importance(model: PreTrainedModel, data: RecData, cfg: ImportanceConfig,
     truth = results.get("ablation")
     rho = {n: (spearman(s.scores, truth.scores) if truth is not None else None) for n, s in results.items()}
     keep = cfg.keep if cfg.keep is not None else default_keep(L)
+    overlap = None if truth is None else {
+        n: {f"k={k}": top_k_overlap(s.scores, truth.scores, k) for k in keep if 1 <= k < L}
+        for n, s in results.items()}
     return ImportanceResult(L, len(probe), results, rho, selections_for(results, L, keep),
-                            cfg.model_dump(mode="json"))
+                            cfg.model_dump(mode="json"), overlap)
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -231,6 +245,6 @@ def estimate(model: PreTrainedModel, data: RecData, method: str, max_len: int,
 __all__ = [
     "IMPORTANCE", "IMPORTANCE_FILE", "DEFAULT_METHOD", "ALL_METHODS", "DEFAULT_METHODS", "ImportanceConfig",
     "FisherOptions", "LayerScores", "ImportanceResult", "ProbeSet", "FisherAccumulator", "fisher_layer_weights",
-    "combine", "spearman", "run_importance", "write_importance", "load_importance", "validate_importance",
+    "combine", "spearman", "top_k_overlap", "run_importance", "write_importance", "load_importance", "validate_importance",
     "method_scores", "estimate", "check_method", "capture_layer_io", "skip_layers", "loss_and_ndcg",
 ]
