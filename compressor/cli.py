@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -34,8 +35,9 @@ def cmd_train_teacher(args: argparse.Namespace) -> None:
           f"{summary['epochs_run']} epochs ({summary['stop_reason']}), valid NDCG@10 {best.get('ndcg@10', 0):.4f}")
 
 
-def _evaluated(spec: str, data, split: str):
-    """(EvalResult, extra JSON) of a baseline name or a model directory on `data`'s `split`."""
+def _evaluated(spec: str, data, split: str, loaded=None):
+    """(EvalResult, extra JSON) of a baseline name or a model directory on `data`'s `split`;
+    `loaded` is the directory's (model, vocab) when the caller has read it already."""
     from compressor.baselines import BASELINES, evaluate_baseline
 
     if spec in BASELINES:
@@ -44,7 +46,7 @@ def _evaluated(spec: str, data, split: str):
     from compressor.evaluate import evaluate_model
     from compressor.modeling import load_model, recsys_meta
 
-    model, vocab = load_model(spec)
+    model, vocab = loaded or load_model(spec)
     if not vocab.same_as(data.vocab):
         raise CompressorError(f"{spec}: its item vocabulary differs from the one evaluated against "
                               f"({vocab.num_items} vs {data.vocab.num_items} items)")
@@ -61,10 +63,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if not (args.baseline or args.model_dir):
         raise CompressorError("evaluate needs MODEL_DIR or --baseline mostpop|ease")
     # A model's own vocabulary defines the catalogue, so baselines and rivals rank the same items.
-    vocab = load_model(args.model_dir)[1] if args.model_dir else None
-    data = prepare(args.data, args.format, vocab=vocab)
+    loaded = load_model(args.model_dir) if args.model_dir else None
+    data = prepare(args.data, args.format, vocab=loaded[1] if loaded else None)
     name = args.baseline or str(args.model_dir)
-    result, extra = _evaluated(name, data, args.split)
+    result, extra = _evaluated(name, data, args.split, loaded)
     payload = {**result.to_json(), "model": name, "split": args.split, **extra}
     if args.against:
         payload["against"] = {}
@@ -183,16 +185,13 @@ def cmd_truncate(args: argparse.Namespace) -> None:
         if strategy != VALIDATED:
             select_layers(strategy, [0.0] * L, 1)  # unknown strategy fails here, before any work
         validate_keep(args.keep, L)
-        loaded: list = []  # teacher and data, read once if some step needs them
+        @functools.cache
+        def teacher_and_data():  # read once, only if importance or validation needs them
+            from compressor.data import prepare
+            from compressor.modeling import load_model
 
-        def teacher_and_data():
-            if not loaded:
-                from compressor.data import prepare
-                from compressor.modeling import load_model
-
-                model, vocab = load_model(args.teacher_dir)
-                loaded.extend([model, prepare(args.data, args.format, vocab=vocab)])
-            return loaded
+            model, vocab = load_model(args.teacher_dir)
+            return model, prepare(args.data, args.format, vocab=vocab)
 
         if args.importance:
             doc = load_importance(args.importance)
@@ -328,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", type=int, help="number of layers to keep, chosen by --method and --strategy")
     p.add_argument("--method", help="importance method (default fisher)")
     p.add_argument("--strategy", help="top_k, distributed, strategic (default), hybrid, or validated "
-                   "(the best of the others' sets on the validation split; needs --data)")
+                   "(the best of the others' sets on the validation split of --data)")
     p.add_argument("--importance", help="importance.json from `compressor analyze` (else computed with --data)")
     p.add_argument("--samples", type=int, help="validation users when importance is computed here")
     data_args(p, required=False)

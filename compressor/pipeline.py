@@ -75,6 +75,7 @@ class SelectionConfig(BaseModel):
                           "or validated: the best of the `candidates` sets on the validation split")
     candidates: list[str] = Field(default_factory=lambda: list(SELECTION),
                                   description="strategies whose sets `validated` compares")
+    layers: list[int] | None = Field(None, description="explicit teacher layers; overrides keep/method/strategy")
 
     @field_validator("strategy")
     @classmethod
@@ -89,7 +90,6 @@ class SelectionConfig(BaseModel):
         if not v or any(c not in SELECTION for c in v):
             raise ValueError(f"candidates {v}: give one or more of {', '.join(SELECTION)}")
         return v
-    layers: list[int] | None = Field(None, description="explicit teacher layers; overrides keep/method/strategy")
 
 
 class DistillStage(DistillConfig):
