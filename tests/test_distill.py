@@ -228,7 +228,7 @@ def test_hidden_size_mismatch_uses_trained_adapters(teacher, tiny_data, tmp_path
     r = distill(teacher, student, tiny_data, DistillConfig(method="tinybert", train=FAST), tmp_path / "o",
                 progress=False, max_steps=3)
     assert r.layer_map == [1, 3] and r.steps == 3  # no teacher_layers in the meta: uniform spacing
-    ck = torch.load(tmp_path / "o" / "checkpoint.pt", weights_only=False)
+    ck = torch.load(tmp_path / "o" / "checkpoint.pt", weights_only=True)
     assert any(not torch.equal(v, before[k]) for k, v in ck["distiller"]["student"].items())
     assert any(k.endswith("weight") for k in ck["distiller"]["adapters"])  # Linear 16 -> 32, trained
     saved, _ = load_model(r.model_dir)
@@ -265,7 +265,7 @@ def test_resume_continues_from_the_saved_step(teacher, tiny_data, tmp_path):
     part = truncate(teacher, [0, 3])
     r1 = distill(teacher, part, tiny_data, cfg, tmp_path / "b", progress=False, max_steps=3)
     assert r1.steps == 3 and r1.stop_reason == "step limit"
-    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["distiller"]["step"] == 3
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["distiller"]["step"] == 3
     resumed = truncate(teacher, [0, 3])  # a fresh process would load the student again
     r2 = distill(teacher, resumed, tiny_data, cfg, tmp_path / "b", progress=False, resume=True)
     assert r2.steps == r_full.steps and r2.stop_reason == "epochs"
@@ -324,3 +324,28 @@ def test_cli_distill_and_its_errors(tiny_teacher_dir, tmp_path, capsys):
     err = base[:4] + [str(tmp_path / "alien"), "--data", data, "--out", str(tmp_path / "x")]
     assert main(err) == 2
     assert "different item vocabularies" in capsys.readouterr().err
+
+
+class _Payload:
+    """A pickle that runs code when loaded: what a crafted checkpoint.pt would carry."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def test_a_malicious_checkpoint_is_refused_and_runs_nothing(teacher, tiny_data, tmp_path):
+    out, marker = tmp_path / "o", tmp_path / "pwned"
+    out.mkdir()
+    torch.save({"config": {}, "distiller": _Payload(marker), "loop": {}}, out / "checkpoint.pt")
+    cfg = DistillConfig(method="uniform_ld", train=FAST, cache_teacher=False)
+    with pytest.raises(CompressorError, match="refused"):
+        distill(teacher, truncate(teacher, [0, 3]), tiny_data, cfg, out, progress=False, resume=True)
+    assert not marker.exists()
+    (out / "checkpoint.pt").write_bytes(b"\x80\x04garbage")  # corrupt, not a zip: refused the same way
+    with pytest.raises(CompressorError, match="refused"):
+        distill(teacher, truncate(teacher, [0, 3]), tiny_data, cfg, out, progress=False, resume=True)

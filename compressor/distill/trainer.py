@@ -93,6 +93,22 @@ def teacher_fisher(teacher, cfg: DistillConfig, importance: dict | None, windows
     return estimate_layer_fisher(teacher, batches, next_item_loss), f"estimated ({len(batches)} batches)"
 
 
+def load_checkpoint(path: Path, device) -> dict:
+    """Read a resume checkpoint without executing anything it contains.
+
+    `weights_only=True` restricts unpickling to tensors, numbers, strings and containers, so a
+    crafted `checkpoint.pt` (a pickle `__reduce__` payload) is refused instead of run."""
+    try:
+        ck = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # UnpicklingError, RuntimeError (corrupt zip), EOFError, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CompressorError(f"{path}: not a checkpoint this tool wrote, refused ({first[:160]}); "
+                              "delete it or use another --out") from e
+    if not isinstance(ck, dict) or not {"config", "distiller", "loop"} <= ck.keys():
+        raise CompressorError(f"{path}: not a distillation checkpoint (missing config/distiller/loop)")
+    return ck
+
+
 def _atomic_save(obj, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(obj, tmp)
@@ -140,7 +156,7 @@ def distill(teacher: PreTrainedModel, student: PreTrainedModel, data: RecData, c
         raise CompressorError(f"{data.name}: no training windows")
     steps_per_epoch = math.ceil(len(windows) / t.batch_size)
     ckpt_path, log_path = out / CHECKPOINT, out / LOG
-    ck = torch.load(ckpt_path, map_location=device, weights_only=False) if resume and ckpt_path.exists() else None
+    ck = load_checkpoint(ckpt_path, device) if resume and ckpt_path.exists() else None
     if ck is not None and (diff := _config_diff(ck["config"], cfg)):
         raise CompressorError(f"{ckpt_path}: written with a different config ({', '.join(diff)}); "
                               "use another --out or drop --resume")
