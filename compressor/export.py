@@ -51,7 +51,12 @@ class ExportConfig(BaseModel):
     """How a model directory becomes an artifact directory."""
 
     model_config = ConfigDict(extra="forbid")
-    atol: float = Field(1e-4, ge=0, description="max |hidden_onnx - hidden_torch| accepted")
+    rtol: float | None = Field(
+        1e-4, ge=0, description="max |hidden_onnx - hidden_torch| per history, relative to that history's "
+        "largest |hidden_torch|, accepted: scale-aware, since an LLM's hidden states have outlier dimensions "
+        "in the hundreds (None = not judged)")
+    atol: float | None = Field(None, ge=0, description="max absolute |hidden_onnx - hidden_torch| accepted "
+                               "(None = not judged; the relative check above is the default gate)")
     min_topk_agreement: float = Field(0.99, ge=0, le=1, description="mean top-k overlap ONNX vs PyTorch accepted")
     topk: int = Field(10, ge=1, description="k of the top-k agreement")
     parity_users: int = Field(256, ge=1, description="validation users the parity check runs on")
@@ -151,18 +156,20 @@ def check_parity(
     k: int = 10,
     batch_size: int = 64,
     num_special: int = 1,
+    rtol: float | None = None,
 ) -> dict:
     """Run the graph in ONNX Runtime and the model in PyTorch on the same left-padded histories.
 
-    Returns max abs difference of `hidden` (and of the scores), mean top-k overlap, rows and
-    padded rows checked, the thresholds and `passed` (`atol=None`: only the ranking is judged)."""
+    Returns the max abs difference of `hidden` (and of the scores), the max relative difference
+    (per history, over that history's largest |hidden|), the mean top-k overlap, rows and padded
+    rows checked, the thresholds and `passed` (a threshold of None is not judged)."""
     if not histories:
         raise CompressorError("parity check needs at least one history")
     session = ort_session(onnx_path)
     encoder = QueryEncoder(model).eval()
     device = next(model.parameters()).device
     weight, bias = item_embeddings(model)
-    max_diff = max_score_diff = 0.0
+    max_diff = max_score_diff = max_rel = 0.0
     overlap, padded = [], 0
     for a in tqdm(range(0, len(histories), batch_size), desc="parity", leave=False):
         chunk = histories[a : a + batch_size]
@@ -172,8 +179,11 @@ def check_parity(
         with torch.no_grad():
             ref = encoder(torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)).float().cpu().numpy()
         got = session.run([OUTPUT_NAME], {"input_ids": ids, "attention_mask": mask})[0]
-        diff = float(np.abs(got - ref).max())
+        err = np.abs(got - ref)
+        diff = float(err.max())
         max_diff = max(max_diff, diff if np.isfinite(diff) else float("inf"))  # NaN must fail, not vanish
+        rel = float((err.max(axis=1) / np.maximum(np.abs(ref).max(axis=1), 1e-12)).max())
+        max_rel = max(max_rel, rel if np.isfinite(rel) else float("inf"))
         s_ref, s_got = ref @ weight.T, got @ weight.T
         if bias is not None:
             s_ref, s_got = s_ref + bias, s_got + bias
@@ -182,10 +192,11 @@ def check_parity(
         overlap += [len(set(r) & set(g)) / len(r) for r, g in zip(top_ref, top_got, strict=True)]
     agreement = float(np.mean(overlap))
     return {
-        "max_abs_diff": max_diff, "max_abs_diff_scores": max_score_diff, "topk_agreement": agreement,
-        "k": k, "n": len(histories), "padded_rows": padded, "atol": atol,
-        "min_topk_agreement": min_topk_agreement,
-        "passed": bool((atol is None or max_diff <= atol) and agreement >= min_topk_agreement),
+        "max_abs_diff": max_diff, "max_rel_diff": max_rel, "max_abs_diff_scores": max_score_diff,
+        "topk_agreement": agreement, "k": k, "n": len(histories), "padded_rows": padded, "atol": atol,
+        "rtol": rtol, "min_topk_agreement": min_topk_agreement,
+        "passed": bool((atol is None or max_diff <= atol) and (rtol is None or max_rel <= rtol)
+                       and agreement >= min_topk_agreement),
     }
 
 
@@ -194,6 +205,8 @@ def require_parity(parity: dict, what: str) -> None:
     fails = []
     if parity["atol"] is not None and not parity["max_abs_diff"] <= parity["atol"]:
         fails.append(f"max abs diff {parity['max_abs_diff']:.3g} > atol {parity['atol']:.3g}")
+    if parity.get("rtol") is not None and not parity["max_rel_diff"] <= parity["rtol"]:
+        fails.append(f"max relative diff {parity['max_rel_diff']:.3g} > rtol {parity['rtol']:.3g}")
     if not parity["topk_agreement"] >= parity["min_topk_agreement"]:
         fails.append(f"top-{parity['k']} agreement {parity['topk_agreement']:.4f} < "
                      f"{parity['min_topk_agreement']:.4f}")
@@ -276,7 +289,7 @@ def export_artifact(
     with art.atomic_directory(out_dir) as tmp:
         export_onnx(model, tmp / art.MODEL_ONNX, max_len, cfg.opset)
         parity = check_parity(tmp / art.MODEL_ONNX, model, histories, max_len, cfg.atol,
-                              cfg.min_topk_agreement, cfg.topk, cfg.batch_size, vocab.num_special)
+                              cfg.min_topk_agreement, cfg.topk, cfg.batch_size, vocab.num_special, cfg.rtol)
         require_parity(parity, f"export of {model_dir}")
         parity_all = {art.MODEL_ONNX: parity}
         if cfg.quantize:

@@ -197,8 +197,15 @@ def render_markdown(doc: dict) -> str:
     rows = []
     for art, man in (("teacher", t), ("student", s)):
         for f, par in (man.get("parity") or {}).items():
-            rows.append([f"{art}/{f}", par.get("max_abs_diff"), par.get("topk_agreement"), par.get("n")])
-    out += [_table(["graph", "max abs diff", "top-10 agreement", "histories"], rows), ""]
+            gate = "; ".join(f"{name} ≤ {par[key]:g}" for name, key in
+                             (("relative", "rtol"), ("absolute", "atol")) if par.get(key) is not None)
+            gate += ("; " if gate else "") + f"top-{par.get('k', 10)} ≥ {par.get('min_topk_agreement')}"
+            rows.append([f"{art}/{f}", par.get("max_abs_diff"), par.get("max_rel_diff"), par.get("topk_agreement"),
+                         par.get("n"), gate])
+    out += ["Each graph ran on the same left-padded histories as the PyTorch model; the gate judges the "
+            "query vector's largest difference relative to its largest component (scale-aware: LLM "
+            "hidden states have outlier dimensions) and the top-k item agreement.", "",
+            _table(["graph", "max abs diff", "max relative diff", "top-k agreement", "histories", "gate"], rows), ""]
     out += ["## Time per stage", "", _table(["stage", "seconds"], [[k, v] for k, v in doc["stage_seconds"].items()]),
             "", "![stage times](stage_times.png)", ""]
     if doc["stages_skipped_this_run"]:

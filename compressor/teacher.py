@@ -8,6 +8,7 @@ it with `save_pretrained`, the item vocabulary and a training summary.
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -29,7 +30,14 @@ from compressor.modeling import (
     save_model,
     set_recsys_meta,
 )
-from compressor.training import EarlyStopping, cosine_schedule, make_optimizer, set_seed
+from compressor.training import (
+    EarlyStopping,
+    autocast,
+    cosine_schedule,
+    device_description,
+    make_optimizer,
+    set_seed,
+)
 
 SUMMARY_FILE = "training_summary.json"
 
@@ -46,11 +54,21 @@ class TrainConfig(BaseModel):
     warmup_steps: int = Field(100, ge=0)
     patience: int = Field(8, ge=0, description="validation rounds without NDCG@10 gain before stopping")
     eval_every: int = Field(1, ge=1, description="epochs between validation rounds")
-    max_minutes: float = Field(15.0, gt=0, description="wall-clock budget; the best checkpoint so far is kept")
+    max_minutes: float | None = Field(
+        None, gt=0, description="a wall-clock safety cap (None = none): when it cuts training the record, "
+        "report and console say so, since the result then depends on the machine's speed")
     hidden_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on embeddings and each layer's output while training")
     random_windows: bool = Field(
         False, description="re-cut the training windows at a random offset every epoch (augmentation: "
         "each item is predicted from a different amount of context); teacher training only")
+    recent_windows: int | None = Field(
+        None, ge=1, description="train on each user's newest N windows only (None = all): the recent past, "
+        "where validation and test items are; what makes an LLM epoch affordable on a CPU")
+    embedding_lr: float | None = Field(
+        None, gt=0, description="learning rate of the item table (None = lr): a pretrained LLM's new "
+        "item table wants a higher rate than its decoder")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto = bf16 autocast on a CUDA device that supports it, fp32 elsewhere")
     seed: int = 0
     device: str = "auto"
 
@@ -137,11 +155,11 @@ def train_recommender(
     device = pick_device(train.device)
     model.to(device)
     seqs = data.train_sequences()
-    windows = training_windows(seqs, max_len)
+    windows = training_windows(seqs, max_len, per_sequence=train.recent_windows)
     # random cuts add at most one window per sequence; the schedule clamps at its end
-    n_windows = len(windows) + (len(seqs) if train.random_windows else 0)
+    n_windows = len(windows) + (len(seqs) if train.random_windows and not train.recent_windows else 0)
     steps_per_epoch = -(-n_windows // train.batch_size)
-    opt = make_optimizer(model, train.lr, train.weight_decay, train.betas)
+    opt = make_optimizer(model, train.lr, train.weight_decay, train.betas, train.embedding_lr)
     sched = cosine_schedule(opt, steps_per_epoch * train.epochs, train.warmup_steps)
     stopper = EarlyStopping(train.patience)
     valid = data.split("valid")
@@ -155,15 +173,20 @@ def train_recommender(
         model.train()
         t0, losses = time.time(), []
         if train.random_windows:
-            windows = training_windows(seqs, max_len, rng)
-        for ids, mask, labels in window_batches(windows, max_len, train.batch_size, rng):
-            loss = next_item_loss(model, *(torch.from_numpy(x).to(device) for x in (ids, mask, labels)))
+            windows = training_windows(seqs, max_len, rng, per_sequence=train.recent_windows)
+        # progress inside the epoch too: an LLM epoch on a CPU takes many minutes
+        steps = tqdm(window_batches(windows, max_len, train.batch_size, rng), desc=f"{desc} epoch {epoch + 1}",
+                     unit="step", total=-(-len(windows) // train.batch_size), leave=False)
+        for ids, mask, labels in steps:
+            with autocast(device, train.precision):
+                loss = next_item_loss(model, *(torch.from_numpy(x).to(device) for x in (ids, mask, labels)))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
             losses.append(loss.item())
+            steps.set_postfix(loss=f"{losses[-1]:.3f}")
         row = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "epoch_seconds": time.time() - t0}
         if (epoch + 1) % train.eval_every == 0 or epoch + 1 == train.epochs:
             metrics = evaluate_model(model, valid, max_len).metrics
@@ -179,10 +202,14 @@ def train_recommender(
         history.append(row)
         if stop_reason == "early stopping":
             break
-        if (time.time() - start) / 60 > train.max_minutes:
-            stop_reason = "time budget"
+        if train.max_minutes is not None and (time.time() - start) / 60 > train.max_minutes:
+            stop_reason = "time cap"
             break
     bar.close()
+    if stop_reason == "time cap":
+        # loud on purpose: the same config would give another model on a faster or slower machine
+        warnings.warn(f"{desc}: stopped by the time cap ({train.max_minutes} min) after {len(history)} of "
+                      f"{train.epochs} epochs: results depend on machine speed", stacklevel=2)
     for h in hooks:
         h.remove()
     if best_state is not None:
@@ -195,6 +222,8 @@ def train_recommender(
         "train_seconds": time.time() - start,
         "seconds_per_epoch": float(np.mean([h["epoch_seconds"] for h in history])),
         "train_windows": len(windows),
+        "epochs_planned": train.epochs,
+        "device": device_description(device),
         "history": history,
     }
 

@@ -16,13 +16,37 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on norms and biases)."""
-    params = {id(p): p for p in model.parameters() if p.requires_grad}.values()
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
+                   embedding_lr: float | None = None) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms and biases).
+
+    `embedding_lr`: a rate of its own for the input item table (tied to the head): a pretrained
+    LLM's decoder wants a gentle rate, its new item table a much higher one."""
+    params = {id(p): p for p in model.parameters() if p.requires_grad}
+    groups = []
+    if embedding_lr is not None and hasattr(model, "get_input_embeddings"):
+        table = model.get_input_embeddings().weight
+        if params.pop(id(table), None) is not None:
+            groups.append({"params": [table], "weight_decay": weight_decay, "lr": embedding_lr})
+    decay = [p for p in params.values() if p.dim() >= 2]
+    no_decay = [p for p in params.values() if p.dim() < 2]
+    groups += [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast on a CUDA device that supports it (`precision` auto or bf16); fp32 elsewhere."""
+    import contextlib
+
+    use = device.type == "cuda" and precision in ("auto", "bf16") and torch.cuda.is_bf16_supported()
+    return torch.autocast("cuda", dtype=torch.bfloat16) if use else contextlib.nullcontext()
+
+
+def device_description(device: torch.device) -> str:
+    """What trained: `cuda (NVIDIA H200)` or `cpu (2 threads)`, for summaries and the report."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"{device.type} ({torch.get_num_threads()} threads)"
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:

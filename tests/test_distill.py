@@ -137,15 +137,16 @@ def test_layer_map_validation(teacher):
 
 
 def test_fisher_scores_reader_and_weights(tmp_path):
-    doc = {"methods": {"fisher": {"scores": [4.0, 1.0, 1.0, 2.0], "weights": [0.5, 0.125, 0.125, 0.25]}}}
+    doc = {"num_layers": 4, "methods": {"fisher": {"scores": [4.0, 1.0, 1.0, 2.0], "weights": [0.5, 0.125, 0.125, 0.25]}}}
     assert read_fisher_scores(doc, 4).tolist() == [4.0, 1.0, 1.0, 2.0]
     (tmp_path / "importance.json").write_text(json.dumps(doc))
     assert read_fisher_scores(tmp_path / "importance.json", 4)[0] == 4.0
-    assert read_fisher_scores([1, 2], 2).tolist() == [1.0, 2.0]
-    with pytest.raises(CompressorError, match="4 Fisher scores for a teacher of 16"):
+    with pytest.raises(CompressorError, match="4 layers scored, the teacher has 16"):
         read_fisher_scores(doc, 16)
-    with pytest.raises(CompressorError, match="no Fisher scores"):
-        read_fisher_scores({"methods": {"gradient": {"scores": [1]}}}, 1)
+    with pytest.raises(CompressorError, match="no 'fisher' scores"):
+        read_fisher_scores({"num_layers": 1, "methods": {"gradient": {"scores": [1], "weights": [1]}}}, 1)
+    with pytest.raises(CompressorError, match="num_layers"):  # one strict reader: no guessing at shapes
+        read_fisher_scores({"fisher": [1, 2]}, 2)
     # weights of the mapped layers, renormalised; the depth bias favours the deeper one
     assert np.allclose(mapped_weights(np.array([4.0, 1.0, 1.0, 2.0]), [0, 3]), [2 / 3, 1 / 3])
     biased = mapped_weights(np.array([1.0, 1.0]), [0, 1], depth_bias=1.0)

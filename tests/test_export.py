@@ -26,7 +26,13 @@ from compressor.export import (
     parity_histories,
     require_parity,
 )
-from compressor.modeling import QueryEncoder, count_parameters, load_model, set_recsys_meta
+from compressor.modeling import (
+    QueryEncoder,
+    count_parameters,
+    decoder_parts,
+    load_model,
+    set_recsys_meta,
+)
 from compressor.teacher import build_teacher
 from serving.artifact import load_artifact
 from serving.runtime import OnnxEncoder
@@ -87,6 +93,25 @@ def test_broken_graph_fails_parity(tiny_artifact_dir, tiny_teacher_dir, tiny_dat
     assert not parity["passed"] and parity["max_abs_diff"] > 1e-2
     with pytest.raises(CompressorError, match=r"max abs diff .* > atol"):
         require_parity(parity, "broken graph")
+    # the default, scale-aware gate catches it too: the error is large relative to the vectors
+    relative = check_parity(tmp_path / "broken.onnx", model, parity_histories(tiny_data, 32, 20), 20, None, 0.0,
+                            rtol=1e-4)
+    assert not relative["passed"] and relative["max_rel_diff"] > 1e-2
+    with pytest.raises(CompressorError, match=r"max relative diff .* > rtol"):
+        require_parity(relative, "broken graph")
+
+
+def test_relative_gate_is_scale_free(tiny_teacher_dir, tiny_data, tmp_path):
+    """Scaling the query vector (as LLM outlier dimensions do) scales the absolute error, not the
+    relative one: the relative gate passes a correct graph at any scale."""
+    model, _ = load_model(tiny_teacher_dir)
+    norm = decoder_parts(model).norm
+    with torch.no_grad():
+        norm.weight.mul_(1000.0)
+    path = export_onnx(model, tmp_path / "big.onnx", 20)
+    parity = check_parity(path, model, parity_histories(tiny_data, 32, 20), 20, None, 0.99, rtol=1e-4)
+    assert parity["passed"], parity
+    assert parity["max_abs_diff"] > parity["max_rel_diff"] * 10  # absolute error grew with the scale
 
 
 def test_cli_refuses_threshold_zero_and_keeps_old_artifact(tiny_artifact_dir, tiny_teacher_dir, tmp_path, capsys):

@@ -12,11 +12,11 @@ from pydantic import ValidationError
 
 from compressor.cli import main
 from compressor.errors import ArtifactError, CompressorError
+from compressor.fisher import last_item_loss, layer_traces, parameter_fisher, squared_gradients
 from compressor.importance import (
     ALL_METHODS,
     DEFAULT_METHODS,
     IMPORTANCE,
-    FisherAccumulator,
     ImportanceConfig,
     LayerScores,
     ProbeSet,
@@ -29,7 +29,6 @@ from compressor.importance import (
     top_k_overlap,
     write_importance,
 )
-from compressor.importance.base import next_item_ce
 from compressor.modeling import decoder_parts, item_scores, load_model
 from compressor.teacher import build_teacher
 from compressor.truncate import truncate
@@ -111,28 +110,64 @@ def test_identity_layer_is_least_important(tiny_teacher_dir, tiny_data, idx):
     assert int(np.argmin(res.methods["angular"].scores)) == idx
 
 
-def test_fisher_is_the_accumulated_squared_per_sample_gradient(teacher, tiny_data):
-    """Accumulation (the caller runs backward) reproduces the estimator's traces."""
-    cfg = ImportanceConfig(samples=6)
-    probe = ProbeSet.from_split(tiny_data.split("valid"), MAX_LEN, 6)
-    got = IMPORTANCE["fisher"](teacher, probe, cfg)
-    acc = FisherAccumulator(teacher)
-    layers = decoder_parts(teacher).layers
-    expected = np.zeros(len(layers))
+def _loop_fisher(model, probe, params):
+    """The reference: one backward pass per history, squared gradients averaged."""
+    expected = [torch.zeros_like(p) for p in params]
     for ids, mask, t in probe.batches(1):
-        teacher.zero_grad()
-        next_item_ce(teacher, ids, mask, t).backward()
-        acc.accumulate(1)
-        for i, layer in enumerate(layers):
-            expected[i] += sum(float((p.grad ** 2).sum()) for p in layer.parameters())
-    teacher.zero_grad(set_to_none=True)
-    np.testing.assert_allclose(acc.layer_traces(), expected / 6, rtol=1e-5)
-    np.testing.assert_allclose(got.scores, expected / 6, rtol=1e-4)
+        model.zero_grad()
+        last_item_loss(model, ids, mask, t).backward()
+        for e, p in zip(expected, params, strict=True):
+            e += p.grad.detach() ** 2
+    model.zero_grad(set_to_none=True)
+    return [e / len(probe) for e in expected]
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 64])
+def test_batched_per_sample_fisher_equals_the_batch_size_1_loop(teacher, tiny_data, chunk):
+    """vmap(grad) over chunks of histories (left-padded to different lengths) gives exactly the
+    diagonal empirical Fisher of the one-at-a-time loop, whatever the chunk size."""
+    probe = ProbeSet.from_split(tiny_data.split("valid"), 3 * MAX_LEN, 9)
+    assert (probe.mask == 0).any()  # some histories are padded: the 4-D mask matters
+    named = {k: p for k, p in teacher.named_parameters() if ".layers." in k}
+    expected = _loop_fisher(teacher, probe, list(named.values()))
+    got = squared_gradients(teacher, probe, named, batch_size=chunk, progress=False)
+    for (k, g), e in zip(got.items(), expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6 * float(e.max()), msg=lambda m, k=k: f"{k}: {m}")
+    traces = layer_traces(teacher, probe, batch_size=chunk, progress=False).traces
+    per_layer = [sum(float(e.sum()) for k, e in zip(named, expected, strict=True) if f".layers.{i}." in k)
+                 for i in range(len(decoder_parts(teacher).layers))]
+    np.testing.assert_allclose(traces, per_layer, rtol=1e-5)
+    assert all(p.grad is None for p in teacher.parameters())  # no gradients left behind
+    assert all(p.requires_grad for p in teacher.parameters())  # requires_grad restored
+
+
+def test_fisher_estimator_reports_traces_and_groups(teacher, tiny_data):
+    probe = ProbeSet.from_split(tiny_data.split("valid"), MAX_LEN, 6)
+    got = IMPORTANCE["fisher"](teacher, probe, ImportanceConfig(samples=6))
+    layers = decoder_parts(teacher).layers
+    expected = _loop_fisher(teacher, probe, [p for layer in layers for p in layer.parameters()])
+    sizes = [len(list(layer.parameters())) for layer in layers]
+    bounds = np.cumsum([0, *sizes])
+    per_layer = [sum(float(e.sum()) for e in expected[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    np.testing.assert_allclose(got.scores, per_layer, rtol=1e-5)
     groups = got.detail["groups"]
     assert set(groups) >= {"self_attn", "mlp"}
     np.testing.assert_allclose(np.sum([groups[g] for g in groups], axis=0), got.scores, rtol=1e-6)
-    assert all(p.grad is None for p in teacher.parameters())  # the estimator leaves no gradients behind
-    assert all(p.requires_grad for p in teacher.parameters())  # and restores requires_grad
+
+
+def test_parameter_fisher_batch_mode_is_squared_mini_batch_gradients(teacher, tiny_data):
+    probe = ProbeSet.from_split(tiny_data.split("valid"), MAX_LEN, 8)
+    w = decoder_parts(teacher).layers[0].mlp.down_proj.weight
+    got = parameter_fisher(teacher, [w], probe, batch_size=4, progress=False)[0]
+    expected = torch.zeros_like(w)
+    for ids, mask, t in probe.batches(4):
+        teacher.zero_grad()
+        last_item_loss(teacher, ids, mask, t).backward()
+        expected += w.grad ** 2
+    teacher.zero_grad(set_to_none=True)
+    torch.testing.assert_close(got, expected / 2, rtol=1e-5, atol=1e-12)
+    per_sample = parameter_fisher(teacher, [w], probe, batch_size=4, per_sample=True, progress=False)[0]
+    assert not torch.allclose(per_sample, got)  # the two estimates differ: the mode is honoured
 
 
 def test_fisher_weights_follow_the_paper():

@@ -14,10 +14,11 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from compressor.data import left_pad
 from compressor.errors import CompressorError
+from compressor.fisher import ProbeSet
 from compressor.modeling import decoder_parts, item_scores, load_model, save_model
 from compressor.prune import PruneConfig, find_adapter, measure_sparsity, prune_dir, prune_model
 from compressor.prune.adapters import HeadLayout
-from compressor.prune.scoring import ProbeBatches, fisher_unit_scores
+from compressor.prune.scoring import fisher_unit_scores
 from compressor.prune.structured import apply_structured, full_head_plan, plan_channels, plan_heads
 from compressor.teacher import build_teacher
 from tests.conftest import tiny_teacher_config
@@ -107,8 +108,9 @@ def test_fisher_removes_a_useless_head_first_and_keeps_the_function(tiny_data):
 
 def test_fisher_prefers_the_useless_head_in_one_layer_only(teacher, tiny_data):
     _zero_heads(teacher, [1], layers=[0])
-    probe = ProbeBatches.from_data(tiny_data, MAX_LEN, 32, 16)
-    scores = fisher_unit_scores(teacher, find_adapter(teacher), probe, channels=False, progress=False).heads
+    probe = ProbeSet.from_data(tiny_data, MAX_LEN, 32)
+    scores = fisher_unit_scores(teacher, find_adapter(teacher), probe, channels=False, progress=False,
+                                batch_size=16).heads
     assert scores[0].argmin() == 1 and scores[0, 1] == 0
     assert (scores[1:] > 0).all()
 

@@ -130,18 +130,23 @@ def left_pad(seqs: list[np.ndarray], max_len: int) -> tuple[np.ndarray, np.ndarr
 
 
 def training_windows(
-    seqs: list[np.ndarray], max_len: int, rng: np.random.Generator | None = None
+    seqs: list[np.ndarray], max_len: int, rng: np.random.Generator | None = None,
+    per_sequence: int | None = None,
 ) -> list[np.ndarray]:
     """Cut sequences into windows of `max_len + 1` from the newest end, overlapping by one
     item, so every item after the first is predicted exactly once per epoch.
 
     With `rng`, each sequence's newest window gets a random length, which shifts every cut
-    below it: an item is then predicted from a different amount of context each epoch."""
+    below it: an item is then predicted from a different amount of context each epoch.
+    With `per_sequence`, only each sequence's newest `per_sequence` windows are kept (the recent
+    past, where the validation and test items are): what makes an LLM epoch affordable on a CPU."""
     windows = []
     for s in seqs:
         end = len(s)
         first = rng is not None
-        while end >= 2:
+        kept = 0
+        while end >= 2 and (per_sequence is None or kept < per_sequence):
+            kept += 1
             length = int(rng.integers(2, max_len + 2)) if first else max_len + 1
             first = False
             start = max(0, end - length)

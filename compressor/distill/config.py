@@ -11,8 +11,8 @@ from compressor.teacher import TrainConfig
 # Distillation fine-tunes an already-trained student (a truncated teacher), so the budget is
 # a few epochs with a short warm-up and the paper's weight decay (0.01).
 DISTILL_TRAIN = TrainConfig(
-    epochs=8, batch_size=64, lr=1e-3, weight_decay=0.01, warmup_steps=20, patience=2,
-    eval_every=1, max_minutes=5.0,
+    epochs=4, batch_size=64, lr=1e-3, weight_decay=0.01, warmup_steps=20, patience=2,
+    eval_every=1, max_minutes=None,
 )
 
 
@@ -42,6 +42,10 @@ class DistillConfig(BaseModel):
         "student's loss fell 0.7% in 10 steps instead of 17%)",
     )
     temperature: float = Field(4.0, gt=0)
+    layer_loss: Literal["mse", "relative"] = Field(
+        "mse", description="the layer term of fisher_ld / fisher_ld_static / uniform_ld: mse = mean "
+        "(h_T − Adapt(h_S))² (the paper's form); relative = ‖h_T − Adapt(h_S)‖² / ‖h_T‖² per position, "
+        "so LLM outlier dimensions do not dominate")
     layer_map: Literal["source", "uniform"] | list[int] = Field(
         "source",
         description="student layer i ↔ teacher layer map[i]; source = the teacher layers a truncated "

@@ -73,6 +73,18 @@ def masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Te
     return (a - b).pow(2).mean(-1)[mask].mean()
 
 
+def relative_mse(t: torch.Tensor, s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """‖t − s‖² / ‖t‖² per real position, averaged: the teacher state's own scale divides out, so a
+    layer whose hidden states carry outlier dimensions in the hundreds (pretrained LLMs) weighs
+    like any other, and the term is ~1 for a student that outputs zeros."""
+    err = (t - s).pow(2).sum(-1)
+    return (err / t.detach().pow(2).sum(-1).clamp_min(1e-12))[mask].mean()
+
+
+# how a student layer's hidden state is compared with its teacher layer's (distill.layer_loss)
+LAYER_LOSSES = {"mse": masked_mse, "relative": relative_mse}
+
+
 def _same_heads(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention maps (B, h, T, T); average over heads when the counts differ."""
     if a.shape[1] != b.shape[1]:
@@ -164,7 +176,8 @@ class LayerwiseLD(DistillLoss):
         return Request(layers=frozenset(range(ctx.n_student))), Request(layers=frozenset(ctx.layer_map))
 
     def terms(self, b, ctx):
-        mse = torch.stack([masked_mse(b.t.hidden[t], ctx.adapters(i, b.s.hidden[i]), b.mask)
+        compare = LAYER_LOSSES[ctx.cfg.layer_loss]
+        mse = torch.stack([compare(b.t.hidden[t], ctx.adapters(i, b.s.hidden[i]), b.mask)
                            for i, t in enumerate(ctx.layer_map)])
         terms = {**self.base(b, ctx), "layers": (ctx.cfg.gamma, (ctx.weights * mse).sum())}
         if ctx.cfg.l2 != "none" and ctx.cfg.l2_mode == "loss":  # else the Distiller applies it decoupled

@@ -17,14 +17,10 @@ from transformers import PreTrainedModel
 
 from compressor.distill.config import DistillConfig
 from compressor.distill.features import TeacherCache, extract
-from compressor.distill.fisher_weights import (
-    LayerWeights,
-    grad_traces,
-    layer_params,
-    mapped_weights,
-)
+from compressor.distill.fisher_weights import LayerWeights, mapped_weights
 from compressor.distill.losses import Batch, Context, get_loss
 from compressor.distill.mapping import Adapters, resolve_layer_map
+from compressor.fisher import grad_traces, layer_params
 from compressor.training import cosine_schedule, make_optimizer
 
 

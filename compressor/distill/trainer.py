@@ -22,11 +22,12 @@ from transformers import PreTrainedModel
 from compressor.config import dump_config
 from compressor.data.protocol import RecData, left_pad, training_windows
 from compressor.distill.config import DistillConfig
-from compressor.distill.fisher_weights import estimate_layer_fisher, read_fisher_scores
+from compressor.distill.fisher_weights import read_fisher_scores
 from compressor.distill.losses import get_loss
 from compressor.distill.step import Distiller, attention_implementation, frozen
 from compressor.errors import CompressorError
 from compressor.evaluate import evaluate_model
+from compressor.fisher import estimate_layer_fisher
 from compressor.modeling import pick_device, recsys_meta, save_model, set_recsys_meta
 from compressor.teacher import next_item_loss
 from compressor.training import EarlyStopping, set_seed
@@ -151,7 +152,7 @@ def distill(teacher: PreTrainedModel, student: PreTrainedModel, data: RecData, c
     set_seed(t.seed)
     teacher.to(device)
     student.to(device)
-    windows = training_windows(data.train_sequences(), max_len)
+    windows = training_windows(data.train_sequences(), max_len, per_sequence=t.recent_windows)
     if not windows:
         raise CompressorError(f"{data.name}: no training windows")
     steps_per_epoch = math.ceil(len(windows) / t.batch_size)
@@ -220,7 +221,7 @@ def distill(teacher: PreTrainedModel, student: PreTrainedModel, data: RecData, c
             rng.bit_generator.state = st["epoch_rng"]
             order = rng.permutation(len(windows))
             for b in range(st["batch"], steps_per_epoch):
-                if (time.time() - start) / 60 > t.max_minutes:
+                if t.max_minutes is not None and (time.time() - start) / 60 > t.max_minutes:
                     st["stop_reason"] = "time budget"
                     break
                 if max_steps is not None and d.step_n >= max_steps:

@@ -20,6 +20,7 @@ from transformers import PreTrainedModel
 
 from compressor.data.protocol import RecData
 from compressor.errors import ArtifactError, CompressorError
+from compressor.fisher import ProbeSet, fisher_layer_weights, normalise
 from compressor.importance.ablation import ablation, ablation_greedy, loss_and_ndcg
 from compressor.importance.base import (
     ALL_METHODS,
@@ -27,12 +28,10 @@ from compressor.importance.base import (
     FisherOptions,
     ImportanceConfig,
     LayerScores,
-    ProbeSet,
     capture_layer_io,
-    normalise,
     skip_layers,
 )
-from compressor.importance.fisher import FisherAccumulator, fisher, fisher_layer_weights, gradient
+from compressor.importance.fisher import fisher, gradient
 from compressor.importance.similarity import angular, attention, block_influence
 from compressor.modeling import decoder_parts, pick_device
 from compressor.select import SELECTION, top_k
@@ -244,7 +243,7 @@ def estimate(model: PreTrainedModel, data: RecData, method: str, max_len: int,
 
 __all__ = [
     "IMPORTANCE", "IMPORTANCE_FILE", "DEFAULT_METHOD", "ALL_METHODS", "DEFAULT_METHODS", "ImportanceConfig",
-    "FisherOptions", "LayerScores", "ImportanceResult", "ProbeSet", "FisherAccumulator", "fisher_layer_weights",
+    "FisherOptions", "LayerScores", "ImportanceResult", "ProbeSet", "fisher_layer_weights",
     "combine", "spearman", "top_k_overlap", "run_importance", "write_importance", "load_importance", "validate_importance",
     "method_scores", "estimate", "check_method", "capture_layer_io", "skip_layers", "loss_and_ndcg",
 ]

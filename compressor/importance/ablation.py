@@ -16,13 +16,11 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from compressor.evaluate import METRICS, target_ranks
+from compressor.fisher import ProbeSet, last_item_logits, normalise
 from compressor.importance.base import (
     ImportanceConfig,
     LayerScores,
-    ProbeSet,
-    last_position_logits,
     model_device,
-    normalise,
     skip_layers,
 )
 from compressor.modeling import decoder_parts
@@ -38,7 +36,7 @@ def loss_and_ndcg(model: PreTrainedModel, probe: ProbeSet, batch_size: int) -> t
     try:
         for a, (ids, mask, targets) in zip(range(0, len(probe), batch_size), probe.batches(batch_size, device),
                                            strict=True):
-            logits = last_position_logits(model, ids, mask).float()
+            logits = last_item_logits(model, ids, mask).float()
             ce_sum += float(F.cross_entropy(logits, targets, reduction="sum"))
             scores = logits.cpu().numpy()
             r, _ = target_ranks(scores, probe.histories[a : a + batch_size], targets.cpu().numpy())

@@ -1,5 +1,6 @@
-"""What every importance estimator shares: the result type, the config, the probe data and the
-hooks that read or skip decoder layers of any Hugging Face family."""
+"""What every importance estimator shares: the result type, the config, and the hooks that read
+or skip decoder layers of any Hugging Face family. The probe data and the loss are
+`compressor.fisher`'s (`ProbeSet`, `last_item_loss`), the one home of what Fisher reads."""
 
 from __future__ import annotations
 
@@ -7,15 +8,11 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from transformers import PreTrainedModel
 
-from compressor.data.protocol import Split, left_pad
-from compressor.data.vocab import PAD_ID
-from compressor.modeling import decoder_parts, item_scores
+from compressor.modeling import decoder_parts
 
 # Cheap estimators first; `hybrid` last because it combines the others. `ablation_greedy`
 # (O(L^2) validation passes) runs only when asked for.
@@ -35,18 +32,12 @@ class LayerScores:
     samples: int
     detail: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        self.weights = [float(w) for w in self.weights]
+
     def to_json(self) -> dict:
         return {"scores": self.scores, "weights": self.weights, "seconds": self.seconds,
                 "samples": self.samples, "detail": self.detail}
-
-
-def normalise(scores) -> list[float]:
-    """Scores -> weights summing to 1; negatives clipped to 0; all-zero -> uniform."""
-    s = np.clip(np.asarray(scores, dtype=np.float64), 0, None)
-    total = s.sum()
-    if not np.isfinite(total) or total <= 0:
-        return [1.0 / len(s)] * len(s)
-    return (s / total).tolist()
 
 
 class FisherOptions(BaseModel):
@@ -54,7 +45,8 @@ class FisherOptions(BaseModel):
     optional depth bias w_l * (1 + beta * l/L)^delta (l counted from 1)."""
 
     model_config = ConfigDict(extra="forbid")
-    batch_size: int = Field(1, ge=1, description="samples per backward pass; 1 = exact per-sample empirical Fisher")
+    batch_size: int = Field(32, ge=1, description="histories whose per-sample gradients are computed at once "
+                            "(capped by memory); the result does not depend on it")
     depth_bias: bool = Field(False, description="multiply by (1 + beta*l/L)^delta (the paper's upper-layer emphasis)")
     beta: float = Field(0.3, ge=0, description="depth-bias strength (paper's best: 0.3)")
     delta: float = Field(1.0, ge=0, description="depth-bias growth rate")
@@ -101,47 +93,8 @@ class ImportanceConfig(BaseModel):
         return v
 
 
-@dataclass
-class ProbeSet:
-    """Validation users as left-padded tensors: the data every estimator reads."""
-
-    ids: torch.Tensor  # (N, T) item tokens, left-padded
-    mask: torch.Tensor  # (N, T)
-    targets: torch.Tensor  # (N,) validation item
-    histories: list[np.ndarray]  # for excluding seen items when ranking
-    split: Split
-
-    @classmethod
-    def from_split(cls, split: Split, max_len: int, samples: int | None = None, seed: int = 0) -> ProbeSet:
-        sub = split if samples is None else split.subset(samples, seed)
-        ids, mask = left_pad(sub.histories, max_len)
-        return cls(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(sub.targets),
-                   sub.histories, sub)
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def batches(self, batch_size: int, device: torch.device | str = "cpu") -> Iterator[tuple[torch.Tensor, ...]]:
-        for a in range(0, len(self), batch_size):
-            yield (self.ids[a : a + batch_size].to(device), self.mask[a : a + batch_size].to(device),
-                   self.targets[a : a + batch_size].to(device))
-
-
 def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-def last_position_logits(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, V) next-item logits with the padding token excluded."""
-    logits = item_scores(model, ids, mask)
-    logits[:, PAD_ID] = float("-inf")
-    return logits
-
-
-def next_item_ce(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor,
-                 reduction: str = "mean") -> torch.Tensor:
-    """The recommendation loss the estimators measure: full-softmax CE of the next item."""
-    return F.cross_entropy(last_position_logits(model, ids, mask), targets, reduction=reduction)
 
 
 def _hidden_in(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -189,15 +142,3 @@ def skip_layers(model: PreTrainedModel, indices) -> Iterator[None]:
     finally:
         for h in handles:
             h.remove()
-
-
-def layer_param_groups(model: PreTrainedModel) -> list[dict[str, list[torch.nn.Parameter]]]:
-    """Per decoder layer: its parameters grouped by the layer's direct child (self_attn, mlp,
-    input_layernorm, ... / attn, mlp, ln_1, ...), the per-group detail of gradient estimators."""
-    out = []
-    for layer in decoder_parts(model).layers:
-        groups: dict[str, list[torch.nn.Parameter]] = {}
-        for name, p in layer.named_parameters():
-            groups.setdefault(name.split(".")[0], []).append(p)
-        out.append(groups)
-    return out

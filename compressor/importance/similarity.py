@@ -21,13 +21,12 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from compressor.errors import CompressorError
+from compressor.fisher import ProbeSet, normalise
 from compressor.importance.base import (
     ImportanceConfig,
     LayerScores,
-    ProbeSet,
     capture_layer_io,
     model_device,
-    normalise,
 )
 from compressor.modeling import decoder_parts, hidden_states
 

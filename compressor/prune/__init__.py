@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 
 from compressor.data.protocol import RecData, prepare
 from compressor.errors import CompressorError
+from compressor.fisher import ProbeSet, parameter_fisher
 from compressor.modeling import (
     count_parameters,
     load_model,
@@ -31,8 +32,6 @@ from compressor.prune.scoring import (
     PRUNE_SCORERS,
     SCORERS_NEED_DATA,
     WEIGHT_CRITERIA,
-    ProbeBatches,
-    parameter_fisher,
     summarize,
 )
 from compressor.prune.structured import apply_structured, config_accepts, plan_channels, plan_heads
@@ -93,7 +92,7 @@ def prune_model(model: PreTrainedModel, data: RecData | None, cfg: PruneConfig, 
                               "and unstructured_criterion=magnitude")
     start = time.time()
     report: dict = {"config": cfg.model_dump(), "params_before": count_parameters(model)}
-    probe = ProbeBatches.from_data(data, max_len, cfg.samples, cfg.batch_size, cfg.seed) if cfg.needs_data() else None
+    probe = ProbeSet.from_data(data, max_len, cfg.samples, cfg.seed) if cfg.needs_data() else None
     home = next(model.parameters()).device
     model.to(pick_device(cfg.device))
     if cfg.structured:
@@ -101,7 +100,7 @@ def prune_model(model: PreTrainedModel, data: RecData | None, cfg: PruneConfig, 
     if cfg.sparsity > 0:
         weights = prunable_weights(model)
         params = [p for _, _, p in weights]
-        fisher = (parameter_fisher(model, params, probe, progress) if cfg.unstructured_criterion in CRITERIA_NEED_DATA
+        fisher = (parameter_fisher(model, params, probe, cfg.batch_size, progress=progress) if cfg.unstructured_criterion in CRITERIA_NEED_DATA
                   else [None] * len(params))
         scores = [WEIGHT_CRITERIA[cfg.unstructured_criterion](p, f) for p, f in zip(params, fisher, strict=True)]
         sparsify(model, cfg.sparsity, scores, cfg.scope)
@@ -118,12 +117,12 @@ def prune_model(model: PreTrainedModel, data: RecData | None, cfg: PruneConfig, 
     return model, report
 
 
-def _structured(model: PreTrainedModel, probe: ProbeBatches | None, cfg: PruneConfig, progress: bool):
+def _structured(model: PreTrainedModel, probe: ProbeSet | None, cfg: PruneConfig, progress: bool):
     adapter = find_adapter(model)
     if cfg.heads > 0 and adapter.head_fields is None:
         raise CompressorError(f"{type(model).__name__}: {adapter.no_head_pruning}")
     scores = PRUNE_SCORERS[cfg.scorer](model, adapter, probe, heads=cfg.heads > 0, channels=cfg.mlp > 0,
-                                       progress=progress)
+                                       progress=progress, batch_size=cfg.batch_size)
     layout = adapter.layout(model.config)
     channels_before = adapter.channels(model.config)
     head_plan = chan_plan = None

@@ -8,7 +8,8 @@ per-sample empirical Fisher, not squared batch gradients). Magnitude is the alte
 L2 norm of all weights that read from or write to the unit.
 
 Single weights (unstructured pruning): |theta|, or Fisher-weighted theta^2 * F with F the
-diagonal empirical Fisher (squared mini-batch gradients), the saliency of Optimal Brain Damage.
+diagonal Fisher from `compressor.fisher.parameter_fisher` (squared mini-batch gradients), the
+saliency of Optimal Brain Damage.
 
 The loss is the project's importance loss: next-item cross-entropy at the last position of
 validation histories (the test split is never read).
@@ -16,51 +17,18 @@ validation histories (the test split is never read).
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from compressor.data.protocol import RecData, left_pad
-from compressor.data.vocab import PAD_ID
-from compressor.modeling import decoder_parts, item_scores
+from compressor.fisher import ProbeSet, gradients_only, last_item_loss
+from compressor.modeling import decoder_parts
 from compressor.prune.adapters import FamilyAdapter, submodule
-
-
-@dataclass
-class ProbeBatches:
-    """Left-padded validation histories and their targets, served in batches."""
-
-    ids: torch.Tensor
-    mask: torch.Tensor
-    targets: torch.Tensor
-    batch_size: int
-
-    @classmethod
-    def from_data(cls, data: RecData, max_len: int, samples: int, batch_size: int, seed: int = 0) -> ProbeBatches:
-        split = data.split("valid").subset(samples, seed)
-        ids, mask = left_pad(split.histories, max_len)
-        return cls(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(split.targets), batch_size)
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        for a in range(0, len(self), self.batch_size):
-            yield self.ids[a : a + self.batch_size], self.mask[a : a + self.batch_size], self.targets[a : a + self.batch_size]
-
-
-def per_sample_loss(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """(B,) next-item cross-entropy of each history's target, padding token excluded."""
-    logits = item_scores(model, ids, mask)
-    logits[:, PAD_ID] = float("-inf")
-    return F.cross_entropy(logits, targets, reduction="none")
 
 
 @dataclass
@@ -92,21 +60,9 @@ def _channel_mask_hook(masks: dict, key):
     return hook
 
 
-@contextlib.contextmanager
-def _frozen(model: torch.nn.Module):
-    """Only the mask variables need gradients; freezing the weights saves their backward."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
-
-def fisher_unit_scores(model: PreTrainedModel, adapter: FamilyAdapter, probe: ProbeBatches,
-                       heads: bool = True, channels: bool = True, progress: bool = True) -> UnitScores:
+def fisher_unit_scores(model: PreTrainedModel, adapter: FamilyAdapter, probe: ProbeSet,
+                       heads: bool = True, channels: bool = True, progress: bool = True,
+                       batch_size: int = 32) -> UnitScores:
     """Kwon et al.'s mask Fisher: sum over samples of the squared per-sample mask gradient."""
     start = time.time()
     layers = decoder_parts(model).layers
@@ -122,26 +78,24 @@ def fisher_unit_scores(model: PreTrainedModel, adapter: FamilyAdapter, probe: Pr
             handles.append(submodule(layer, adapter.channel_out).register_forward_pre_hook(_channel_mask_hook(masks, ("c", i))))
     head_f = torch.zeros(len(layers), n_heads, dtype=torch.float64)
     chan_f = torch.zeros(len(layers), n_channels, dtype=torch.float64)
-    was_training = model.training
-    model.eval()  # no dropout: the scores should describe the deployed function
     try:
-        with _frozen(model):
-            for ids, mask, targets in tqdm(probe, desc="fisher (heads/channels)", disable=not progress, leave=False,
-                                           total=-(-len(probe) // probe.batch_size)):
+        # only the mask variables need gradients; no weight gradient is computed
+        with gradients_only(model, params=[]):
+            for ids, mask, targets in tqdm(probe.batches(batch_size, device), desc="fisher (heads/channels)",
+                                           disable=not progress, leave=False, total=-(-len(probe) // batch_size)):
                 b = len(ids)
                 for i in range(len(layers)):
                     if heads:
                         masks[("h", i)] = torch.ones(b, n_heads, device=device, requires_grad=True)
                     if channels:
                         masks[("c", i)] = torch.ones(b, n_channels, device=device, requires_grad=True)
-                loss = per_sample_loss(model, ids.to(device), mask.to(device), targets.to(device)).sum()
+                loss = last_item_loss(model, ids, mask, targets, reduction="sum")
                 grads = torch.autograd.grad(loss, list(masks.values()))
                 for (kind, i), g in zip(masks.keys(), grads, strict=True):
                     (head_f if kind == "h" else chan_f)[i] += g.detach().double().pow(2).sum(0).cpu()
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     return UnitScores("fisher", head_f.float() if heads else None, chan_f.float() if channels else None,
                       samples=len(probe), seconds=time.time() - start)
 
@@ -156,8 +110,9 @@ def _unit_sq_norms(layer, rules, units: int) -> torch.Tensor:
     return total
 
 
-def magnitude_unit_scores(model: PreTrainedModel, adapter: FamilyAdapter, probe: ProbeBatches | None = None,
-                          heads: bool = True, channels: bool = True, progress: bool = True) -> UnitScores:
+def magnitude_unit_scores(model: PreTrainedModel, adapter: FamilyAdapter, probe: ProbeSet | None = None,
+                          heads: bool = True, channels: bool = True, progress: bool = True,
+                          batch_size: int = 32) -> UnitScores:
     """L2 norm of the weights of each unit; a key/value head's weights are shared out equally
     among the query heads of its group."""
     start = time.time()
@@ -174,34 +129,12 @@ def magnitude_unit_scores(model: PreTrainedModel, adapter: FamilyAdapter, probe:
                       torch.stack(chan_s).float() if channels else None, seconds=time.time() - start)
 
 
-# name -> fn(model, adapter, probe | None, heads=bool, channels=bool) -> UnitScores
+# name -> fn(model, adapter, probe | None, heads=, channels=, progress=, batch_size=) -> UnitScores
 PRUNE_SCORERS: dict[str, Callable[..., UnitScores]] = {
     "fisher": fisher_unit_scores,
     "magnitude": magnitude_unit_scores,
 }
 SCORERS_NEED_DATA = {"fisher"}
-
-
-def parameter_fisher(model: PreTrainedModel, params: list[torch.nn.Parameter], probe: ProbeBatches,
-                     progress: bool = True) -> list[torch.Tensor]:
-    """Diagonal empirical Fisher of `params`: mean over mini-batches of the squared gradient of
-    the batch's mean next-item loss."""
-    device = next(model.parameters()).device
-    fisher = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-    was_training = model.training
-    model.eval()
-    n = 0
-    try:
-        for ids, mask, targets in tqdm(probe, desc="fisher (weights)", disable=not progress, leave=False,
-                                       total=-(-len(probe) // probe.batch_size)):
-            loss = per_sample_loss(model, ids.to(device), mask.to(device), targets.to(device)).mean()
-            grads = torch.autograd.grad(loss, params)
-            for f, g in zip(fisher, grads, strict=True):
-                f += g.detach().float().pow(2)
-            n += 1
-    finally:
-        model.train(was_training)
-    return [f / max(1, n) for f in fisher]
 
 
 def _magnitude(w: torch.Tensor, fisher: torch.Tensor | None) -> torch.Tensor:
