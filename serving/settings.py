@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, ValidationError, model_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PREFIX = "RECSYS_"
@@ -83,11 +83,12 @@ class ServingSettings(BaseSettings):
     request_timeout_s: float = Field(30.0, gt=0, le=3600, description="a request running longer "
                                                                       "is answered 504")
 
-    @model_validator(mode="after")
-    def _consistent(self) -> ServingSettings:
-        if self.model_file is not None and ("/" in self.model_file or self.model_file.startswith(".")):
-            raise ValueError(f"model_file {self.model_file!r} must be a file name inside the artifact")
-        return self
+    @field_validator("model_file")
+    @classmethod
+    def _plain_name(cls, v: str | None) -> str | None:
+        if v is not None and (Path(v).name != v or v.startswith(".")):
+            raise ValueError("must be a file name inside the artifact")
+        return v
 
     @property
     def embed_batch_size(self) -> int:
