@@ -76,7 +76,7 @@ class ServingSettings(BaseSettings):
     max_history: int = Field(10_000, ge=1, description="most items in a `history` (a request size "
                                                        "cap, not the model's max_len)")
     max_embed_rows: int = Field(64, ge=1, description="most `histories` rows in one /embed request")
-    max_concurrency: int = Field(32, ge=0, description="requests in flight per service (split over "
+    max_concurrency: int = Field(8, ge=0, description="requests in flight per service (split over "
                                                        "workers); beyond it 503 + `Retry-After`; 0 = "
                                                        "no limit")
     retry_after_s: int = Field(1, ge=0, le=3600, description="`Retry-After` of a shed request")
