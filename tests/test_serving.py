@@ -222,3 +222,44 @@ def test_settings_parse_and_refuse_in_one_line(monkeypatch, tmp_path):
             load_settings()
         assert str(e.value).count("\n") == 0 and f"{name}=" in str(e.value) and message in str(e.value)
         monkeypatch.delenv(name)
+
+
+# -- the Faiss index cache (serving/retrieval.py): what is read back is what was written -----------
+
+
+def _overlap(results, ref) -> float:
+    return float(np.mean([len(set(t.tolist()) & set(r)) / len(r) for (t, _), r in zip(results, ref, strict=True)]))
+
+
+def test_index_cache_reads_only_a_verified_file_from_a_private_directory(tmp_path):
+    from serving.retrieval import IndexConfig, ItemIndex
+
+    rng = np.random.default_rng(3)
+    emb = rng.normal(size=(1501, 8)).astype(np.float32)
+    cache = tmp_path / "cache"
+    cfg = IndexConfig(hnsw_threshold=0, cache_dir=str(cache))
+    q = rng.normal(size=(3, 8)).astype(np.float32)
+    ref = [t.tolist() for t, _ in ItemIndex(emb, cfg=cfg, cache_key="k").search(q, 10)]
+    (entry,) = cache.iterdir()
+    assert cache.stat().st_mode & 0o077 == 0  # created private
+    # The checksum in the name is the file's sha256: a file changed after it was written is not
+    # read; it is removed and rebuilt.
+    data = bytearray(entry.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    entry.write_bytes(bytes(data))
+    again = ItemIndex(emb, cfg=cfg, cache_key="k")
+    assert _overlap(again.search(q, 10), ref) >= 0.9  # a rebuilt HNSW graph (build threads vary)
+    (rebuilt,) = cache.iterdir()
+    assert rebuilt.read_bytes() != bytes(data)
+    # Other vectors under the same caller key: another file (the key hashes the vectors too).
+    ItemIndex(emb * 2, cfg=cfg, cache_key="k")
+    assert len(list(cache.iterdir())) == 2
+    # A directory others can write is not used at all (nothing read, nothing written).
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    planted = shared / "planted.faiss"
+    planted.write_bytes(b"not an index")
+    idx = ItemIndex(emb, cfg=IndexConfig(hnsw_threshold=0, cache_dir=str(shared)), cache_key="k")
+    assert _overlap(idx.search(q, 10), ref) >= 0.9
+    assert sorted(p.name for p in shared.iterdir()) == ["planted.faiss"]
