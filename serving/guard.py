@@ -48,7 +48,11 @@ class Guard:
 
     def __init__(self, app, api_paths: frozenset[str], max_body_bytes: int, max_concurrency: int,
                  retry_after_s: int, ready: Callable[[], bool],
-                 openapi: Callable[[], dict] | None = None) -> None:
+                 openapi: Callable[[], dict] | None = None,
+                 unlimited_paths: frozenset[str] = frozenset()) -> None:
+        """`unlimited_paths` skip the concurrency limit (not the other checks): /embed when the
+        service calls it itself through BentoML's batching, so an accepted /recommend is never
+        refused its own model call."""
         self.app = app
         self.api_paths = api_paths
         self.max_body_bytes = max_body_bytes
@@ -56,6 +60,7 @@ class Guard:
         self.retry_after = {"Retry-After": str(retry_after_s)}
         self.ready = ready
         self.openapi = openapi
+        self.unlimited_paths = unlimited_paths
         self._spec: bytes | None = None
         self.in_flight = 0  # one event loop per worker: a plain counter is race-free
         self.shed = 0
@@ -81,9 +86,10 @@ class Guard:
         if not self.ready():
             return await _json(send, 503, {"error": "not ready: the model is still loading"},
                                self.retry_after)
-        if self.max_concurrency and self.in_flight >= self.max_concurrency:
+        limited = bool(self.max_concurrency) and path not in self.unlimited_paths
+        if limited and self.in_flight >= self.max_concurrency:
             return await self._shed(send)
-        self.in_flight += 1
+        self.in_flight += limited
         try:
             try:
                 body = await self._read(receive)
@@ -91,7 +97,7 @@ class Guard:
                 return await self._too_large(send, path, "chunked")
             await self.app(scope, _replay(body, receive), send)
         finally:
-            self.in_flight -= 1
+            self.in_flight -= limited
 
     async def _read(self, receive: Receive) -> bytes:
         """The whole body, never more than max_body_bytes of it in memory."""

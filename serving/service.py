@@ -28,6 +28,7 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import bentoml
@@ -35,10 +36,10 @@ import numpy as np
 from starlette.responses import JSONResponse
 
 from compressor.errors import CompressorError
-from serving.settings import SettingsError, get_settings, unknown_variables
+from serving.settings import ServingSettings, SettingsError, get_settings, unknown_variables
 
 
-def _settings_or_exit():
+def _settings_or_exit() -> ServingSettings:
     try:
         return get_settings()
     except SettingsError as e:
@@ -88,7 +89,7 @@ if bentoml.server_context.worker_index is None and S.preflight:
     preflight()  # not in a worker: this is `bentoml serve` (or build) importing the service
 
 
-def _answer(route: str, schema, fn, *args):
+def _answer(route: str, schema: type, fn: Callable[..., dict], *args) -> object:
     """Run an engine call; its errors become `{"error": message}` with 400 / 404 and one INFO
     log line (a client's mistake: no traceback)."""
     try:
@@ -101,7 +102,7 @@ def _answer(route: str, schema, fn, *args):
         return JSONResponse({"error": str(e)}, status_code=404)
 
 
-def _embed_api():
+def _embed_api() -> Callable:
     """/embed is adaptively batched only with RECSYS_BATCHING=1 (measured slower on CPU, see
     serving/README.md); a batch then holds at least one whole accepted request, so the
     dispatcher never refuses a single request for its size."""
@@ -135,7 +136,7 @@ class Recommender:
     def __is_ready__(self) -> bool:
         return READY.is_set()
 
-    def _encode(self):
+    def _encode(self) -> Callable[[list[list[int]]], np.ndarray] | None:
         """The model call: local ONNX Runtime, or the batched /embed API when RECSYS_BATCHING=1."""
         if not S.batching:
             return None
@@ -145,23 +146,25 @@ class Recommender:
         return lambda rows: np.asarray(client.embed([[items[t - ns] for t in r] for r in rows]), dtype=np.float32)
 
     @bentoml.api(input_spec=RecommendRequest, output_spec=RecommendResponse)
-    def recommend(self, user_id=None, history=None, k: int = 10, exclude_seen: bool = True) -> RecommendResponse:
+    def recommend(self, user_id: int | str | None = None, history: list[int | str] | None = None,
+                  k: int = 10, exclude_seen: bool = True) -> RecommendResponse:
         """Top-k items for a known user or an explicit history of item ids."""
         return _answer("/recommend", RecommendResponse, self.engine.recommend, user_id, history, k,
                        exclude_seen, self._encode())
 
     @bentoml.api(input_spec=RankRequest, output_spec=RankResponse)
-    def rank(self, user_id=None, history=None, candidates=None) -> RankResponse:
+    def rank(self, user_id: int | str | None = None, history: list[int | str] | None = None,
+             candidates: list[int | str] | None = None) -> RankResponse:
         """The candidate items in descending score order for a known user or a history."""
         return _answer("/rank", RankResponse, self.engine.rank, user_id, history, candidates, self._encode())
 
     @bentoml.api(input_spec=ItemRequest, output_spec=Item)
-    def item(self, item_id) -> Item:
+    def item(self, item_id: int | str) -> Item:
         """An item's metadata (title, genres)."""
         return _answer("/item", Item, self.engine.item, item_id)
 
     @_embed_api()
-    async def embed(self, histories) -> np.ndarray:
+    async def embed(self, histories: list[list[int | str]]) -> np.ndarray:
         """Query vectors (B, H) for histories of item ids. Unknown ids are dropped; a history with
         no known item gets the zero vector."""
         # Its own thread: the API threads may all be waiting on this call (RECSYS_BATCHING=1).
@@ -195,4 +198,4 @@ def openapi() -> dict:
 Recommender.add_asgi_middleware(
     Guard, api_paths=API_PATHS, max_body_bytes=S.max_body_bytes,
     max_concurrency=S.concurrency_per_worker, retry_after_s=S.retry_after_s, ready=READY.is_set,
-    openapi=openapi)
+    openapi=openapi, unlimited_paths=frozenset({"/embed"}) if S.batching else frozenset())
