@@ -136,7 +136,8 @@ def unknown_variables(environ: dict[str, str] | None = None) -> list[str]:
     known = {env_name(f) for f in ServingSettings.model_fields} | {"RECSYS_ORT_THREADS"}
     # The load generator's variables (benchmarks/locustfile.py) share the prefix.
     known |= {"RECSYS_PAYLOADS", "RECSYS_K", "RECSYS_USER_WEIGHT", "RECSYS_HISTORY_WEIGHT",
-              "RECSYS_EXCLUDE_SEEN", "RECSYS_WAIT_S", "RECSYS_LATENCY_FILE", "RECSYS_SEED"}
+              "RECSYS_EXCLUDE_SEEN", "RECSYS_WAIT_S", "RECSYS_LATENCY_FILE", "RECSYS_SEED",
+              "RECSYS_HONOR_RETRY_AFTER"}
     return sorted(k for k in environ if k.startswith(PREFIX) and k not in known)
 
 
