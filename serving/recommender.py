@@ -35,13 +35,13 @@ class Query:
     warnings: list[str] = field(default_factory=list)
 
 
-def clip(value, n: int = 40) -> str:
+def clip(value, n: int = 30) -> str:
     """repr of a client's value, at most about `n` characters: errors and logs never echo more."""
     text = repr(value)
     return text if len(text) <= n else f"{text[:n]}... ({len(text)} chars)"
 
 
-def _shorten(ids: list, n: int = 20) -> str:
+def _shorten(ids: list, n: int = 10) -> str:
     return ", ".join(map(clip, ids[:n])) + (f" ... ({len(ids)} in all)" if len(ids) > n else "")
 
 

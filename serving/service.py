@@ -95,10 +95,10 @@ def _answer(route: str, schema: type, fn: Callable[..., dict], *args) -> object:
     try:
         return schema(**fn(*args))
     except BadRequest as e:
-        log.info("400 %s: %s", route, e)
+        log.info("400 %s: %s", route, str(e)[:300])  # one short line per client mistake
         return JSONResponse({"error": str(e)}, status_code=400)
     except NotFoundError as e:
-        log.info("404 %s: %s", route, e)
+        log.info("404 %s: %s", route, str(e)[:300])
         return JSONResponse({"error": str(e)}, status_code=404)
 
 
