@@ -81,7 +81,7 @@ def preflight() -> None:
         OnnxEncoder.from_settings(S, artifact.onnx_path, artifact.max_len,
                                   int(artifact.manifest["hidden_size"]))
     except CompressorError as e:
-        print(f"error: cannot serve {S.artifact_dir}: {e}", file=sys.stderr)
+        print(f"error: cannot serve the artifact: {e}", file=sys.stderr)  # e names the path
         raise SystemExit(2) from None
 
 
@@ -127,7 +127,7 @@ class Recommender:
             engine = RecommenderEngine.from_settings(S)
             engine.recommend(history=[engine.artifact.items[0]], k=1)  # warm-up before /readyz
         except Exception as e:  # the parent's preflight passed: say what changed, then stop
-            log.error("cannot serve %s: %s", S.artifact_dir, str(e).splitlines()[0][:300])
+            log.error("cannot serve the artifact: %s", (str(e).splitlines() or [repr(e)])[0][:300])
             logging.shutdown()
             os._exit(3)
         self.engine = engine

@@ -112,6 +112,7 @@ def test_chunked_oversize_body_is_413_and_rss_stays_flat(server):
     status, body = raw_post(port_of(server), "/recommend", head, framed())
     assert status == 413, body[:200]
     grown = tree_rss(server.proc.pid) - worker_rss
+    print(f"server RSS grew by {grown / 2**20:.1f} MiB after a 40 MiB chunked body")
     assert grown < 30 * 2**20, f"server RSS grew by {grown / 2**20:.0f} MiB"
     assert post(server, "/recommend", {"history": [1, 2, 3], "k": 2}).status_code == 200
 
@@ -260,6 +261,19 @@ def _break(kind: str, src: Path, dst: Path) -> dict[str, str]:
     if kind == "random_onnx":
         (dst / "model.onnx").write_bytes(np.random.default_rng(0).bytes(4096))
         return {"RECSYS_VERIFY_ARTIFACT": "0"}
+    if kind == "wrong_graph":  # a valid ONNX graph, not the encoder: (B, L) ints -> (B, L) floats
+        import onnx
+        from onnx import TensorProto, helper
+
+        ids, mask = (helper.make_tensor_value_info(n, TensorProto.INT64, ["B", "L"])
+                     for n in ("input_ids", "attention_mask"))
+        out = helper.make_tensor_value_info("out", TensorProto.FLOAT, ["B", "L"])
+        graph = helper.make_graph([helper.make_node("Cast", ["input_ids"], ["out"], to=TensorProto.FLOAT)],
+                                  "not_the_encoder", [ids, mask], [out])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 10  # ONNX Runtime 1.31 reads IR <= 13 (NOTES.md)
+        onnx.save(model, dst / "model.onnx")
+        return {"RECSYS_VERIFY_ARTIFACT": "0"}
     if kind == "truncated_npy":
         emb = dst / "item_embeddings.npy"
         emb.write_bytes(emb.read_bytes()[: emb.stat().st_size // 2])
@@ -272,7 +286,7 @@ def _break(kind: str, src: Path, dst: Path) -> dict[str, str]:
     raise AssertionError(kind)
 
 
-BROKEN = ["missing", "sha256", "random_onnx", "truncated_npy", "manifest", "bad_setting"]
+BROKEN = ["missing", "sha256", "random_onnx", "wrong_graph", "truncated_npy", "manifest", "bad_setting"]
 
 
 @pytest.mark.parametrize("kind", BROKEN)
