@@ -12,6 +12,7 @@ traceback at import. serving/README.md's settings table is tested against this m
 from __future__ import annotations
 
 import functools
+import ipaddress
 import os
 from pathlib import Path
 from typing import Literal
@@ -82,6 +83,12 @@ class ServingSettings(BaseSettings):
     retry_after_s: int = Field(1, ge=0, le=3600, description="`Retry-After` of a shed request")
     request_timeout_s: float = Field(30.0, gt=0, le=3600, description="a request running longer "
                                                                       "is answered 504")
+
+    @field_validator("host")
+    @classmethod
+    def _ip_address(cls, v: str) -> str:
+        ipaddress.ip_address(v)  # BentoML's config accepts only an IP address (ValueError otherwise)
+        return v
 
     @field_validator("model_file")
     @classmethod

@@ -216,7 +216,8 @@ def test_settings_parse_and_refuse_in_one_line(monkeypatch, tmp_path):
     for name, value, message in [("RECSYS_THREADS", "four", "valid integer"),
                                  ("RECSYS_DEVICE", "tpu", "'auto', 'cpu' or 'cuda'"),
                                  ("RECSYS_MAX_BODY_BYTES", "10", "greater than or equal to 1024"),
-                                 ("RECSYS_MODEL_FILE", "../x.onnx", "a file name inside the artifact")]:
+                                 ("RECSYS_MODEL_FILE", "../x.onnx", "a file name inside the artifact"),
+                                 ("RECSYS_HOST", "localhost", "does not appear to be an IPv4 or IPv6")]:
         monkeypatch.setenv(name, value)
         with pytest.raises(SettingsError) as e:
             load_settings()
