@@ -15,6 +15,11 @@ then stops the server's process group. Beside that it profiles where a request's
 the serving code itself. It writes load_test.json, load_test.md and load_test.png to --out
 (plus logs/ and the payload file used). Every wait is bounded; every process it started is
 stopped, also on Ctrl-C, SIGTERM or failure.
+
+Overload (issue #12 item 6): one artifact past saturation, once per RECSYS_MAX_CONCURRENCY value
+(0 = no limit), counting shed requests (503) and the latency of the accepted ones:
+    python -m benchmarks.load_test --overload 0,16 --student ART --users 64 --duration 20s \
+        --out benchmarks/results/overload
 """
 
 from __future__ import annotations
@@ -43,7 +48,15 @@ from benchmarks.make_payloads import (
     save_payloads,
     sequences_from_artifact,
 )
-from benchmarks.processes import ProcessGroup, RssSampler, free_port, log_tail, tree_rss, wait_ready
+from benchmarks.processes import (
+    ProcessGroup,
+    RssSampler,
+    bentoml_cmd,
+    free_port,
+    log_tail,
+    tree_rss,
+    wait_ready,
+)
 from compressor.artifact import load_manifest
 from compressor.errors import CompressorError
 
@@ -200,9 +213,7 @@ def run_service(cfg: LoadTestConfig, role: str, artifact: Path, payload_path: Pa
         port = free_port(cfg.host)
         url = f"http://{cfg.host}:{port}"
         log = logs / f"{role}_server.log"
-        bentoml = Path(sys.executable).with_name("bentoml")
-        cmd = [str(bentoml) if bentoml.exists() else "bentoml", "serve", cfg.service, "--host", cfg.host,
-               "--port", str(port)]
+        cmd = bentoml_cmd(port, cfg.host, cfg.service)
         bar.set_description(f"{role}: start server")
         server = group.start(cmd, log, env=service_env(cfg, artifact), cwd=ROOT)
         result["ready_s"] = wait_ready(url + "/readyz", server, cfg.ready_timeout_s, log)
@@ -270,6 +281,79 @@ def run(cfg: LoadTestConfig, out: str | Path) -> dict:
     return payload
 
 
+def overload_stats(records: np.ndarray, window_s: float) -> dict:
+    """Accepted (HTTP 200) vs shed (503/429) requests from the locustfile's per-request records
+    (start s, ms, ok, status); latency percentiles of the accepted ones only."""
+    status, ms, ok = records[:, 3].astype(int), records[:, 1], records[:, 2] == 1
+    accepted, shed = ms[status == 200], ms[np.isin(status, (503, 429))]
+
+    def pct(x, q):
+        return float(np.percentile(x, q)) if len(x) else None
+
+    return {"requests": len(records), "accepted": len(accepted), "shed": len(shed),
+            "other_errors": int(len(records) - len(accepted) - len(shed)),
+            "wrong_answers": int(((status == 200) & ~ok).sum()),
+            "accepted_qps": len(accepted) / max(window_s, 1e-9),
+            **{f"accepted_p{q}_ms": pct(accepted, q) for q in (50, 95, 99)},
+            "accepted_max_ms": float(accepted.max()) if len(accepted) else None,
+            "shed_p50_ms": pct(shed, 50), "shed_p99_ms": pct(shed, 99)}
+
+
+def run_overload(cfg: LoadTestConfig, artifact: Path, limits: list[int], out: Path) -> dict:
+    """`cfg.users` Locust users against `artifact` once per max-concurrency limit; writes
+    overload.json and overload.md under `out`."""
+    payloads = build_payloads(*sequences_from_artifact(artifact))
+    payload_path = save_payloads(payloads, out / "logs" / "payloads.json")
+    rows = []
+    with tqdm(total=len(limits) * len(cfg.users), desc="overload", unit="run") as bar:
+        for limit in limits:
+            logs = out / "logs" / f"max_concurrency_{limit}"
+            env = {**service_env(cfg, artifact), "RECSYS_MAX_CONCURRENCY": str(limit)}
+            with ProcessGroup() as group:
+                port = free_port(cfg.host)
+                url = f"http://{cfg.host}:{port}"
+                server = group.start(bentoml_cmd(port, cfg.host, cfg.service), logs / "server.log", env=env,
+                                     cwd=ROOT)
+                wait_ready(url + "/readyz", server, cfg.ready_timeout_s, logs / "server.log")
+                serial_http(url, payloads, cfg.warmup_requests, cfg.k)  # warm-up
+                for users in cfg.users:
+                    level = run_locust(cfg, group, url, users, payload_path, logs, server.pid)
+                    records = np.load(logs / f"latency_u{users}.npy")
+                    rows.append({"max_concurrency": limit, "users": users, "window_s": level["window_s"],
+                                 "peak_rss_bytes": level["peak_rss_bytes"], "errors": level["errors"],
+                                 **overload_stats(records, level["window_s"])})
+                    bar.update(1)
+                    time.sleep(cfg.cooldown_s)
+    payload = {"config": cfg.model_dump(mode="json"), "artifact": str(artifact.resolve()),
+               **_model_facts(load_manifest(artifact), artifact), "limits": limits,
+               "honor_retry_after": os.environ.get("RECSYS_HONOR_RETRY_AFTER", "1").lower() in ("1", "true", "yes"),
+               "machine": machine_info(), "load_average_1m_end": round(os.getloadavg()[0], 2), "runs": rows}
+    write_json(out / "overload.json", payload)
+    write_atomic(out / "overload.md", overload_md(payload))
+    return payload
+
+
+def overload_md(p: dict) -> str:
+    def f(x, fmt="{:.0f}"):
+        return "-" if x is None else fmt.format(x)
+
+    lines = [f"# Overload: {p['kind']} ({p['num_layers']} layers), {p['config']['duration_s']:g} s per run", "",
+             f"Artifact `{p['artifact']}`; Locust `FastHttpUser`s back to back (no think time), "
+             f"loopback; clients {'wait' if p.get('honor_retry_after', True) else 'do NOT wait'} for "
+             f"`Retry-After` after a 503 (RECSYS_HONOR_RETRY_AFTER="
+             f"{int(p.get('honor_retry_after', True))}); 1-minute load average at the end "
+             f"{p['load_average_1m_end']} (2 cores shared with other jobs). Shed = HTTP 503 "
+             "(+ `Retry-After`) from serving/guard.py; percentiles are of the accepted (HTTP 200) requests.",
+             "", "| max_concurrency | users | requests | accepted | shed (503) | other errors | accepted QPS "
+             "| p50 ms | p95 ms | p99 ms | max ms | shed p50 ms |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in p["runs"]:
+        lines.append(f"| {r['max_concurrency'] or 'off'} | {r['users']} | {r['requests']} | {r['accepted']} | "
+                     f"{r['shed']} | {r['other_errors']} | {f(r['accepted_qps'])} | {f(r['accepted_p50_ms'])} | "
+                     f"{f(r['accepted_p95_ms'])} | {f(r['accepted_p99_ms'])} | {f(r['accepted_max_ms'])} | "
+                     f"{f(r['shed_p50_ms'], '{:.1f}')} |")
+    return "\n".join(lines) + "\n"
+
+
 def _duration(text: str) -> float:
     units = {"s": 1, "m": 60, "h": 3600}
     try:
@@ -284,8 +368,10 @@ def _interrupt(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.load_test", description=__doc__.split("\n\n")[0])
-    p.add_argument("--teacher", required=True, type=Path, help="teacher artifact directory")
+    p.add_argument("--teacher", type=Path, help="teacher artifact directory")
     p.add_argument("--student", required=True, type=Path, help="student artifact directory")
+    p.add_argument("--overload", metavar="LIMITS", help="overload mode: comma-separated "
+                   "RECSYS_MAX_CONCURRENCY values (0 = no limit) for the --student artifact only")
     p.add_argument("--users", default="1,8,32", help="comma-separated concurrency levels")
     p.add_argument("--duration", type=_duration, default=20.0, help="per level, e.g. 20s or 1m")
     p.add_argument("--spawn-rate", type=float, default=None, help="users per second (default: all at once)")
@@ -303,12 +389,19 @@ def main(argv: list[str] | None = None) -> int:
             raise CompressorError(f"--env expects KEY=VALUE, got {bad}")
         env = dict(item.split("=", 1) for item in args.env)
         users = [int(u) for u in args.users.split(",") if u.strip()]
-        cfg = LoadTestConfig(teacher=args.teacher, student=args.student, users=users, duration_s=args.duration,
+        if args.teacher is None and not args.overload:
+            raise CompressorError("--teacher is required (except with --overload)")
+        cfg = LoadTestConfig(teacher=args.teacher or args.student, student=args.student, users=users, duration_s=args.duration,
                              spawn_rate=args.spawn_rate, ort_threads=args.ort_threads, env=env,
                              payloads=args.payloads, user_weight=args.user_weight,
                              history_weight=args.history_weight, ready_timeout_s=args.ready_timeout)
         previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM cleans up like Ctrl-C
         try:
+            if args.overload:
+                limits = [int(v) for v in args.overload.split(",") if v.strip()]
+                result = run_overload(cfg, args.student, limits, args.out)
+                print((args.out / "overload.md").read_text())
+                return 0 if all(r["other_errors"] == r["wrong_answers"] == 0 for r in result["runs"]) else 1
             payload = run(cfg, args.out)
         finally:
             signal.signal(signal.SIGTERM, previous)

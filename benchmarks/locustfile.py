@@ -19,7 +19,11 @@ Environment:
     RECSYS_K               k of every request (default 10)
     RECSYS_EXCLUDE_SEEN    1|0 (default 1)
     RECSYS_WAIT_S          constant wait between a user's requests, seconds (default 0)
-    RECSYS_LATENCY_FILE    if set, every request's (start time s, latency ms, ok) is saved there
+    RECSYS_HONOR_RETRY_AFTER 1|0 (default 1): after a 503 with Retry-After the user waits that
+                           long before its next request, as a well-behaved client does; 0 retries
+                           at once (a retry storm: shed requests then cost the server CPU too)
+    RECSYS_LATENCY_FILE    if set, every request's (start time s, latency ms, ok, HTTP status or 0)
+                           is saved there
                            (.npy) at shutdown: sub-millisecond percentiles, which Locust rounds away;
                            failure messages and counts go beside it (same name, .errors.json)
     RECSYS_SEED            seed of the request sampling (default 0)
@@ -37,7 +41,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from locust import FastHttpUser, constant, events, task
+from locust import FastHttpUser, events, task
 
 from benchmarks.make_payloads import load_payloads
 
@@ -49,6 +53,7 @@ K = int(os.environ.get("RECSYS_K", "10"))
 EXCLUDE_SEEN = os.environ.get("RECSYS_EXCLUDE_SEEN", "1").lower() in ("1", "true", "yes")
 WAIT_S = float(os.environ.get("RECSYS_WAIT_S", "0"))
 LATENCY_FILE = os.environ.get("RECSYS_LATENCY_FILE")
+HONOR_RETRY_AFTER = os.environ.get("RECSYS_HONOR_RETRY_AFTER", "1").lower() in ("1", "true", "yes")
 
 if USER_WEIGHT < 0 or HISTORY_WEIGHT < 0 or USER_WEIGHT + HISTORY_WEIGHT == 0:
     raise ValueError("RECSYS_USER_WEIGHT and RECSYS_HISTORY_WEIGHT must be >= 0 and not both 0")
@@ -57,14 +62,15 @@ if USER_WEIGHT and not PAYLOADS["user_ids"]:
 if HISTORY_WEIGHT and not PAYLOADS["histories"]:
     raise ValueError("RECSYS_HISTORY_WEIGHT > 0 but the payload file has no histories")
 
-_records: list[tuple[float, float, bool]] = []
+_records: list[tuple[float, float, bool, int]] = []
 _errors: Counter = Counter()
 
 
 @events.request.add_listener
 def _record(request_type, name, response_time, response_length, exception=None, **kwargs) -> None:
     if LATENCY_FILE:
-        _records.append((time.time() - response_time / 1e3, float(response_time), exception is None))
+        status = getattr(kwargs.get("response"), "status_code", 0) or 0  # 0: no HTTP answer
+        _records.append((time.time() - response_time / 1e3, float(response_time), exception is None, int(status)))
         if exception is not None:
             _errors[f"{name}: {exception}"[:300]] += 1
 
@@ -74,21 +80,27 @@ def _save_records(exit_code: int, **kwargs) -> None:
     if LATENCY_FILE:
         path = Path(LATENCY_FILE)
         tmp = path.with_name(path.name + ".tmp.npy")
-        np.save(tmp, np.asarray(_records, dtype=np.float64).reshape(-1, 3))
+        np.save(tmp, np.asarray(_records, dtype=np.float64).reshape(-1, 4))
         os.replace(tmp, path)
         path.with_suffix(".errors.json").write_text(json.dumps(dict(_errors.most_common(50)), indent=1))
 
 
 class RecommendUser(FastHttpUser):
-    wait_time = constant(WAIT_S)
-
     def on_start(self) -> None:
         self.rng = random.Random(int(os.environ.get("RECSYS_SEED", "0")) * 100_003 + id(self) % 100_003)
+        self.backoff = 0.0
+
+    def wait_time(self) -> float:
+        wait, self.backoff = WAIT_S + self.backoff, 0.0
+        return wait
 
     def _recommend(self, body: dict, name: str, history: list | None = None) -> None:
         with self.client.post("/recommend", json={**body, "k": K, "exclude_seen": EXCLUDE_SEEN},
                               name=name, catch_response=True) as resp:
             if resp.status_code != 200:
+                retry = resp.headers.get("Retry-After", "") if resp.status_code in (429, 503) else ""
+                if HONOR_RETRY_AFTER and retry.isdigit():
+                    self.backoff = float(retry)
                 resp.failure(f"HTTP {resp.status_code}: {(resp.text or '')[:200]}")
                 return
             try:

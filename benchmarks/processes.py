@@ -14,7 +14,8 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -149,3 +150,71 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float, log: Path) -> f
             pass
         time.sleep(0.5)
     raise CompressorError(f"server not ready at {url} after {timeout:.0f} s:\n{log_tail(log)}")
+
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVICE = "serving.service:Recommender"
+
+
+def bentoml_cmd(port: int, host: str = "127.0.0.1", service: str = SERVICE) -> list[str]:
+    """`bentoml serve` of this interpreter's environment, bound to `host` explicitly."""
+    import sys
+
+    bentoml = Path(sys.executable).with_name("bentoml")
+    return [str(bentoml) if bentoml.exists() else "bentoml", "serve", service, "--host", host,
+            "--port", str(port)]
+
+
+def server_env(home: Path, **recsys: str) -> dict[str, str]:
+    """os.environ plus a BentoML home outside the project (NOTES.md), no telemetry, this
+    checkout first on PYTHONPATH (so the server imports this code), and RECSYS_* settings."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true",
+            "PYTHONPATH": path, **recsys}
+
+
+class Server:
+    """A started `bentoml serve`: its URL, process (group leader) and log."""
+
+    def __init__(self, url: str, proc: subprocess.Popen, log: Path):
+        self.url, self.proc, self.log = url, proc, log
+
+    def worker_pids(self) -> list[int]:
+        """Python processes under the server that import the service (its workers)."""
+        try:
+            kids = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+        return [k.pid for k in kids if "_bentoml_impl.worker" in " ".join(_cmdline(k))]
+
+
+def _cmdline(p: psutil.Process) -> list[str]:
+    try:
+        return p.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return []
+
+
+@contextmanager
+def bentoml_server(env: dict, log: Path, ready_timeout: float = 120.0, host: str = "127.0.0.1",
+                   service: str = SERVICE) -> Iterator[Server]:
+    """`bentoml serve` on a free port of `host`, ready (/readyz 200) on entry; its whole process
+    group is stopped on exit, also on failure. Raises CompressorError if it exits or is not
+    ready in time (with the log's tail)."""
+    with ProcessGroup() as group:
+        port = free_port(host)
+        proc = group.start(bentoml_cmd(port, host, service), log, env=env, cwd=ROOT)
+        url = f"http://{host}:{port}"
+        wait_ready(url + "/readyz", proc, ready_timeout, log)
+        yield Server(url, proc, log)
+
+
+def run_to_exit(cmd: Sequence[str], log: Path, env: dict, timeout: float) -> int | None:
+    """Run `cmd` in its own process group; its exit code, or None (and the group stopped) if it
+    is still running after `timeout` seconds."""
+    with ProcessGroup(stop_timeout=5) as group:
+        proc = group.start(cmd, log, env=env, cwd=ROOT)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None

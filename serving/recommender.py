@@ -6,18 +6,16 @@ It never imports bentoml, so it can be used and tested on its own; bad requests 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from serving.artifact import ServingArtifact, load_artifact
 from serving.retrieval import IndexConfig, ItemIndex
 from serving.runtime import OnnxEncoder
+from serving.settings import ServingSettings, load_settings
 
-DEFAULT_ARTIFACT_DIR = "runs/default/student"
 Encode = Callable[[Sequence[Sequence[int]]], np.ndarray]  # token histories -> (B, H)
 
 
@@ -37,8 +35,14 @@ class Query:
     warnings: list[str] = field(default_factory=list)
 
 
-def _shorten(ids: list, n: int = 20) -> str:
-    return ", ".join(map(repr, ids[:n])) + (f" ... ({len(ids)} in all)" if len(ids) > n else "")
+def clip(value, n: int = 30) -> str:
+    """repr of a client's value, at most about `n` characters: errors and logs never echo more."""
+    text = repr(value)
+    return text if len(text) <= n else f"{text[:n]}... ({len(text)} chars)"
+
+
+def _shorten(ids: list, n: int = 10) -> str:
+    return ", ".join(map(clip, ids[:n])) + (f" ... ({len(ids)} in all)" if len(ids) > n else "")
 
 
 class RecommenderEngine:
@@ -54,17 +58,22 @@ class RecommenderEngine:
         }
 
     @classmethod
-    def from_env(cls) -> RecommenderEngine:
-        """RECSYS_ARTIFACT_DIR (default runs/default/student), RECSYS_MODEL_FILE (default: the
-        manifest's serve_model), RECSYS_VERIFY_ARTIFACT (1: check sha256 of every file)."""
-        directory = Path(os.environ.get("RECSYS_ARTIFACT_DIR", DEFAULT_ARTIFACT_DIR))
-        verify = os.environ.get("RECSYS_VERIFY_ARTIFACT", "1") not in ("0", "false", "no")
-        artifact = load_artifact(directory, os.environ.get("RECSYS_MODEL_FILE") or None, verify=verify)
-        encoder = OnnxEncoder.from_env(artifact.onnx_path, artifact.max_len)
+    def from_settings(cls, s: ServingSettings) -> RecommenderEngine:
+        """Artifact (verified unless RECSYS_VERIFY_ARTIFACT=0), ONNX graph (checked against the
+        export contract and the artifact's width) and Faiss index; ArtifactError when unusable."""
+        artifact = load_artifact(s.artifact_dir, s.model_file, verify=s.verify_artifact)
+        encoder = OnnxEncoder.from_settings(s, artifact.onnx_path, artifact.max_len,
+                                            int(artifact.manifest["hidden_size"]))
         files = artifact.manifest["files"]
         key = "".join(files[f]["sha256"][:12] for f in ("item_embeddings.npy", "item_bias.npy") if f in files)
-        index = ItemIndex(artifact.embeddings, artifact.bias, artifact.num_special, IndexConfig.from_env(), key)
+        index = ItemIndex(artifact.embeddings, artifact.bias, artifact.num_special,
+                          IndexConfig.from_settings(s), key)
         return cls(artifact, encoder, index)
+
+    @classmethod
+    def from_env(cls) -> RecommenderEngine:
+        """`from_settings` with the RECSYS_* environment as it is now (serving/settings.py)."""
+        return cls.from_settings(load_settings())
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -76,7 +85,7 @@ class RecommenderEngine:
         if user_id is not None:
             history = self.artifact.user_history(user_id)
             if history is None:
-                raise NotFoundError(f"unknown user_id {user_id!r}: not a user of the served data "
+                raise NotFoundError(f"unknown user_id {clip(user_id)}: not a user of the served data "
                                     f"({self.model_info['data']}); send a history instead")
         if not history:
             raise BadRequest("history is empty: give at least one item id")
@@ -142,7 +151,7 @@ class RecommenderEngine:
     def item(self, item_id) -> dict:
         tok = self.artifact.token(item_id)
         if tok is None:
-            raise NotFoundError(f"unknown item_id {item_id!r}: not in the served catalogue")
+            raise NotFoundError(f"unknown item_id {clip(item_id)}: not in the served catalogue")
         return dict(self.artifact.item_info(tok))
 
     def encode_items(self, histories: Sequence[Sequence]) -> np.ndarray:

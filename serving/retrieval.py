@@ -5,17 +5,31 @@ folded in exactly: items become [e_i, b_i] and queries [q, 1]. Flat (exact) belo
 `hnsw_threshold` items, HNSW above it (approximate, no training); flat moves to the GPU when
 Faiss has one. Retrieval over-fetches when items are excluded, so k results come back whenever
 the catalogue has k items left, and the candidates are re-scored exactly with the embeddings.
+
+What is trusted: the embeddings come from the verified artifact. A cached HNSW graph
+(`RECSYS_INDEX_CACHE_DIR`, off by default) is read only from a directory this user owns and
+nobody else can write, only under a name derived from the sha256 of the exact vectors and
+build parameters, and only when the file still hashes to the checksum written into its name;
+otherwise it is deleted and rebuilt. The checksum catches corruption and stale files, not an
+attacker who can write as the service user (who could replace the code anyway).
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
+
+from serving.settings import ServingSettings, load_settings
+
+log = logging.getLogger("bentoml.recsys.retrieval")  # in a worker BentoML configures this tree
 
 
 @dataclass(frozen=True)
@@ -29,17 +43,40 @@ class IndexConfig:
     cache_dir: str | None = None  # keep built HNSW graphs here (building 1e6 items takes minutes)
 
     @classmethod
+    def from_settings(cls, s: ServingSettings) -> IndexConfig:
+        return cls(hnsw_threshold=s.hnsw_threshold, hnsw_m=s.hnsw_m, ef_construction=s.hnsw_ef_construction,
+                   ef_search=s.hnsw_ef_search, faiss_threads=s.faiss_threads, gpu=s.faiss_gpu,
+                   cache_dir=str(s.index_cache_dir) if s.index_cache_dir else None)
+
+    @classmethod
     def from_env(cls) -> IndexConfig:
-        env = os.environ.get
-        return cls(
-            hnsw_threshold=int(env("RECSYS_HNSW_THRESHOLD", cls.hnsw_threshold)),
-            hnsw_m=int(env("RECSYS_HNSW_M", cls.hnsw_m)),
-            ef_construction=int(env("RECSYS_HNSW_EF_CONSTRUCTION", cls.ef_construction)),
-            ef_search=int(env("RECSYS_HNSW_EF_SEARCH", cls.ef_search)),
-            faiss_threads=int(env("RECSYS_FAISS_THREADS", cls.faiss_threads)),
-            gpu=env("RECSYS_FAISS_GPU", cls.gpu),
-            cache_dir=env("RECSYS_INDEX_CACHE_DIR") or None,
-        )
+        """The RECSYS_* settings as they are now (serving/settings.py)."""
+        return cls.from_settings(load_settings())
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def private_dir(path: Path) -> str | None:
+    """Why `path` is not a directory only this user can write (None when it is). A cached index is
+    read with `faiss.read_index`, a C++ deserializer that is not hardened against crafted files,
+    so the cache must be as private as the code: owned by us, not writable by group or others."""
+    try:
+        st = path.stat()
+    except OSError as e:
+        return f"cannot stat it ({e.strerror})"
+    if not stat.S_ISDIR(st.st_mode):
+        return "not a directory"
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        return f"owned by uid {st.st_uid}, not by this user"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
 
 
 def _gpu_count() -> int:
@@ -81,23 +118,60 @@ class ItemIndex:
 
     def _hnsw(self, vectors: np.ndarray, cache_key: str | None):
         c = self.cfg
-        path = None
-        if c.cache_dir and cache_key:
-            path = Path(c.cache_dir) / f"{cache_key[:24]}-{len(vectors)}x{vectors.shape[1]}-M{c.hnsw_m}-efc{c.ef_construction}.faiss"
-            if path.exists():
-                index = faiss.read_index(str(path))
-                index.hnsw.efSearch = c.ef_search
-                return index
+        path = self._cache_path(vectors, cache_key)
+        index = self._read_cached(path, vectors) if path is not None else None
+        if index is not None:
+            index.hnsw.efSearch = c.ef_search
+            return index
         index = faiss.IndexHNSWFlat(vectors.shape[1], c.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = c.ef_construction
         index.hnsw.efSearch = c.ef_search
         index.add(vectors)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            faiss.write_index(index, str(tmp))
-            os.replace(tmp, path)  # workers starting together never read a half-written file
+            self._write_cached(index, path)
         return index
+
+    def _cache_path(self, vectors: np.ndarray, cache_key: str | None) -> Path | None:
+        """`<key>.<sha256 of the file>.faiss`, key = sha256 of the caller's key (the artifact's
+        embedding checksums), the indexed vectors themselves and every build parameter, so a
+        file is only ever read for the exact index it was built as; None = no usable cache."""
+        c = self.cfg
+        if not (c.cache_dir and cache_key):
+            return None
+        directory = Path(c.cache_dir)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        why = private_dir(directory)
+        if why is not None:
+            log.warning("index cache %s not used: %s; building the index in memory", directory, why)
+            return None
+        h = hashlib.sha256(f"{cache_key}|{vectors.shape}|M{c.hnsw_m}|efc{c.ef_construction}|"
+                           f"faiss{faiss.__version__}|".encode())
+        h.update(np.ascontiguousarray(vectors).data)
+        return directory / f"{h.hexdigest()[:32]}.faiss"  # the file's checksum is added on write
+
+    @staticmethod
+    def _entries(path: Path) -> list[Path]:
+        return sorted(path.parent.glob(f"{path.stem}.*.faiss"))
+
+    def _read_cached(self, path: Path, vectors: np.ndarray):
+        """A cached graph whose file still hashes to the checksum in its name and that holds
+        these vectors' shape; anything else is removed and rebuilt."""
+        for entry in self._entries(path):
+            expected = entry.name[len(path.stem) + 1:-len(".faiss")]
+            if len(expected) == 64 and _sha256(entry) == expected:
+                index = faiss.read_index(str(entry))
+                if (isinstance(index, faiss.IndexHNSWFlat) and index.ntotal == len(vectors)
+                        and index.d == vectors.shape[1] and index.metric_type == faiss.METRIC_INNER_PRODUCT):
+                    return index
+            log.warning("index cache entry %s does not verify; rebuilding", entry.name)
+            entry.unlink(missing_ok=True)
+        return None
+
+    def _write_cached(self, index, path: Path) -> None:
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
+        faiss.write_index(index, str(tmp))
+        final = path.with_name(f"{path.stem}.{_sha256(tmp)}.faiss")
+        os.replace(tmp, final)  # workers starting together never read a half-written file
 
     def _query(self, queries: np.ndarray) -> np.ndarray:
         q = np.ascontiguousarray(queries, dtype=np.float32)

@@ -1,38 +1,51 @@
 """Request and response models of the recommendation service (their descriptions are the API docs).
 
 Requests are flat JSON objects (`{"user_id": 1, "k": 5}`); unknown fields are rejected so a typo
-never silently falls back to a default. Item ids are the dataset's own ids (MovieLens movieId),
-never model token ids. Limits are read from the environment once, at import.
+never silently falls back to a default. Types are strict: an id is a JSON integer or a short
+string (`true` is not the id 1), `k` an integer, `exclude_seen` a boolean. Every list is bounded.
+Item ids are the dataset's own ids (MovieLens movieId), never model token ids. Limits come from
+serving/settings.py, read once, at import.
 """
 
 from __future__ import annotations
 
-import os
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 
-MAX_K = int(os.environ.get("RECSYS_MAX_K", "100"))
-MAX_CANDIDATES = int(os.environ.get("RECSYS_MAX_CANDIDATES", "1000"))
-MAX_HISTORY = int(os.environ.get("RECSYS_MAX_HISTORY", "10000"))  # request size cap, not the model's max_len
+from serving.settings import get_settings
 
-ItemId = int | str
+_S = get_settings()
+MAX_K = _S.max_k
+MAX_CANDIDATES = _S.max_candidates
+MAX_HISTORY = _S.max_history  # request size cap, not the model's max_len
+MAX_EMBED_ROWS = _S.max_embed_rows
+MAX_ID_CHARS = 64  # MovieLens ids are integers; a string id is a short name, never a document
+
+ItemId = Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)] | Annotated[
+    StrictStr, Field(min_length=1, max_length=MAX_ID_CHARS)]
 UNKNOWN_ITEMS_POLICY = (
     "Unknown item ids in `history` are IGNORED: the request is answered from the known items and "
     "each ignored id is named in `warnings` (a 400 only when no item of the history is known). "
     "A history longer than the model's max_len is cut to its newest max_len items "
     "(`truncated_history`: true); every item of the full history still counts as seen."
 )
+# JSON Schema of the one-of rule the validator below enforces (shown in /docs.json).
+ONE_OF_USER_OR_HISTORY = [{"required": ["user_id"], "not": {"required": ["history"]}},
+                          {"required": ["history"], "not": {"required": ["user_id"]}}]
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": ONE_OF_USER_OR_HISTORY})
 
     user_id: ItemId | None = Field(
-        None, description="a user of the served dataset; the history is that user's full history",
+        None, description="a user of the served dataset; the history is that user's full history "
+                          "(exactly one of user_id and history)",
         examples=[1])
     history: list[ItemId] | None = Field(
         None, min_length=1, max_length=MAX_HISTORY,
-        description="the dataset's item ids, oldest first (instead of user_id). " + UNKNOWN_ITEMS_POLICY,
+        description=f"the dataset's item ids, oldest first (instead of user_id; 1..{MAX_HISTORY}). "
+                    + UNKNOWN_ITEMS_POLICY,
         examples=[[1, 3, 6, 47, 50]])
 
     @model_validator(mode="after")
@@ -45,8 +58,8 @@ class _Request(BaseModel):
 class RecommendRequest(_Request):
     """Top-k items for a known user or an explicit history."""
 
-    k: int = Field(10, ge=1, le=MAX_K, description=f"how many items to return (1..{MAX_K})")
-    exclude_seen: bool = Field(True, description="leave out items of the history")
+    k: StrictInt = Field(10, ge=1, le=MAX_K, description=f"how many items to return (1..{MAX_K})")
+    exclude_seen: StrictBool = Field(True, description="leave out items of the history")
 
 
 class RankRequest(_Request):
@@ -62,6 +75,17 @@ class RankRequest(_Request):
 class ItemRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     item_id: ItemId = Field(..., description="the dataset's item id", examples=[1])
+
+
+class EmbedRequest(BaseModel):
+    """Query vectors for up to MAX_EMBED_ROWS histories."""
+
+    model_config = ConfigDict(extra="forbid")
+    histories: list[Annotated[list[ItemId], Field(min_length=1, max_length=MAX_HISTORY)]] = Field(
+        ..., min_length=1, max_length=MAX_EMBED_ROWS,
+        description=f"1..{MAX_EMBED_ROWS} non-empty histories of item ids (a longer request is a 400 "
+                    "naming this limit; split it)",
+        examples=[[[1, 3, 6], [47, 50]]])
 
 
 class Item(BaseModel):
@@ -100,3 +124,36 @@ class RecommendResponse(BaseModel):
 
 class RankResponse(RecommendResponse):
     """`items` are the candidates in descending score order."""
+
+
+# -- error bodies (declared in /docs.json; serving/guard.py and service.py produce them) ----------
+
+
+class ValidationDetail(BaseModel):
+    type: str
+    loc: list[int | str]
+    msg: str
+
+
+class ErrorBody(BaseModel):
+    """Every error: one readable sentence; a short prefix of a client's value at most."""
+
+    error: str
+    detail: list[ValidationDetail] | None = Field(
+        None, description="schema violations, one per field (400 from request validation only)")
+
+
+ERROR_RESPONSES: dict[int, str] = {
+    400: "bad input: invalid JSON, a wrong type, an unknown field, a limit exceeded (the message "
+         "names the limit) or a request that cannot be answered",
+    404: "unknown user_id or item_id",
+    413: "request body larger than RECSYS_MAX_BODY_BYTES",
+    415: "Content-Type is not application/json",
+    503: "overloaded (more than RECSYS_MAX_CONCURRENCY requests in flight) or not ready yet; "
+         "retry after the Retry-After header's seconds",
+    504: "not answered within RECSYS_REQUEST_TIMEOUT_S",
+}
+
+
+def error_schema() -> dict[str, Any]:
+    return ErrorBody.model_json_schema(ref_template="#/components/schemas/{model}")

@@ -2,79 +2,143 @@
 
     RECSYS_ARTIFACT_DIR=runs/default/student bentoml serve serving.service:Recommender --port 3000
 
-Endpoints (flat JSON bodies; the schemas in `serving/schemas.py` are the OpenAPI docs at /docs):
+Endpoints (flat JSON bodies, Content-Type application/json; the schemas in `serving/schemas.py`
+are the OpenAPI docs at /docs):
   POST /recommend  {"user_id": 1} or {"history": [1, 50, 260], "k": 10, "exclude_seen": true}
   POST /rank       {"user_id": 1, "candidates": [318, 296, 2571]}
   POST /item       {"item_id": 1}
-  POST /embed      {"histories": [[1, 50, 260]]}  query vectors (adaptively batched)
+  POST /embed      {"histories": [[1, 50, 260]]}  query vectors (at most RECSYS_MAX_EMBED_ROWS rows)
   GET  /healthz /livez /readyz /metrics (BentoML; request latency in
        bentoml_service_request_duration_seconds)
-Errors: 400 for bad input, 404 for an unknown user or item; the body names the problem.
-Environment: see serving/README.md (threads, index, limits, batching).
+Errors: {"error": "..."} with 400 bad input, 404 unknown user or item, 413 body too large,
+415 not JSON, 503 + Retry-After overloaded or still loading, 504 timeout (serving/guard.py).
+Settings: serving/settings.py (RECSYS_* environment; table in serving/README.md).
+
+Start-up: `bentoml serve` imports this module in its own process first; there a bad setting or
+a bad artifact is one line on stderr and exit code 2, before any worker starts (a worker that
+fails in BentoML 1.4 is restarted forever and the server never answers). Each worker then
+loads the engine in a background thread, so /readyz answers 503 (not a hang) until it is warm.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import os
+import sys
+import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Annotated
 
 import bentoml
 import numpy as np
-from pydantic import Field
 from starlette.responses import JSONResponse
 
-from serving.recommender import BadRequest, NotFoundError, RecommenderEngine
-from serving.schemas import (
-    MAX_HISTORY,
+from compressor.errors import CompressorError
+from serving.settings import ServingSettings, SettingsError, get_settings, unknown_variables
+
+
+def _settings_or_exit() -> ServingSettings:
+    try:
+        return get_settings()
+    except SettingsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+# Before the imports below: serving.schemas reads its limits from the settings at import.
+S = _settings_or_exit()
+
+from serving.artifact import load_artifact  # noqa: E402
+from serving.guard import ClientErrorLogFilter, Guard  # noqa: E402
+from serving.recommender import BadRequest, NotFoundError, RecommenderEngine  # noqa: E402
+from serving.runtime import OnnxEncoder  # noqa: E402
+from serving.schemas import (  # noqa: E402
+    ERROR_RESPONSES,
+    EmbedRequest,
     Item,
-    ItemId,
     ItemRequest,
     RankRequest,
     RankResponse,
     RecommendRequest,
     RecommendResponse,
+    error_schema,
 )
 
-# Sync APIs run in this many threads per worker (ONNX Runtime and Faiss release the GIL).
-THREADS = int(os.environ.get("RECSYS_THREADS", "4"))
-WORKERS = int(os.environ.get("RECSYS_WORKERS", "1"))
-# One log line per request costs about as much as the student's model call; latency stays
-# observable through /metrics. RECSYS_ACCESS_LOG=1 turns the per-request log back on.
-ACCESS_LOG = os.environ.get("RECSYS_ACCESS_LOG", "0") in ("1", "true", "yes")
-# Route the model call through the adaptively batched /embed API (measured: see serving/README.md).
-BATCHING = os.environ.get("RECSYS_BATCHING", "0") in ("1", "true", "yes")
-BATCH_MAX_SIZE = int(os.environ.get("RECSYS_BATCH_MAX_SIZE", "32"))
-BATCH_MAX_LATENCY_MS = int(os.environ.get("RECSYS_BATCH_MAX_LATENCY_MS", "20"))
+log = logging.getLogger("bentoml.recsys.service")  # BentoML configures this tree
+API_PATHS = frozenset({"/recommend", "/rank", "/item", "/embed"})
+READY = threading.Event()  # set by a worker once its engine is loaded and warm
 
 
-def _answer(schema, fn, *args):
-    """Run an engine call; its errors become `{"error": message}` with 400 / 404 (a plain JSON
-    object, as for validation errors, and no traceback in the log for a client's mistake)."""
+def preflight() -> None:
+    """Open the artifact the workers will serve (verify, read, check the ONNX graph's contract)
+    in the `bentoml serve` process; one line and exit code 2 when it is unusable."""
+    for name in unknown_variables():
+        print(f"warning: {name} is not a serving setting (ignored)", file=sys.stderr)
+    try:
+        artifact = load_artifact(S.artifact_dir, S.model_file, verify=S.verify_artifact)
+        OnnxEncoder.from_settings(S, artifact.onnx_path, artifact.max_len,
+                                  int(artifact.manifest["hidden_size"]))
+    except CompressorError as e:
+        print(f"error: cannot serve the artifact: {e}", file=sys.stderr)  # e names the path
+        raise SystemExit(2) from None
+
+
+if bentoml.server_context.worker_index is None and S.preflight:
+    preflight()  # not in a worker: this is `bentoml serve` (or build) importing the service
+
+
+def _answer(route: str, schema: type, fn: Callable[..., dict], *args) -> object:
+    """Run an engine call; its errors become `{"error": message}` with 400 / 404 and one INFO
+    log line (a client's mistake: no traceback)."""
     try:
         return schema(**fn(*args))
     except BadRequest as e:
+        log.info("400 %s: %s", route, str(e)[:300])  # one short line per client mistake
         return JSONResponse({"error": str(e)}, status_code=400)
     except NotFoundError as e:
+        log.info("404 %s: %s", route, str(e)[:300])
         return JSONResponse({"error": str(e)}, status_code=404)
 
 
-@bentoml.service(name="recommender", workers=WORKERS, threads=THREADS, traffic={"timeout": 30},
-                 logging={"access": {"enabled": ACCESS_LOG}})
+def _embed_api() -> Callable:
+    """/embed is adaptively batched only with RECSYS_BATCHING=1 (measured slower on CPU, see
+    serving/README.md); a batch then holds at least one whole accepted request, so the
+    dispatcher never refuses a single request for its size."""
+    if S.batching:
+        return bentoml.api(input_spec=EmbedRequest, batchable=True, batch_dim=0,
+                           max_batch_size=S.embed_batch_size, max_latency_ms=S.batch_max_latency_ms)
+    return bentoml.api(input_spec=EmbedRequest)
+
+
+@bentoml.service(name="recommender", workers=S.workers, threads=S.threads,
+                 traffic={"timeout": S.request_timeout_s}, http={"host": S.host},
+                 logging={"access": {"enabled": S.access_log}})
 class Recommender:
     def __init__(self) -> None:
-        self.engine = RecommenderEngine.from_env()
-        self.engine.recommend(history=[self.engine.artifact.items[0]], k=1)  # warm-up before /readyz
+        logging.getLogger("bentoml._internal.server.http_app").addFilter(ClientErrorLogFilter())
+        self.engine: RecommenderEngine | None = None
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="embed")
-        self.ready = True
+        threading.Thread(target=self._load, name="load-engine", daemon=True).start()
+
+    def _load(self) -> None:
+        try:
+            engine = RecommenderEngine.from_settings(S)
+            engine.recommend(history=[engine.artifact.items[0]], k=1)  # warm-up before /readyz
+        except Exception as e:  # the parent's preflight passed: say what changed, then stop
+            log.error("cannot serve the artifact: %s", (str(e).splitlines() or [repr(e)])[0][:300])
+            logging.shutdown()
+            os._exit(3)
+        self.engine = engine
+        READY.set()
 
     def __is_ready__(self) -> bool:
-        return getattr(self, "ready", False)
+        return READY.is_set()
 
-    def _encode(self):
+    def _encode(self) -> Callable[[list[list[int]]], np.ndarray] | None:
         """The model call: local ONNX Runtime, or the batched /embed API when RECSYS_BATCHING=1."""
-        if not BATCHING:
+        if not S.batching:
             return None
         items = self.engine.artifact.items
         ns = self.engine.artifact.num_special
@@ -82,28 +146,56 @@ class Recommender:
         return lambda rows: np.asarray(client.embed([[items[t - ns] for t in r] for r in rows]), dtype=np.float32)
 
     @bentoml.api(input_spec=RecommendRequest, output_spec=RecommendResponse)
-    def recommend(self, user_id: ItemId | None = None, history: list[ItemId] | None = None, k: int = 10,
-                  exclude_seen: bool = True) -> RecommendResponse:
+    def recommend(self, user_id: int | str | None = None, history: list[int | str] | None = None,
+                  k: int = 10, exclude_seen: bool = True) -> RecommendResponse:
         """Top-k items for a known user or an explicit history of item ids."""
-        return _answer(RecommendResponse, self.engine.recommend, user_id, history, k, exclude_seen, self._encode())
+        return _answer("/recommend", RecommendResponse, self.engine.recommend, user_id, history, k,
+                       exclude_seen, self._encode())
 
     @bentoml.api(input_spec=RankRequest, output_spec=RankResponse)
-    def rank(self, user_id: ItemId | None = None, history: list[ItemId] | None = None,
-             candidates: list[ItemId] | None = None) -> RankResponse:
+    def rank(self, user_id: int | str | None = None, history: list[int | str] | None = None,
+             candidates: list[int | str] | None = None) -> RankResponse:
         """The candidate items in descending score order for a known user or a history."""
-        return _answer(RankResponse, self.engine.rank, user_id, history, candidates, self._encode())
+        return _answer("/rank", RankResponse, self.engine.rank, user_id, history, candidates, self._encode())
 
     @bentoml.api(input_spec=ItemRequest, output_spec=Item)
-    def item(self, item_id: ItemId) -> Item:
+    def item(self, item_id: int | str) -> Item:
         """An item's metadata (title, genres)."""
-        return _answer(Item, self.engine.item, item_id)
+        return _answer("/item", Item, self.engine.item, item_id)
 
-    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=BATCH_MAX_SIZE, max_latency_ms=BATCH_MAX_LATENCY_MS)
-    async def embed(
-        self, histories: list[Annotated[list[ItemId], Field(min_length=1, max_length=MAX_HISTORY)]]
-    ) -> np.ndarray:
-        """Query vectors (B, H) for histories of item ids, adaptively batched. Unknown ids are
-        dropped; a history with no known item gets the zero vector."""
+    @_embed_api()
+    async def embed(self, histories: list[list[int | str]]) -> np.ndarray:
+        """Query vectors (B, H) for histories of item ids. Unknown ids are dropped; a history with
+        no known item gets the zero vector."""
         # Its own thread: the API threads may all be waiting on this call (RECSYS_BATCHING=1).
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._model_thread, self.engine.encode_items, histories)
+
+
+def openapi() -> dict:
+    """BentoML's spec plus what it cannot know: the error bodies and statuses of serving/guard.py
+    and `_answer`, the Retry-After header, and the one-of user_id/history rule."""
+    spec = json.loads(json.dumps(Recommender.openapi_spec.asdict()))  # plain JSON: string keys
+    schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+    body = error_schema()
+    schemas.update(body.pop("$defs", {}))
+    schemas["ErrorBody"] = body
+    ref = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+    for path in API_PATHS:
+        op = spec["paths"][path]["post"]
+        for code, text in ERROR_RESPONSES.items():
+            if code == 404 and path == "/embed":
+                continue
+            op["responses"][str(code)] = {"description": text, "content": ref}
+        op["responses"]["503"]["headers"] = {
+            "Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}}
+        if path in ("/recommend", "/rank"):
+            from serving.schemas import ONE_OF_USER_OR_HISTORY
+            op["requestBody"]["content"]["application/json"]["schema"]["oneOf"] = ONE_OF_USER_OR_HISTORY
+    return spec
+
+
+Recommender.add_asgi_middleware(
+    Guard, api_paths=API_PATHS, max_body_bytes=S.max_body_bytes,
+    max_concurrency=S.concurrency_per_worker, retry_after_s=S.retry_after_s, ready=READY.is_set,
+    openapi=openapi, unlimited_paths=frozenset({"/embed"}) if S.batching else frozenset())

@@ -1,17 +1,14 @@
 """The real service: `bentoml serve` on a free loopback port over a tiny exported artifact.
 
 One server for the module; every endpoint and every bad input of the issue, then a check that
-it still answers; flat-index top-k against brute-force scoring of the same graph.
+it still answers; flat-index top-k against brute-force scoring of the same graph. Hostile
+input (issue #12) is in tests/test_hostile.py. The settings model and its README table last.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
+import re
 import time
 from pathlib import Path
 
@@ -19,53 +16,21 @@ import numpy as np
 import pytest
 import requests
 
+from benchmarks.processes import bentoml_server, server_env
 from serving.runtime import OnnxEncoder
+from serving.settings import ServingSettings, SettingsError, env_name, load_settings, markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_K = 5000  # above the tiny catalogue, so "k = every unseen item" can be asked
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_artifact_dir, tmp_path_factory):
-    port = _free_port()
-    home = tmp_path_factory.mktemp("bentoml_home")  # outside the project (NOTES.md)
-    env = {**os.environ, "RECSYS_ARTIFACT_DIR": str(tiny_artifact_dir), "BENTOML_HOME": str(home),
-           "BENTOML_DO_NOT_TRACK": "true", "RECSYS_MAX_K": str(MAX_K), "RECSYS_MAX_CANDIDATES": "50",
-           "RECSYS_THREADS": "2"}
-    log = open(tmp_path_factory.mktemp("log") / "serve.log", "w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bentoml", "serve", "serving.service:Recommender", "--host", "127.0.0.1",
-         "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:  # refused or slow while the worker starts
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.seek(0)
-                pytest.fail(f"service did not become ready:\n{log.read()[-3000:]}")
-            time.sleep(0.3)
-        yield url
-    finally:
-        # bentoml restarts failed workers forever: stop the whole process group.
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(proc.pid, sig)
-                proc.wait(timeout=10)
-                break
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                continue
-        log.close()
+    work = tmp_path_factory.mktemp("serving")
+    env = server_env(work / "bentoml_home", RECSYS_ARTIFACT_DIR=str(tiny_artifact_dir),
+                     RECSYS_MAX_K=str(MAX_K), RECSYS_MAX_CANDIDATES="50", RECSYS_THREADS="2")
+    with bentoml_server(env, work / "serve.log", ready_timeout=90) as srv:  # stops the group
+        yield srv.url
 
 
 def post(url: str, route: str, body) -> requests.Response:
@@ -226,3 +191,76 @@ def test_recommend_latency_known_user(server, artifact, record_property):
     record_property("recommend_p50_ms", p50)
     print(f"recommend p50 {p50:.2f} ms over 50 sequential requests")
     assert p50 < 200
+
+
+# -- settings (serving/settings.py) -----------------------------------------------------------------
+
+
+def test_readme_settings_table_matches_the_model():
+    """Every field is in serving/README.md's table with its default, and nothing else is."""
+    text = (ROOT / "serving" / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `(RECSYS_[A-Z_]+)` \| `([^`]*)` \|", text, flags=re.M))
+    expected = dict(re.findall(r"^\| `(RECSYS_[A-Z_]+)` \| `([^`]*)` \|", markdown_table(), flags=re.M))
+    assert set(expected) == {env_name(f) for f in ServingSettings.model_fields}
+    assert rows == expected
+    assert rows["RECSYS_MAX_BODY_BYTES"] == str(ServingSettings.model_fields["max_body_bytes"].default)
+
+
+def test_settings_parse_and_refuse_in_one_line(monkeypatch, tmp_path):
+    monkeypatch.setenv("RECSYS_VERIFY_ARTIFACT", "0")
+    monkeypatch.setenv("RECSYS_MODEL_FILE", "")  # empty = unset
+    monkeypatch.setenv("RECSYS_ORT_THREADS", "3")  # the old alias still works
+    s = load_settings()
+    assert s.verify_artifact is False and s.model_file is None and s.ort_intra_threads == 3
+    assert s.host == "127.0.0.1"  # loopback unless asked otherwise
+    for name, value, message in [("RECSYS_THREADS", "four", "valid integer"),
+                                 ("RECSYS_DEVICE", "tpu", "'auto', 'cpu' or 'cuda'"),
+                                 ("RECSYS_MAX_BODY_BYTES", "10", "greater than or equal to 1024"),
+                                 ("RECSYS_MODEL_FILE", "../x.onnx", "a file name inside the artifact"),
+                                 ("RECSYS_HOST", "localhost", "does not appear to be an IPv4 or IPv6")]:
+        monkeypatch.setenv(name, value)
+        with pytest.raises(SettingsError) as e:
+            load_settings()
+        assert str(e.value).count("\n") == 0 and f"{name}=" in str(e.value) and message in str(e.value)
+        monkeypatch.delenv(name)
+
+
+# -- the Faiss index cache (serving/retrieval.py): what is read back is what was written -----------
+
+
+def _overlap(results, ref) -> float:
+    return float(np.mean([len(set(t.tolist()) & set(r)) / len(r) for (t, _), r in zip(results, ref, strict=True)]))
+
+
+def test_index_cache_reads_only_a_verified_file_from_a_private_directory(tmp_path):
+    from serving.retrieval import IndexConfig, ItemIndex
+
+    rng = np.random.default_rng(3)
+    emb = rng.normal(size=(1501, 8)).astype(np.float32)
+    cache = tmp_path / "cache"
+    cfg = IndexConfig(hnsw_threshold=0, cache_dir=str(cache))
+    q = rng.normal(size=(3, 8)).astype(np.float32)
+    ref = [t.tolist() for t, _ in ItemIndex(emb, cfg=cfg, cache_key="k").search(q, 10)]
+    (entry,) = cache.iterdir()
+    assert cache.stat().st_mode & 0o077 == 0  # created private
+    # The checksum in the name is the file's sha256: a file changed after it was written is not
+    # read; it is removed and rebuilt.
+    data = bytearray(entry.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    entry.write_bytes(bytes(data))
+    again = ItemIndex(emb, cfg=cfg, cache_key="k")
+    assert _overlap(again.search(q, 10), ref) >= 0.9  # a rebuilt HNSW graph (build threads vary)
+    (rebuilt,) = cache.iterdir()
+    assert rebuilt.read_bytes() != bytes(data)
+    # Other vectors under the same caller key: another file (the key hashes the vectors too).
+    ItemIndex(emb * 2, cfg=cfg, cache_key="k")
+    assert len(list(cache.iterdir())) == 2
+    # A directory others can write is not used at all (nothing read, nothing written).
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    planted = shared / "planted.faiss"
+    planted.write_bytes(b"not an index")
+    idx = ItemIndex(emb, cfg=IndexConfig(hnsw_threshold=0, cache_dir=str(shared)), cache_key="k")
+    assert _overlap(idx.search(q, 10), ref) >= 0.9
+    assert sorted(p.name for p in shared.iterdir()) == ["planted.faiss"]
