@@ -312,7 +312,7 @@ def test_cli_distill_and_its_errors(tiny_teacher_dir, tmp_path, capsys):
     base = ["distill", "--teacher", str(tiny_teacher_dir), "--student", str(tmp_path / "student"), "--data", data]
     ok = base + ["--method", "logit_kd", "--out", str(tmp_path / "out"), "train.epochs=1", "train.batch_size=128"]
     assert main(ok) == 0
-    assert "logit_kd: student saved" in capsys.readouterr().out
+    assert "logit_kd: student saved" in capsys.readouterr().err  # status is logged to stderr
     assert main(base + ["--method", "nope", "--out", str(tmp_path / "x")]) == 2
     assert "unknown distillation method" in capsys.readouterr().err
     (tmp_path / "bad.yaml").write_text("layer_map: [0, 7]\n")
