@@ -17,6 +17,7 @@ import re
 import sys
 from pathlib import Path
 
+from compressor import __version__
 from compressor.errors import CompressorError
 
 log = logging.getLogger("compressor")
@@ -33,15 +34,6 @@ names (default, smoke, pretrained_llm); override any field with key=value (e.g. 
 Bad input prints one line and exits with code 2. TQDM_DISABLE=1 hides progress bars.
 """
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("recsys-compressor")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        return "0+unknown"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -289,7 +281,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="compressor", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="count", default=0, help="more detail (debug messages)")

@@ -7,6 +7,7 @@ fields it cannot know are left out rather than guessed.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
@@ -22,7 +23,8 @@ MOVIELENS_LICENSE = {
              "GroupLens; redistribution only under the same terms; cite Harper & Konstan (2015)",
     "link": "https://files.grouplens.org/datasets/movielens/ml-latest-small-README.html",
 }
-MOVIELENS = ("ml-latest-small", "ml-latest", "ml-100k", "ml-1m", "ml-10m", "ml-20m", "ml-25m", "ml-32m")
+# Names (or folder names) of MovieLens releases, and slices of them such as `ml-latest-small-tiny`.
+MOVIELENS = re.compile(r"^ml-(latest-small|latest|\d+[mk])(\b|-)")
 
 PROTOCOL = {
     "split": "leave-one-out by time: each user's last item is the test target, the one before "
@@ -41,7 +43,7 @@ METRIC_KEYS = ("ndcg@5", "ndcg@10", "hr@5", "hr@10", "mrr", "coverage@10")
 
 
 def dataset_license(dataset: str | None) -> dict:
-    if dataset and Path(str(dataset)).name in MOVIELENS:
+    if dataset and MOVIELENS.match(Path(str(dataset)).name):
         return dict(MOVIELENS_LICENSE)
     return {"name": "unknown", "terms": "the training data's own terms apply; check them before use"}
 
@@ -99,3 +101,27 @@ def read_front_matter(path: str | Path) -> dict:
     if not text.startswith("---\n"):
         raise ValueError(f"{path}: no YAML front matter")
     return yaml.safe_load(text[4:text.index("\n---\n", 4)]) or {}
+
+
+def artifact_card(fields: dict) -> str:
+    """The card of an artifact directory, from its manifest fields. Metrics: the manifest's own,
+    else the validation metrics on the source model directory's card."""
+    metrics, split = fields.get("metrics") or None, "test"
+    if not metrics:
+        split = "valid"
+        src = Path(str(fields.get("source_model_dir", ""))) / CARD_FILE
+        try:
+            metrics = {m["name"]: m["value"] for m in read_front_matter(src).get("metrics", [])}
+        except (OSError, ValueError, TypeError, KeyError, yaml.YAMLError):
+            metrics = None  # no card there (an older model directory): say nothing rather than guess
+    recsys, parity = fields.get("recsys") or {}, (fields.get("parity") or {}).get("model.onnx", {})
+    adapted = recsys.get("adapted_from")
+    return build_card(
+        kind=fields.get("kind", "model"), architecture=fields.get("architecture", "unknown"),
+        parameters=fields.get("parameters", 0), num_layers=fields.get("num_layers", 0),
+        hidden_size=fields.get("hidden_size", 0), num_items=fields.get("num_items", 0),
+        dataset=(fields.get("data") or {}).get("name"), metrics=metrics, metrics_split=split,
+        base_model=Path(adapted).name if adapted else None, teacher_layers=fields.get("teacher_layers"),
+        data_fingerprint=(fields.get("data") or {}).get("fingerprint"), library="onnx",
+        extra={"onnx_parity": {k: parity[k] for k in ("n", "max_abs_diff", "topk_agreement", "k") if k in parity}},
+    )
