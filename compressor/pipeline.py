@@ -43,7 +43,7 @@ from compressor.export import ExportConfig
 from compressor.importance import ImportanceConfig
 from compressor.modeling import is_model_dir
 from compressor.prune import PruneConfig
-from compressor.select import SELECTION, VALIDATED
+from compressor.select import SELECTION, VALIDATED, validate_layers
 from compressor.teacher import TeacherConfig
 
 LOG = logging.getLogger("compressor").info
@@ -179,8 +179,11 @@ class RunConfig(BaseModel):
             if self.selection.layers is None and not 1 <= self.selection.keep < n:
                 raise ValueError(f"selection.keep {self.selection.keep}: must be between 1 and {n - 1} "
                                  f"for a {n}-layer teacher")
-            if self.selection.layers is not None and any(not 0 <= i < n for i in self.selection.layers):
-                raise ValueError(f"selection.layers {self.selection.layers}: the teacher has layers 0..{n - 1}")
+            if self.selection.layers is not None:
+                try:  # the truncate stage's own check (range, order, duplicates, removes something)
+                    validate_layers(self.selection.layers, n)
+                except CompressorError as e:
+                    raise ValueError(f"selection.layers: {e}") from e
             if self.prune.heads > 0 and t.architecture == "gpt2":
                 raise ValueError("prune.heads: GPT-2 derives the head size from n_embd / n_head, so its heads "
                                  "cannot be pruned; prune mlp channels instead")
