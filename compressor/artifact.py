@@ -7,6 +7,7 @@
     item_bias.npy         float32 (V,), only when the output head has a bias
     items.json            [{"item_id", "title", "genres"}] for every catalogue item, in token order
     user_histories.json   {str(user_id): [item ids, oldest first]} for the users of the data
+    README.md             model card: YAML front matter (licence, data, metrics, protocol, use)
     manifest.json         every other file with bytes + sha256, and the model's description
 
 The score of item token i for a history is `hidden @ item_embeddings[i] (+ item_bias[i])`; it
@@ -67,7 +68,10 @@ def write_json(path: Path, payload) -> None:
 
 
 def write_manifest(directory: Path, fields: dict) -> dict:
-    """Describe every file now in `directory` and write `manifest.json` (written last)."""
+    """Write the model card, describe every file now in `directory` and write `manifest.json` (last)."""
+    from compressor.model_card import CARD_FILE, artifact_card  # needs yaml: only writers import it
+
+    (directory / CARD_FILE).write_text(artifact_card(fields), encoding="utf-8")
     manifest = {"format_version": FORMAT_VERSION, **fields, "files": describe_files(directory)}
     missing = [n for n in REQUIRED if n not in manifest["files"]]
     if missing:

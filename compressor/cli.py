@@ -1,14 +1,46 @@
-"""`compressor` command line: parse, load config, call one stage, map known errors to exit 2."""
+"""`compressor` command line: parse, load config, call one stage, map known errors to exit 2.
+
+Every user error (bad flag, config, data, model files) is one line on stderr and exit code 2.
+Status goes through `logging` (stderr; -v/-q); what a command computes (evaluate's JSON) goes to
+stdout. Config-taking commands accept `key=value` overrides anywhere after the command, and
+`--set key=value` as an alias.
+"""
 
 from __future__ import annotations
 
 import argparse
 import functools
 import json
+import logging
+import os
+import re
 import sys
 from pathlib import Path
 
+from compressor import __version__
 from compressor.errors import CompressorError
+
+log = logging.getLogger("compressor")
+
+DESCRIPTION = """Compress a transformer recommender and export it for serving.
+
+  compressor run --config default --out runs/default      the whole job (bundled MovieLens data)
+  compressor run --config smoke selection.keep=1           a quick run, one field overridden
+  compressor evaluate runs/default/distill/student --data ml-latest-small --against ease
+
+Steps one at a time: train-teacher, analyze, truncate, prune, distill, export, quantize.
+`compressor COMMAND --help` lists a command's options. Configs: YAML files or the bundled
+names (default, smoke, pretrained_llm); override any field with key=value (e.g. distill.lam=0.1).
+Bad input prints one line and exits with code 2. TQDM_DISABLE=1 hides progress bars.
+"""
+OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (its default prints the whole usage block first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _write_json(payload: dict, path: str | None) -> None:
@@ -22,16 +54,23 @@ def _write_json(payload: dict, path: str | None) -> None:
     print(text)
 
 
+def _overrides(args: argparse.Namespace) -> list[str]:
+    return [*getattr(args, "overrides", []), *getattr(args, "set_overrides", [])]
+
+
 def cmd_train_teacher(args: argparse.Namespace) -> None:
     from compressor.config import load_config
     from compressor.data import prepare
+    from compressor.pipeline import teacher_shape_problem
     from compressor.teacher import TeacherConfig, train_teacher
 
-    cfg = load_config(TeacherConfig, args.config, args.overrides)
+    cfg = load_config(TeacherConfig, args.config, _overrides(args))
+    if problem := teacher_shape_problem(cfg):
+        raise CompressorError(f"config: {problem}")
     data = prepare(args.data, args.format)
     _, summary = train_teacher(data, cfg, args.out)
     best = summary["best_valid"]
-    print(f"teacher saved to {args.out}: {summary['parameters']:,} parameters, "
+    log.info(f"teacher saved to {args.out}: {summary['parameters']:,} parameters, "
           f"{summary['epochs_run']} epochs ({summary['stop_reason']}), valid NDCG@10 {best.get('ndcg@10', 0):.4f}")
 
 
@@ -75,10 +114,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             payload["against"][rival] = {m: {"other": other.metrics[m], **paired_bootstrap(
                 result.per_user[m], other.per_user[m])} for m in ("ndcg@10", "hr@10")}
             d = payload["against"][rival]["ndcg@10"]
-            print(f"NDCG@10 {result.metrics['ndcg@10']:.4f} vs {rival} {other.metrics['ndcg@10']:.4f}: "
+            log.info(f"NDCG@10 {result.metrics['ndcg@10']:.4f} vs {rival} {other.metrics['ndcg@10']:.4f}: "
                   f"difference {d['mean_diff']:+.4f}, 95% interval [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]"
-                  + (" (excludes 0)" if d["excludes_zero"] else " (includes 0: not distinguishable)"),
-                  file=sys.stderr)
+                  + (" (excludes 0)" if d["excludes_zero"] else " (includes 0: not distinguishable)"))
     _write_json(payload, args.json)
 
 
@@ -87,14 +125,14 @@ def cmd_prune(args: argparse.Namespace) -> None:
     from compressor.prune import REPORT_FILE, PruneConfig, prune_dir
 
     flags = {"heads": args.heads, "mlp": args.mlp, "sparsity": args.sparsity, "scorer": args.scorer}
-    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.overrides)
+    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + _overrides(args)
     cfg = load_config(PruneConfig, args.config, overrides)
     if not (cfg.structured or cfg.sparsity > 0):
         raise CompressorError("nothing to prune: give --heads, --mlp or --sparsity above 0")
     out = prune_dir(args.model_dir, args.out, cfg, args.data)
     report = json.loads((out / REPORT_FILE).read_text())
     s = report.get("structured", {})
-    print(f"pruned model saved to {out}: {report['params_before']:,} -> {report['params_after']:,} parameters"
+    log.info(f"pruned model saved to {out}: {report['params_before']:,} -> {report['params_after']:,} parameters"
           + (f", heads {s['heads']['before']} -> {s['heads']['after']}" if "heads" in s else "")
           + (f", MLP channels {s['mlp']['before']} -> {s['mlp']['after']}" if "mlp" in s else "")
           + (f", sparsity {report['sparsity']['total']:.1%}" if cfg.sparsity > 0 else ""))
@@ -105,17 +143,17 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
     out = quantize_onnx(args.onnx_file, args.out, mode=args.mode, per_channel=args.per_channel)
     before, after = Path(args.onnx_file).stat().st_size, out.stat().st_size
-    print(f"{args.mode} model saved to {out}: {before / 2**20:.2f} MB -> {after / 2**20:.2f} MB")
+    log.info(f"{args.mode} model saved to {out}: {before / 2**20:.2f} MB -> {after / 2**20:.2f} MB")
 
 
 def cmd_run(args: argparse.Namespace) -> None:
     from compressor.config import load_config
     from compressor.pipeline import RunConfig, run
 
-    cfg = load_config(RunConfig, args.config, args.overrides)
+    cfg = load_config(RunConfig, args.config, _overrides(args))
     out = Path(args.out) if args.out else Path("runs") / Path(args.config or "default").stem
-    run(cfg, out, force=args.force.split(",") if args.force else None)
-    print(f"done: artifacts in {out}/teacher and {out}/student, report in {out}/report.md")
+    run(cfg, out, log=log.info, force=args.force.split(",") if args.force else None)
+    log.info(f"done: artifacts in {out}/teacher and {out}/student, report in {out}/report.md")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -123,14 +161,15 @@ def cmd_export(args: argparse.Namespace) -> None:
     from compressor.data import prepare
     from compressor.data.vocab import ItemVocab
     from compressor.export import ExportConfig, export_artifact
+    from compressor.modeling import require_model_dir
 
     flags = [f"quantize={args.quantize}"] if args.quantize else []
-    cfg = load_config(ExportConfig, args.config, flags + list(args.overrides))
-    data = prepare(args.data, args.format, vocab=ItemVocab.load(args.model_dir))
+    cfg = load_config(ExportConfig, args.config, flags + _overrides(args))
+    data = prepare(args.data, args.format, vocab=ItemVocab.load(require_model_dir(args.model_dir)))
     res = export_artifact(args.model_dir, args.out, data, cfg)
     p = res.parity["model.onnx"]
     sizes = ", ".join(f"{n} {b / 2**20:.2f} MB" for n, b in res.manifest["onnx_files"].items())
-    print(f"artifact written to {args.out}: {sizes}; parity on {p['n']} validation histories: "
+    log.info(f"artifact written to {args.out}: {sizes}; parity on {p['n']} validation histories: "
           f"max abs diff {p['max_abs_diff']:.2e}, top-{p['k']} agreement {p['topk_agreement']:.4f}")
 
 
@@ -143,7 +182,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     flags = [f"methods=[{args.methods}]"] if args.methods else []
     flags += [f"samples={args.samples}"] if args.samples is not None else []
     flags += [f"keep=[{args.keep}]"] if args.keep else []
-    cfg = load_config(ImportanceConfig, args.config, flags + list(args.overrides))
+    cfg = load_config(ImportanceConfig, args.config, flags + _overrides(args))
     model, vocab = load_model(args.teacher_dir)
     data = prepare(args.data, args.format, vocab=vocab)
     result = run_importance(model, data, cfg, recsys_meta(model).get("max_len", 50))
@@ -151,13 +190,13 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     for name, s in result.methods.items():
         rho = result.spearman.get(name)
         overlap = " ".join(f"top-{k[2:]} overlap {v:.2f}" for k, v in ((result.overlap or {}).get(name) or {}).items())
-        print(f"{name:16s} {s.seconds:8.2f} s  spearman vs ablation: {'-' if rho is None else f'{rho:+.3f}'}  {overlap}")
-    print(f"importance written to {path}")
+        log.info(f"{name:16s} {s.seconds:8.2f} s  spearman vs ablation: {'-' if rho is None else f'{rho:+.3f}'}  {overlap}")
+    log.info(f"importance written to {path}")
 
 
 def cmd_truncate(args: argparse.Namespace) -> None:
     from compressor.importance import DEFAULT_METHOD, check_method, load_importance, method_scores
-    from compressor.modeling import is_model_dir, recsys_meta
+    from compressor.modeling import load_model_config, recsys_meta
     from compressor.select import (
         DEFAULT_STRATEGY,
         SELECTION,
@@ -171,11 +210,7 @@ def cmd_truncate(args: argparse.Namespace) -> None:
 
     if (args.layers is None) == (args.keep is None):
         raise CompressorError("give either --layers 0,5,10 or --keep K (with --method/--strategy)")
-    if not is_model_dir(args.teacher_dir):
-        raise CompressorError(f"{args.teacher_dir}: not a model directory (config.json + item_vocab.json)")
-    from transformers import AutoConfig
-
-    L = AutoConfig.from_pretrained(args.teacher_dir).num_hidden_layers  # GPT-2's n_layer too
+    L = load_model_config(args.teacher_dir).num_hidden_layers  # GPT-2's n_layer too
     if args.layers is not None:
         if args.method or args.strategy or args.importance:
             raise CompressorError("--method/--strategy/--importance go with --keep, not --layers")
@@ -212,11 +247,11 @@ def cmd_truncate(args: argparse.Namespace) -> None:
             model, data = teacher_and_data()
             layers, info["candidates"] = validated(model, list(SELECTION), scores, args.keep, data, recsys_meta(model).get("max_len", 50))
             for row in info["candidates"]:
-                print(f"  {row['layers']} ({', '.join(row['strategies'])}): validation NDCG@10 {row['valid_ndcg@10']:.4f}")
+                log.info(f"  {row['layers']} ({', '.join(row['strategies'])}): validation NDCG@10 {row['valid_ndcg@10']:.4f}")
         else:
             layers = select_layers(strategy, scores, args.keep)
     out = truncate_dir(args.teacher_dir, args.out, layers, info)
-    print(f"student keeping teacher layers {layers} of {L} saved to {out}")
+    log.info(f"student keeping teacher layers {layers} of {L} saved to {out}")
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
@@ -227,7 +262,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
     from compressor.distill import DistillConfig, distill
     from compressor.modeling import load_model
 
-    cfg = load_config(DistillConfig, args.config, args.overrides)
+    cfg = load_config(DistillConfig, args.config, _overrides(args))
     update = {k: v for k, v in (("method", args.method), ("importance_file", args.importance)) if v}
     try:
         cfg = DistillConfig.model_validate({**cfg.model_dump(), **update})
@@ -240,27 +275,40 @@ def cmd_distill(args: argparse.Namespace) -> None:
                               f"({s_vocab.num_items} vs {t_vocab.num_items} items)")
     data = prepare(args.data, args.format, vocab=t_vocab)
     r = distill(teacher, student, data, cfg, args.out, resume=args.resume)
-    print(f"{cfg.method}: student saved to {r.model_dir}: {r.steps} steps ({r.stop_reason}), best valid "
+    log.info(f"{cfg.method}: student saved to {r.model_dir}: {r.steps} steps ({r.stop_reason}), best valid "
           f"NDCG@10 {r.best_valid.get('ndcg@10', 0):.4f} at step {r.best_step}, {r.seconds:.0f} s")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="compressor", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="compressor", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="count", default=0, help="more detail (debug messages)")
+    common.add_argument("-q", "--quiet", action="store_true", help="errors and warnings only, no progress bars")
+
+    def command(name: str, **kw) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kw)  # every command takes -v/-q
+
+    def config_args(p: argparse.ArgumentParser, model: str, example: str) -> None:
+        """--config and key=value overrides, the same way on every command that takes a config."""
+        p.add_argument("--config", help=f"YAML with {model} fields, or a bundled config name")
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=f"override a config field, e.g. {example}")
+        p.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="same as a positional KEY=VALUE")
 
     def data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
         p.add_argument("--data", required=required, default="ml-latest-small",
                        help="bundled name (ml-latest-small) or a folder/file of interactions")
         p.add_argument("--format", default="auto", help="auto, ml-latest, ml-100k, ml-1m or generic")
 
-    p = sub.add_parser("train-teacher", help="train the teacher recommender")
+    p = command("train-teacher", help="train the teacher recommender")
     data_args(p)
     p.add_argument("--out", required=True, help="model directory to write")
-    p.add_argument("--config", help="YAML with TeacherConfig fields")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. num_layers=4 train.epochs=2")
+    config_args(p, "TeacherConfig", "num_layers=4 train.epochs=2")
     p.set_defaults(func=cmd_train_teacher)
 
-    p = sub.add_parser("evaluate", help="full-ranking metrics of a model directory or a baseline")
+    p = command("evaluate", help="full-ranking metrics of a model directory or a baseline")
     p.add_argument("model_dir", nargs="?")
     data_args(p)
     p.add_argument("--split", choices=["test", "valid"], default="test")
@@ -271,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the metrics here")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("prune", help="remove attention heads / MLP channels, zero weights (unstructured)")
+    p = command("prune", help="remove attention heads / MLP channels, zero weights (unstructured)")
     p.add_argument("model_dir")
     p.add_argument("--out", required=True, help="model directory to write")
     p.add_argument("--heads", type=float, help="fraction of attention heads to remove, in [0, 1)")
@@ -279,12 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", type=float, help="fraction of decoder weights to zero (unstructured), in [0, 1)")
     p.add_argument("--scorer", help="head/channel importance: fisher (default) or magnitude")
     p.add_argument("--data", default="ml-latest-small", help="data for Fisher scores (validation histories)")
-    p.add_argument("--config", help="YAML with PruneConfig fields")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="other PruneConfig fields, e.g. --set scope=per_layer --set samples=256")
+    config_args(p, "PruneConfig", "scope=per_layer samples=256")
     p.set_defaults(func=cmd_prune)
 
-    p = sub.add_parser("quantize", help="int8 (CPU) or fp16 (GPU) version of an exported ONNX model")
+    p = command("quantize", help="int8 (CPU) or fp16 (GPU) version of an exported ONNX model")
     p.add_argument("onnx_file")
     p.add_argument("--out", required=True, help="ONNX file to write")
     p.add_argument("--mode", choices=["int8", "fp16"], default="int8")
@@ -292,35 +338,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int8: one scale per weight tensor instead of one per output channel")
     p.set_defaults(func=cmd_quantize)
 
-    p = sub.add_parser("run", help="the whole job: teacher -> importance -> student -> distil -> export -> report")
-    p.add_argument("--config", help="YAML RunConfig (configs/default.yaml shows every field)")
+    p = command("run", help="the whole job: teacher -> importance -> student -> distil -> export -> report")
     p.add_argument("--out", help="run directory (default runs/<config name>)")
     p.add_argument("--force", help="comma-separated stages to rerun even if up to date")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. distill.train.epochs=2")
+    config_args(p, "RunConfig (configs/default.yaml shows every field)", "distill.train.epochs=2")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("export", help="ONNX export + parity check -> an artifact directory serving loads")
+    p = command("export", help="ONNX export + parity check -> an artifact directory serving loads")
     p.add_argument("model_dir")
     p.add_argument("--out", required=True, help="artifact directory to write (replaced atomically)")
     data_args(p, required=False)
     p.add_argument("--quantize", choices=["int8", "fp16"], help="also write model.<mode>.onnx")
-    p.add_argument("--config", help="YAML with ExportConfig fields")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="other ExportConfig fields, e.g. --set atol=1e-5 --set parity_users=512")
+    config_args(p, "ExportConfig", "atol=1e-5 parity_users=512")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("analyze", help="per-layer importance of a teacher (Fisher and the other estimators)")
+    p = command("analyze", help="per-layer importance of a teacher (Fisher and the other estimators)")
     p.add_argument("teacher_dir")
     data_args(p, required=False)
     p.add_argument("--methods", help="comma-separated: fisher,gradient,attention,block_influence,angular,ablation,hybrid")
     p.add_argument("--samples", type=int, help="validation users the estimators read (default 512)")
     p.add_argument("--keep", help="layer budgets to record selections for, e.g. 4 or 2,4 (default 25%% of depth)")
     p.add_argument("--out", required=True, help="directory for importance.json and the plots")
-    p.add_argument("--config", help="YAML with ImportanceConfig fields")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. fisher.depth_bias=true")
+    config_args(p, "ImportanceConfig", "fisher.depth_bias=true")
     p.set_defaults(func=cmd_analyze)
 
-    p = sub.add_parser("truncate", help="a student checkpoint keeping chosen teacher layers")
+    p = command("truncate", help="a student checkpoint keeping chosen teacher layers")
     p.add_argument("teacher_dir")
     p.add_argument("--out", required=True, help="model directory to write")
     p.add_argument("--layers", help="explicit teacher layers, e.g. 0,5,10,15")
@@ -333,28 +375,46 @@ def build_parser() -> argparse.ArgumentParser:
     data_args(p, required=False)
     p.set_defaults(func=cmd_truncate)
 
-    p = sub.add_parser("distill", help="distil a teacher into a student (FISHER-LD or a baseline)")
+    p = command("distill", help="distil a teacher into a student (FISHER-LD or a baseline)")
     p.add_argument("--teacher", required=True, help="teacher model directory")
     p.add_argument("--student", required=True, help="student model directory (e.g. from `compressor truncate`)")
     data_args(p)
     p.add_argument("--method", help="fisher_ld (default), uniform_ld, finetune, logit_kd, fitnets, "
                    "attention_transfer, minilm, pkd, tinybert, fisher_ld_static")
-    p.add_argument("--config", help="YAML with DistillConfig fields")
     p.add_argument("--importance", help="importance.json with Fisher scores (else estimated from the data)")
     p.add_argument("--out", required=True, help="directory for student/, train_log.jsonl, checkpoint.pt")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. lam=0.01 train.epochs=3")
+    config_args(p, "DistillConfig", "lam=0.01 train.epochs=3")
     p.set_defaults(func=cmd_distill)
     return parser
 
 
+def _setup_logging(args: argparse.Namespace) -> None:
+    level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
+    if args.quiet:
+        os.environ.setdefault("TQDM_DISABLE", "1")  # read when tqdm is first imported
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops filling a nargs="*" positional at the first option, so `key=value` after an
+    # option arrives here; it is an override like the others. Anything else is a real error.
+    unknown = [a for a in extra if not (OVERRIDE.match(a) and hasattr(args, "overrides"))]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    _setup_logging(args)
     try:
         args.func(args)
     except CompressorError as e:
-        print(f"compressor {args.command}: error: {e}", file=sys.stderr)
+        print(f"compressor {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"compressor {args.command}: interrupted", file=sys.stderr)

@@ -117,6 +117,25 @@ def export_onnx(model: PreTrainedModel, path: str | Path, max_len: int, opset: i
     return path
 
 
+def stamp_onnx_metadata(path: Path, fields: dict) -> dict:
+    """Record `fields` (plus the producer) in the graph's `metadata_props`, so a graph found on
+    its own still says what made it; returns the effective opset and IR version for the manifest."""
+    import json
+
+    import onnx
+
+    from compressor import __version__
+
+    graph = onnx.load(str(path), load_external_data=False)  # external weights stay where they are
+    opset = next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
+    props = {"producer": "recsys-compressor", "producer_version": __version__, "opset": opset,
+             "ir_version": graph.ir_version, "inputs": [i.name for i in graph.graph.input],
+             "outputs": [o.name for o in graph.graph.output], **fields}
+    onnx.helper.set_model_props(graph, {k: v if isinstance(v, str) else json.dumps(v) for k, v in props.items()})
+    onnx.save(graph, str(path))
+    return {"opset": opset, "ir_version": graph.ir_version, "metadata_props": sorted(props)}
+
+
 def item_embeddings(model: PreTrainedModel) -> tuple[np.ndarray, np.ndarray | None]:
     """The output head as (V, H) float32 (row = token id) and its bias (V,) if it has one."""
     head = decoder_parts(model).head
@@ -288,6 +307,7 @@ def export_artifact(
     histories = parity_histories(data, cfg.parity_users, max_len, cfg.seed)
     with art.atomic_directory(out_dir) as tmp:
         export_onnx(model, tmp / art.MODEL_ONNX, max_len, cfg.opset)
+        onnx_meta = stamp_onnx_metadata(tmp / art.MODEL_ONNX, {"data_fingerprint": data.interactions.fingerprint(), "teacher_layers": meta.get("teacher_layers"), "kind": meta.get("kind", "teacher")})
         parity = check_parity(tmp / art.MODEL_ONNX, model, histories, max_len, cfg.atol,
                               cfg.min_topk_agreement, cfg.topk, cfg.batch_size, vocab.num_special, cfg.rtol)
         require_parity(parity, f"export of {model_dir}")
@@ -321,6 +341,7 @@ def export_artifact(
             "serve_model": serve,
             "io": {"inputs": list(INPUT_NAMES), "output": OUTPUT_NAME, "padding": "left", "pad_id": vocab.pad_id},
             "parity": parity_all,
+            "onnx": onnx_meta,
             "metrics": metrics or {},
             "recsys": meta,
             "source_model_dir": str(Path(model_dir).resolve()),

@@ -8,6 +8,7 @@ recommendation is the output head applied to the last position's final hidden st
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -15,10 +16,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from compressor.data.vocab import VOCAB_FILE, ItemVocab
 from compressor.errors import ArtifactError
+from compressor.model_card import CARD_FILE, build_card
 
 _FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm", "norm_f")
 
@@ -93,18 +95,52 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def load_model(directory: str | Path, attn: str = "sdpa") -> tuple[PreTrainedModel, ItemVocab]:
-    """Load a model directory written by `save_model` (any causal-LM family)."""
+def _model_dir_hint(directory: Path) -> str:
+    """' (did you mean DIR/student?)' when a child of `directory` is a model directory."""
+    kids = sorted(c for c in directory.iterdir() if c.is_dir() and is_model_dir(c)) if directory.is_dir() else []
+    return f" (did you mean {kids[0]}?)" if kids else ""
+
+
+def _load_error(directory: Path, e: BaseException) -> ArtifactError:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    return ArtifactError(f"{directory}: could not load the model, its files are damaged or not a "
+                         f"Hugging Face checkpoint ({type(e).__name__}: {first})")
+
+
+def require_model_dir(directory: str | Path) -> Path:
+    """`directory` if it has this project's model files (config.json + item vocabulary), else an
+    ArtifactError that points at a model directory inside it (`DIR/student` of a distillation)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ArtifactError(f"{directory}: no such model directory")
+    for name, what in ((VOCAB_FILE, "not a model directory of this project?"),
+                       ("config.json", "not a Hugging Face checkpoint")):
+        if not (directory / name).exists():
+            raise ArtifactError(f"{directory}: no {name} ({what}){_model_dir_hint(directory)}")
+    return directory
+
+
+def load_model_config(directory: str | Path) -> PretrainedConfig:
+    """The Hugging Face config of a model directory; a missing or corrupt config.json is an ArtifactError."""
+    directory = require_model_dir(directory)
+    try:
+        return AutoConfig.from_pretrained(directory)
+    except Exception as e:  # OSError (bad JSON), ValueError/KeyError (unknown model_type), ...
+        raise _load_error(directory, e) from e
+
+
+def load_model(directory: str | Path, attn: str = "sdpa") -> tuple[PreTrainedModel, ItemVocab]:
+    """Load a model directory written by `save_model` (any causal-LM family).
+
+    The one place model files are read: every way they can be missing or damaged (no vocabulary,
+    corrupt config.json, truncated model.safetensors, ...) is an ArtifactError naming the directory."""
+    directory = require_model_dir(directory)
     vocab = ItemVocab.load(directory)
-    if not (directory / "config.json").exists():
-        raise ArtifactError(f"{directory}: no config.json (not a Hugging Face checkpoint)")
+    load_model_config(directory)  # config errors first: they name the file
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, attn_implementation=attn, dtype=torch.float32)
-    except (OSError, ValueError) as e:
-        raise ArtifactError(f"{directory}: could not load the model ({e})") from e
+    except Exception as e:  # SafetensorError (truncated weights), OSError, ValueError, RuntimeError (shapes)
+        raise _load_error(directory, e) from e
     if model.config.vocab_size != vocab.size:
         raise ArtifactError(
             f"{directory}: model vocab_size {model.config.vocab_size} != item vocabulary size {vocab.size}"
@@ -114,15 +150,23 @@ def load_model(directory: str | Path, attn: str = "sdpa") -> tuple[PreTrainedMod
 
 
 def save_model(model: PreTrainedModel, vocab: ItemVocab, directory: str | Path, extra: dict | None = None) -> Path:
-    """Write checkpoint + item vocabulary (+ extra JSON files) atomically: a temp dir, then rename."""
+    """Write checkpoint + item vocabulary (+ extra JSON files) + a model card (README.md)
+    atomically: a temp dir, then rename."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
+    dataset = next((v["data"] for v in (extra or {}).values() if isinstance(v, dict) and isinstance(v.get("data"), str)), None)
+    if dataset:  # recorded in the config, so students cut from this model still name their data
+        set_recsys_meta(model, dataset=dataset)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         model.save_pretrained(tmp)
         vocab.save(tmp)
         for name, payload in (extra or {}).items():
             (tmp / name).write_text(json.dumps(payload, indent=2, default=str))
+        (tmp / CARD_FILE).write_text(_card(model, vocab, extra or {}), encoding="utf-8")
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; a model directory is an ordinary one
         if directory.exists():
             shutil.rmtree(directory)
         tmp.rename(directory)
@@ -130,6 +174,21 @@ def save_model(model: PreTrainedModel, vocab: ItemVocab, directory: str | Path, 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def _card(model: PreTrainedModel, vocab: ItemVocab, extra: dict) -> str:
+    meta = recsys_meta(model)
+    summaries = [v for v in extra.values() if isinstance(v, dict)]
+    metrics = next((s["best_valid"] for s in summaries if isinstance(s.get("best_valid"), dict)), None)
+    fingerprint = next((s["data_fingerprint"] for s in summaries if s.get("data_fingerprint")), None)
+    adapted = meta.get("adapted_from")
+    return build_card(
+        kind=meta.get("kind", "model"), architecture=model.config.model_type, parameters=count_parameters(model),
+        num_layers=model.config.num_hidden_layers, hidden_size=model.config.hidden_size, num_items=vocab.num_items,
+        dataset=meta.get("dataset"), metrics=metrics, metrics_split="valid",
+        base_model=Path(adapted).name if adapted else None, teacher_layers=meta.get("teacher_layers"),
+        data_fingerprint=fingerprint,
+    )
 
 
 def is_model_dir(directory: str | Path) -> bool:

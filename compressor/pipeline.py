@@ -24,13 +24,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from compressor import stages
 from compressor.config import dump_config
@@ -41,9 +43,10 @@ from compressor.export import ExportConfig
 from compressor.importance import ImportanceConfig
 from compressor.modeling import is_model_dir
 from compressor.prune import PruneConfig
-from compressor.select import SELECTION, VALIDATED
+from compressor.select import SELECTION, VALIDATED, validate_layers
 from compressor.teacher import TeacherConfig
 
+LOG = logging.getLogger("compressor").info
 STAGES = ("teacher", "importance", "truncate", "prune", "distill", "export", "evaluate", "speed", "report")
 
 
@@ -52,6 +55,16 @@ class DataConfig(BaseModel):
     name: str = Field("ml-latest-small", description="bundled name, downloadable MovieLens name, or a path")
     format: str = Field("auto", description="auto, ml-latest, ml-100k, ml-1m or generic")
     max_users: int | None = Field(None, ge=3, description="keep only the first N users (by id): quick runs")
+
+    @field_validator("name")
+    @classmethod
+    def _known_data(cls, v: str) -> str:
+        """A name that is neither known nor a path fails here, not after the run directory exists."""
+        from compressor.data.loaders import BUNDLED, DOWNLOADS
+
+        if v not in BUNDLED and v not in DOWNLOADS and not Path(v).expanduser().exists():
+            raise ValueError(f"no such dataset or path: {v} (names: {', '.join([*BUNDLED, *DOWNLOADS])})")
+        return v
 
     def load(self, vocab=None) -> RecData:
         from compressor.data import load_interactions
@@ -63,8 +76,32 @@ class DataConfig(BaseModel):
         return prepare(inter, vocab=vocab)
 
 
+def teacher_shape_problem(cfg: TeacherConfig) -> str | None:
+    """Why the Hugging Face config of `cfg` could not be built, or None. The same builder training
+    uses runs here, at config load, so a bad shape (hidden size not divisible by heads, an odd
+    RoPE head size, ...) fails before data is read or a directory is written."""
+    from compressor.teacher import build_hf_config
+
+    if cfg.pretrained:
+        return None  # the pretrained model's own sizes are used
+    try:
+        build_hf_config(cfg, vocab_size=16)
+    except Exception as e:  # ValueError, HF's StrictDataclass...Error: whatever the builder rejects
+        return " ".join(str(e).split())[:300] or type(e).__name__
+    kv = cfg.num_kv_heads
+    if kv is not None and cfg.architecture != "gpt2" and cfg.num_heads % kv:  # HF does not check this
+        return f"num_heads {cfg.num_heads} is not a multiple of num_kv_heads {kv}"
+    return None
+
+
 class TeacherStage(TeacherConfig):
     path: str | None = Field(None, description="use this trained teacher model dir instead of training one")
+
+    @model_validator(mode="after")
+    def _buildable(self) -> TeacherStage:
+        if self.path is None and (problem := teacher_shape_problem(self)):
+            raise ValueError(problem)
+        return self
 
 
 class SelectionConfig(BaseModel):
@@ -101,6 +138,15 @@ class EvaluateConfig(BaseModel):
     baselines: list[str] = Field(default_factory=lambda: ["mostpop", "ease"])
     bootstrap_resamples: int = Field(2000, ge=100)
 
+    @field_validator("baselines")
+    @classmethod
+    def _known_baselines(cls, v: list[str]) -> list[str]:
+        from compressor.baselines import BASELINES
+
+        if bad := [b for b in v if b not in BASELINES]:
+            raise ValueError(f"unknown baseline {bad[0]!r}; choose from {', '.join(sorted(BASELINES))}")
+        return v
+
 
 class SpeedConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -123,6 +169,25 @@ class RunConfig(BaseModel):
     export: ExportConfig = Field(ExportConfig(), description="export.quantize: int8|fp16 adds a quantized graph")
     evaluate: EvaluateConfig = EvaluateConfig()
     speed: SpeedConfig = SpeedConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        """Cross-stage checks that would otherwise fail only when their stage runs."""
+        t = self.teacher
+        if t.path is None and t.pretrained is None:  # the teacher's shape is known now
+            n = t.num_layers
+            if self.selection.layers is None and not 1 <= self.selection.keep < n:
+                raise ValueError(f"selection.keep {self.selection.keep}: must be between 1 and {n - 1} "
+                                 f"for a {n}-layer teacher")
+            if self.selection.layers is not None:
+                try:  # the truncate stage's own check (range, order, duplicates, removes something)
+                    validate_layers(self.selection.layers, n)
+                except CompressorError as e:
+                    raise ValueError(f"selection.layers: {e}") from e
+            if self.prune.heads > 0 and t.architecture == "gpt2":
+                raise ValueError("prune.heads: GPT-2 derives the head size from n_embd / n_head, so its heads "
+                                 "cannot be pruned; prune mlp channels instead")
+        return self
 
 
 @dataclass
@@ -149,7 +214,7 @@ class Context:
     run_dir: Path
     records: dict[str, StageRecord] = field(default_factory=dict)
     _data: RecData | None = None
-    log: Callable[[str], None] = print
+    log: Callable[[str], None] = LOG
 
     def path(self, rel: str) -> Path:
         return self.run_dir / rel
@@ -236,17 +301,32 @@ def run_stage(ctx: Context, name: str, config: BaseModel | dict | None, upstream
     return rec
 
 
-def run(cfg: RunConfig, run_dir: str | Path, log: Callable[[str], None] = print,
+def run(cfg: RunConfig, run_dir: str | Path, log: Callable[[str], None] = LOG,
         force: list[str] | None = None) -> dict[str, StageRecord]:
-    """Run (or resume) the whole job into `run_dir`; returns each stage's record."""
+    """Run (or resume) the whole job into `run_dir`; returns each stage's record.
+
+    A failure before the first stage finishes removes a run directory this call created, so a
+    bad input never leaves a half-written one behind."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     for name in force or []:
         if name not in STAGES:
             raise CompressorError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ctx = Context(cfg, run_dir, log=log)
+    try:
+        return _run_stages(ctx, force)
+    except Exception:
+        if created and not ctx.records:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _run_stages(ctx: Context, force: list[str] | None) -> dict[str, StageRecord]:
+    cfg, run_dir = ctx.cfg, ctx.run_dir
+    for name in force or []:
         _record_path(run_dir, name).unlink(missing_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
-    ctx = Context(cfg, run_dir, log=log)
     run_stage(ctx, "teacher", cfg.teacher.model_dump(mode="json") | {"data": cfg.data.model_dump()}, [], stages.stage_teacher)
     needs_importance = cfg.selection.layers is None
     if needs_importance:

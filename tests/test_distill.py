@@ -313,7 +313,7 @@ def test_cli_distill_and_its_errors(tiny_teacher_dir, tmp_path, capsys):
     base = ["distill", "--teacher", str(tiny_teacher_dir), "--student", str(tmp_path / "student"), "--data", data]
     ok = base + ["--method", "logit_kd", "--out", str(tmp_path / "out"), "train.epochs=1", "train.batch_size=128"]
     assert main(ok) == 0
-    assert "logit_kd: student saved" in capsys.readouterr().out
+    assert "logit_kd: student saved" in capsys.readouterr().err  # status is logged to stderr
     assert main(base + ["--method", "nope", "--out", str(tmp_path / "x")]) == 2
     assert "unknown distillation method" in capsys.readouterr().err
     (tmp_path / "bad.yaml").write_text("layer_map: [0, 7]\n")
@@ -350,3 +350,50 @@ def test_a_malicious_checkpoint_is_refused_and_runs_nothing(teacher, tiny_data, 
     (out / "checkpoint.pt").write_bytes(b"\x80\x04garbage")  # corrupt, not a zip: refused the same way
     with pytest.raises(CompressorError, match="refused"):
         distill(teacher, truncate(teacher, [0, 3]), tiny_data, cfg, out, progress=False, resume=True)
+
+
+def test_a_kill_before_the_first_validation_resumes_without_losing_steps(tiny_teacher_dir, tiny_data, tmp_path):
+    """checkpoint_minutes writes checkpoints mid-epoch, so SIGKILL before any validation (or any
+    step-count checkpoint) loses at most that interval, not the epoch (issue #12 item 11)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    inter = tiny_interactions()
+    inter.events.rename(columns={"user": "userId", "item": "movieId"}).to_csv(tmp_path / "ratings.csv", index=False)
+    inter.items.rename(columns={"item": "movieId"}).to_csv(tmp_path / "movies.csv", index=False)
+    teacher, vocab = load_model(tiny_teacher_dir)
+    save_model(truncate(teacher, [0, 3]), vocab, tmp_path / "student")
+    out = tmp_path / "out"
+    # One epoch of batch-1 steps with no validation until its end: only the time-interval
+    # checkpoint (every ~0.2 s) can be on disk when the process is killed.
+    overrides = ["method=uniform_ld", "eval_at_start=false", "checkpoint_every=0", "checkpoint_minutes=0.003",
+                 "train.epochs=1", "train.batch_size=1"]
+    cmd = [sys.executable, "-m", "compressor", "distill", "-q", "--teacher", str(tiny_teacher_dir),
+           "--student", str(tmp_path / "student"), "--data", str(tmp_path), "--out", str(out), *overrides]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not (out / "checkpoint.pt").exists():
+            assert proc.poll() is None, f"ended before a checkpoint appeared: {proc.stderr.read()[-2000:]}"
+            assert time.time() < deadline
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    saved_step = ck["distiller"]["step"]
+    assert ck["loop"]["last_eval_step"] == -1 and ck["loop"]["epoch"] == 0 and saved_step > 0
+    assert not (out / "student").exists()  # killed mid-epoch, before the run could finish
+
+    from compressor.config import load_config
+
+    cfg = load_config(DistillConfig, None, overrides)
+    windows = training_windows(prepare(inter).train_sequences(), MAX_LEN)
+    r = distill(teacher, truncate(teacher, [0, 3]), prepare(inter), cfg, out, progress=False, resume=True)
+    assert r.steps == len(windows) and r.stop_reason == "epochs"
+    steps = [json.loads(x)["step"] for x in r.log_path.read_text().splitlines() if "loss" in x]
+    assert steps == list(range(1, len(windows) + 1))  # the killed run's steps kept, none repeated
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ck["loop"]["finished"] and ck["distiller"]["step"] == len(windows) > saved_step

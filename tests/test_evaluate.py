@@ -84,3 +84,15 @@ def test_baselines_on_real_slice(tiny_data):
     assert info["lambda"] > 0
     assert set(pop.metrics) >= {"ndcg@5", "ndcg@10", "hr@5", "hr@10", "mrr", "coverage@10", "users"}
     assert pop.metrics["users"] == ease.metrics["users"] == len(tiny_data.split("test"))
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 7 * 50, 1000, 10**9])
+def test_chunked_paired_bootstrap_equals_the_one_array_version(chunk_elements):
+    """Drawing resamples a few rows at a time gives the numbers of one (n, users) draw."""
+    rng = np.random.default_rng(3)
+    a, b = rng.random(50), rng.random(50)
+    d = a - b
+    idx = np.random.default_rng(7).integers(0, 50, size=(301, 50))  # the former, unchunked draw
+    lo, hi = np.quantile(d[idx].mean(axis=1), [0.025, 0.975])
+    got = paired_bootstrap(a, b, n=301, seed=7, chunk_elements=chunk_elements)
+    assert got["ci_low"] == lo and got["ci_high"] == hi and got["mean_diff"] == d.mean()

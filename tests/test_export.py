@@ -155,3 +155,20 @@ def test_unexportable_attention_is_refused(tiny_data, tmp_path):
     with pytest.raises(CompressorError, match="does not export"):
         export_onnx(model, tmp_path / "m.onnx", 20)
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_graph_metadata_names_its_producer_opset_io_and_data(tiny_artifact_dir):
+    import json
+
+    import onnx
+
+    manifest = json.loads((tiny_artifact_dir / "manifest.json").read_text())
+    graph = onnx.load(str(tiny_artifact_dir / "model.onnx"), load_external_data=False)
+    props = {p.key: p.value for p in graph.metadata_props}
+    opset = next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
+    assert manifest["onnx"]["opset"] == opset == int(props["opset"])
+    assert manifest["onnx"]["ir_version"] == graph.ir_version == int(props["ir_version"])
+    assert props["producer"] == "recsys-compressor" and props["producer_version"]
+    assert json.loads(props["inputs"]) == ["input_ids", "attention_mask"] and json.loads(props["outputs"]) == ["hidden"]
+    assert props["data_fingerprint"] == manifest["data"]["fingerprint"]
+    assert json.loads(props["teacher_layers"]) == manifest["teacher_layers"]

@@ -274,7 +274,7 @@ def test_cli_analyze(tiny_teacher_dir, tmp_path, capsys):
     assert list(doc["methods"]) == ["block_influence", "ablation"]
     assert doc["samples"] == 8 and doc["methods"]["ablation"]["samples"] == 32
     assert "strategic/block_influence/k=2" in doc["selections"]
-    assert "spearman vs ablation" in capsys.readouterr().out
+    assert "spearman vs ablation" in capsys.readouterr().err  # status is logged to stderr
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -82,6 +82,7 @@ def test_cli_quantize(float_onnx, tmp_path, capsys):
 
     path, _ = float_onnx
     assert main(["quantize", str(path), "--out", str(tmp_path / "q.onnx"), "--per-tensor"]) == 0
+    assert "int8 model saved" in capsys.readouterr().err  # status is logged to stderr
     session(tmp_path / "q.onnx")
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"\x00garbage")

@@ -24,7 +24,8 @@ def test_tiny_teacher_trains_saves_and_reloads(tiny_teacher_dir, tiny_data):
     hf = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir).eval()
     model, vocab = load_model(tiny_teacher_dir)
     assert vocab.same_as(tiny_data.vocab)
-    assert recsys_meta(model) == {"max_len": 20, "kind": "teacher"}
+    # save_model records the data's name too, so students cut from this teacher name it on their cards
+    assert recsys_meta(model) == {"max_len": 20, "kind": "teacher", "dataset": tiny_data.name}
     ids, mask = left_pad(tiny_data.split("valid").histories[:4], 20)
     ids, mask = torch.from_numpy(ids), torch.from_numpy(mask)
     with torch.no_grad():

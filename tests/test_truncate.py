@@ -196,4 +196,4 @@ def test_cli_truncate_validated(tiny_teacher_dir, tmp_path, capsys):
     assert record["strategy"] == "validated" and record["candidates"]
     best = max(record["candidates"], key=lambda r: r["valid_ndcg@10"])
     assert record["teacher_layers"] == best["layers"]
-    assert "validation NDCG@10" in capsys.readouterr().out
+    assert "validation NDCG@10" in capsys.readouterr().err  # status is logged to stderr

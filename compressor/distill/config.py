@@ -71,6 +71,10 @@ class DistillConfig(BaseModel):
         "worse on validation than where training started",
     )
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = at each validation")
+    checkpoint_minutes: float = Field(
+        5.0, ge=0, description="also checkpoint after this many minutes of training since the last "
+        "checkpoint, so a kill mid-epoch loses at most that much; 0 = off",
+    )
     train: TrainConfig = DISTILL_TRAIN
 
     @field_validator("train", mode="before")

@@ -37,6 +37,8 @@ LOG = "train_log.jsonl"
 RESULT = "result.json"
 STUDENT_DIR = "student"
 BUDGET_STOPS = ("time budget", "step limit")
+# Fields that say when checkpoints are written, not what is trained: a resume may change them.
+CHECKPOINT_FIELDS = ("checkpoint_every", "checkpoint_minutes")
 
 
 @dataclass
@@ -129,7 +131,7 @@ def _resume_log(path: Path, step: int) -> None:
 
 def _config_diff(saved: dict, cfg: DistillConfig) -> list[str]:
     now = cfg.model_dump(mode="json")
-    diff = [k for k in now if k != "train" and now[k] != saved.get(k)]
+    diff = [k for k in now if k != "train" and k not in CHECKPOINT_FIELDS and now[k] != saved.get(k)]
     diff += [f"train.{k}" for k in now["train"] if k != "max_minutes" and now["train"][k] != saved["train"].get(k)]
     return diff
 
@@ -205,7 +207,11 @@ def distill(teacher: PreTrainedModel, student: PreTrainedModel, data: RecData, c
             if done:
                 st["finished"], st["stop_reason"] = True, "early stopping"
 
+        last_checkpoint = time.time()
+
         def checkpoint() -> None:
+            nonlocal last_checkpoint
+            last_checkpoint = time.time()
             _atomic_save({"config": cfg.model_dump(mode="json"), "method": cfg.method, "distiller": d.state_dict(),
                           "stopper": stopper.state_dict(), "torch_rng": torch.get_rng_state(), "loop": dict(st),
                           "layer_map": d.layer_map, "fisher_source": fisher_source,
@@ -233,8 +239,10 @@ def distill(teacher: PreTrainedModel, student: PreTrainedModel, data: RecData, c
                 log.write(json.dumps({**row, "epoch": st["epoch"] + st["batch"] / steps_per_epoch}) + "\n")
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", best=f"{stopper.best:.4f}")
-                if cfg.checkpoint_every and d.step_n % cfg.checkpoint_every == 0:
+                due = cfg.checkpoint_every and d.step_n % cfg.checkpoint_every == 0
+                if due or (cfg.checkpoint_minutes and time.time() - last_checkpoint >= 60 * cfg.checkpoint_minutes):
                     st["elapsed"] = time.time() - start
+                    log.flush()  # the log rows up to this step, as the checkpoint's resume keeps them
                     checkpoint()
             if st["stop_reason"] in BUDGET_STOPS:
                 break

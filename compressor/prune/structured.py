@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
+from compressor.errors import CompressorError
 from compressor.prune.adapters import (
     FamilyAdapter,
     HeadLayout,
@@ -76,7 +77,7 @@ def plan_heads(scores: torch.Tensor, layout: HeadLayout, ratio: float, accepts) 
     target = keep_count(layout.heads, ratio)
     shapes = [(k, r) for k in range(1, layout.kv_heads + 1) for r in range(1, layout.group + 1) if accepts(k * r, k)]
     if not shapes:
-        raise ValueError(f"no head count the model config accepts for {layout}")
+        raise CompressorError(f"no head count the model config accepts for {layout}")
     counts = {k * r for k, r in shapes}
     count = min(counts, key=lambda c: (abs(c - target), -c))  # nearest; ties keep more heads
     # Normalise per layer so every layer has the same say in the shared GQA shape.

@@ -1,0 +1,7 @@
+"""`python -m compressor ...` is the `compressor` command."""
+
+import sys
+
+from compressor.cli import main
+
+sys.exit(main())
