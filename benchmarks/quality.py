@@ -52,6 +52,7 @@ from compressor.distill.step import attention_implementation, frozen
 from compressor.distill.trainer import batch_tensors, teacher_fisher
 from compressor.errors import CompressorError
 from compressor.evaluate import evaluate_model, paired_bootstrap
+from compressor.fisher import normalise
 from compressor.modeling import load_model, recsys_meta, set_recsys_meta
 from compressor.select import DEFAULT_STRATEGY, parse_layers, select_layers
 from compressor.truncate import truncate
@@ -107,7 +108,9 @@ def run_cell(args, method: str, k: int, seed: int, teacher, student0, data, base
         cfg = base.model_copy(update={"method": method, "train": base.train.model_copy(update={"seed": seed})})
     cfg = DistillConfig.model_validate(cfg.model_dump())
     run_dir = out / "runs" / name
-    r = distill(teacher, student, data, cfg, run_dir, importance={"fisher": {"scores": scores.tolist()}},
+    fisher_doc = {"num_layers": len(scores),  # importance.json's shape, for its one reader
+                  "methods": {"fisher": {"scores": scores.tolist(), "weights": normalise(scores).tolist()}}}
+    r = distill(teacher, student, data, cfg, run_dir, importance=fisher_doc,
                 max_len=max_len, progress=not args.quiet, resume=True)
     row = {"cell": name, "method": method, "depth": k, "seed": seed, "seconds": r.seconds,
            "seconds_per_step": r.seconds_per_step, "steps": r.steps, "epochs": r.epochs, "best_step": r.best_step,

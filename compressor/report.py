@@ -174,7 +174,7 @@ def render_markdown(doc: dict) -> str:
     imp = doc.get("importance")
     if imp:
         out += ["## Which layers matter", "", "![importance](importance_by_method.png)", "",
-                f"Teacher training: {_fmt(doc['teacher_training'].get('seconds_per_epoch'), 1)} s per epoch.", ""]
+                _teacher_training_line(doc["teacher_training"]), ""]
         ks = sorted({k for v in imp["methods"].values() for k in (v.get("top_k_overlap_vs_ablation") or {})})
         rows = [[n, v.get("spearman_vs_ablation"), *[(v.get("top_k_overlap_vs_ablation") or {}).get(k) for k in ks],
                  v["seconds"], v["samples"], " ".join(f"{w:.2f}" for w in v["weights"])]
@@ -213,6 +213,16 @@ def render_markdown(doc: dict) -> str:
     vers = doc.get("versions", {})
     out += ["Versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()), ""]
     return "\n".join(out)
+
+
+def _teacher_training_line(tt: dict) -> str:
+    """How the teacher was trained, on what device, and whether the clock cut it short (loudly)."""
+    line = (f"Teacher training: {tt.get('epochs_run')} epochs ({tt.get('stop_reason')}), "
+            f"{_fmt(tt.get('seconds_per_epoch'), 1)} s per epoch on {tt.get('device', 'an unrecorded device')}.")
+    if tt.get("stop_reason") == "time cap":
+        line += (" **Stopped by the wall-clock cap, not by epochs or early stopping: this teacher depends on "
+                 "the machine's speed.**")
+    return line
 
 
 def _ratio(a, b) -> float | None:

@@ -37,8 +37,9 @@ def stage_teacher(ctx: Context) -> tuple[dict, dict]:
     out = ctx.path("models/teacher")
     model, summary = train_teacher(data, TeacherConfig(**tcfg.model_dump(exclude={"path"})), out)
     keep = ("epochs_run", "stop_reason", "best_valid", "train_seconds", "seconds_per_epoch", "parameters")
-    return {"model": "models/teacher"}, {"max_len": tcfg.max_len, "num_layers": tcfg.num_layers,
-                                         **{k: summary[k] for k in keep}}
+    # the model's own depth: a pretrained LLM's is its own, not the config's num_layers
+    return {"model": "models/teacher"}, {"max_len": tcfg.max_len, "num_layers": model.config.num_hidden_layers,
+                                         "device": summary["device"], **{k: summary[k] for k in keep}}
 
 
 def stage_importance(ctx: Context) -> tuple[dict, dict]:

@@ -23,8 +23,7 @@ def tiny_teacher_config(architecture: str = "llama", num_layers: int = 4, **trai
     return TeacherConfig(
         architecture=architecture, hidden_size=32, num_layers=num_layers, num_heads=4,
         num_kv_heads=2 if architecture != "gpt2" else None, intermediate_size=64, max_len=20,
-        dropout=0.0, train=TrainConfig(epochs=2, batch_size=64, lr=3e-3, warmup_steps=5,
-                                       max_minutes=2, **train),
+        dropout=0.0, train=TrainConfig(epochs=2, batch_size=64, lr=3e-3, warmup_steps=5, **train),
     )
 
 

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from compressor.data import VOCAB_FILE, ItemVocab, left_pad
 from compressor.evaluate import evaluate_model
 from compressor.modeling import decoder_parts, item_scores, load_model, recsys_meta
-from compressor.teacher import SUMMARY_FILE, build_teacher, train_teacher
+from compressor.teacher import SUMMARY_FILE, TeacherConfig, build_teacher, train_teacher
 from tests.conftest import tiny_teacher_config
 
 
@@ -64,3 +64,26 @@ def test_model_dir_without_vocab_is_rejected(tiny_teacher_dir, tmp_path):
     ItemVocab.from_items([1, 2]).save(tmp_path / "novocab")
     with pytest.raises(ArtifactError, match="vocab_size"):
         load_model(tmp_path / "novocab")
+
+
+def test_same_config_and_seed_give_the_same_teacher(tiny_data, tmp_path):
+    """Training length comes from epochs and early stopping, never the clock, and everything random
+    (initialisation, window cuts, batch order, dropout) is seeded: two runs agree exactly."""
+    cfg = tiny_teacher_config(num_layers=2)
+    cfg.train.epochs, cfg.train.random_windows = 2, True
+    runs = [train_teacher(tiny_data, cfg, tmp_path / f"t{i}")[1] for i in range(2)]
+    assert runs[0]["stop_reason"] == "epochs" and runs[0]["epochs_run"] == 2
+    assert [h["loss"] for h in runs[0]["history"]] == [h["loss"] for h in runs[1]["history"]]
+    assert runs[0]["best_valid"] == runs[1]["best_valid"]
+    a, _ = load_model(tmp_path / "t0")
+    b, _ = load_model(tmp_path / "t1")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+def test_time_cap_is_off_by_default_and_loud_when_it_cuts(tiny_data, tmp_path):
+    cfg = tiny_teacher_config(num_layers=2)
+    assert TeacherConfig().train.max_minutes is None and cfg.train.max_minutes is None
+    cfg.train.epochs, cfg.train.max_minutes = 3, 1e-6
+    with pytest.warns(UserWarning, match="time cap .* after 1 of 3 epochs: results depend on machine speed"):
+        _, summary = train_teacher(tiny_data, cfg, tmp_path / "t")
+    assert summary["stop_reason"] == "time cap" and summary["epochs_run"] == 1 and summary["epochs_planned"] == 3
