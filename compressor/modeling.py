@@ -102,7 +102,8 @@ def load_model(directory: str | Path, attn: str = "sdpa") -> tuple[PreTrainedMod
     if not (directory / "config.json").exists():
         raise ArtifactError(f"{directory}: no config.json (not a Hugging Face checkpoint)")
     try:
-        model = AutoModelForCausalLM.from_pretrained(directory, attn_implementation=attn, dtype=torch.float32)
+        model = _factorized(directory, attn) or AutoModelForCausalLM.from_pretrained(
+            directory, attn_implementation=attn, dtype=torch.float32)
     except (OSError, ValueError) as e:
         raise ArtifactError(f"{directory}: could not load the model ({e})") from e
     if model.config.vocab_size != vocab.size:
@@ -111,6 +112,19 @@ def load_model(directory: str | Path, attn: str = "sdpa") -> tuple[PreTrainedMod
         )
     model.eval()
     return model, vocab
+
+
+def _factorized(directory: Path, attn: str) -> PreTrainedModel | None:
+    """A low-rank checkpoint (ranks in `config.recsys["lowrank"]`) rebuilt by compressor.lowrank;
+    None for every other checkpoint, which stock `from_pretrained` loads."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(directory)
+    if not (getattr(config, "recsys", None) or {}).get("lowrank"):
+        return None
+    from compressor.lowrank import load_factorized
+
+    return load_factorized(directory, config, attn)
 
 
 def save_model(model: PreTrainedModel, vocab: ItemVocab, directory: str | Path, extra: dict | None = None) -> Path:
