@@ -138,6 +138,36 @@ def cmd_prune(args: argparse.Namespace) -> None:
           + (f", sparsity {report['sparsity']['total']:.1%}" if cfg.sparsity > 0 else ""))
 
 
+def _fraction(flag: str, text: str | None) -> float | None:
+    """A number strictly between 0 and 1 from the command line, or a one-line CompressorError."""
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < 1:  # NaN fails too
+        raise CompressorError(f"{flag} {text!r}: give a number strictly between 0 and 1")
+    return value
+
+
+def cmd_lowrank(args: argparse.Namespace) -> None:
+    from compressor.config import load_config
+    from compressor.lowrank import REPORT_FILE, LowRankConfig, lowrank_dir
+
+    ratio, energy = _fraction("--ratio", args.ratio), _fraction("--energy", args.energy)
+    if (ratio is None) == (energy is None):
+        raise CompressorError("give --ratio (fraction of parameters kept) or --energy, one of them")
+    flags = {"ratio": ratio, "energy": energy, "scorer": args.scorer, "scope": args.scope}
+    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + _overrides(args)
+    cfg = load_config(LowRankConfig, args.config, overrides)
+    out = lowrank_dir(args.model_dir, args.out, cfg, args.data)
+    r = json.loads((out / REPORT_FILE).read_text())
+    log.info(f"factorized model saved to {out}: {r['params_before']:,} -> {r['params_after']:,} parameters "
+          f"({r['factorized']} matrices factorized, {r['kept_dense']} kept dense; the factorized matrices keep "
+          f"{r['effective_ratio']:.1%} of their parameters; {cfg.scorer} scorer)")
+
+
 def cmd_quantize(args: argparse.Namespace) -> None:
     from compressor.quantize import quantize_onnx
 
@@ -329,6 +359,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="ml-latest-small", help="data for Fisher scores (validation histories)")
     config_args(p, "PruneConfig", "scope=per_layer samples=256")
     p.set_defaults(func=cmd_prune)
+
+    p = command("lowrank", help="factorize decoder linears into two thinner ones (plain or Fisher-weighted SVD)")
+    p.add_argument("model_dir")
+    p.add_argument("--out", required=True, help="model directory to write")
+    p.add_argument("--ratio", help="fraction of the factorized matrices' parameters kept, in (0, 1)")
+    p.add_argument("--energy", help="instead of --ratio: share of the singular values' energy kept, in (0, 1)")
+    p.add_argument("--scorer", help="fisher (Fisher-weighted SVD, default) or svd")
+    p.add_argument("--scope", help="per_matrix (default) or global (one budget over all matrices)")
+    p.add_argument("--data", default="ml-latest-small", help="data for the Fisher (validation histories)")
+    config_args(p, "LowRankConfig", "modules=[gate_proj,up_proj] samples=256")
+    p.set_defaults(func=cmd_lowrank)
 
     p = command("quantize", help="int8 (CPU) or fp16 (GPU) version of an exported ONNX model")
     p.add_argument("onnx_file")

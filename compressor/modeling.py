@@ -138,7 +138,8 @@ def load_model(directory: str | Path, attn: str = "sdpa") -> tuple[PreTrainedMod
     vocab = ItemVocab.load(directory)
     load_model_config(directory)  # config errors first: they name the file
     try:
-        model = AutoModelForCausalLM.from_pretrained(directory, attn_implementation=attn, dtype=torch.float32)
+        model = _factorized(directory, attn) or AutoModelForCausalLM.from_pretrained(
+            directory, attn_implementation=attn, dtype=torch.float32)
     except Exception as e:  # SafetensorError (truncated weights), OSError, ValueError, RuntimeError (shapes)
         raise _load_error(directory, e) from e
     if model.config.vocab_size != vocab.size:
@@ -147,6 +148,19 @@ def load_model(directory: str | Path, attn: str = "sdpa") -> tuple[PreTrainedMod
         )
     model.eval()
     return model, vocab
+
+
+def _factorized(directory: Path, attn: str) -> PreTrainedModel | None:
+    """A low-rank checkpoint (ranks in `config.recsys["lowrank"]`) rebuilt by compressor.lowrank;
+    None for every other checkpoint, which stock `from_pretrained` loads."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(directory)
+    if not (getattr(config, "recsys", None) or {}).get("lowrank"):
+        return None
+    from compressor.lowrank import load_factorized
+
+    return load_factorized(directory, config, attn)
 
 
 def save_model(model: PreTrainedModel, vocab: ItemVocab, directory: str | Path, extra: dict | None = None) -> Path:

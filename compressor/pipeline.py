@@ -1,6 +1,7 @@
 """The compression job: `run(cfg, run_dir)` makes one call per stage, in the order data flows.
 
-    teacher -> importance -> truncate -> prune (optional) -> distill -> export -> evaluate -> speed -> report
+    teacher -> importance -> truncate -> prune (optional) -> lowrank (optional) -> distill -> export
+        -> evaluate -> speed -> report
 
 Each stage writes its outputs into the run directory (atomically) and then a record
 `stages/<name>.json` holding a fingerprint of its configuration and of its inputs' records.
@@ -14,6 +15,7 @@ Run directory:
     models/teacher/         teacher checkpoint (absent when `teacher.path` names one)
     models/truncated/       the selected teacher layers, untrained
     models/pruned/          after width pruning (only when pruning is on)
+    models/lowrank/         after low-rank factorization (only when lowrank.ratio or .energy is set)
     distill/                distillation log, checkpoint and the distilled student checkpoint
     importance/             importance.json + plots
     teacher/, student/      artifact directories (ONNX + embeddings + manifest): what serving loads
@@ -41,13 +43,14 @@ from compressor.distill.config import DistillConfig
 from compressor.errors import ArtifactError, CompressorError
 from compressor.export import ExportConfig
 from compressor.importance import ImportanceConfig
+from compressor.lowrank import LowRankConfig
 from compressor.modeling import is_model_dir
 from compressor.prune import PruneConfig
 from compressor.select import SELECTION, VALIDATED, validate_layers
 from compressor.teacher import TeacherConfig
 
 LOG = logging.getLogger("compressor").info
-STAGES = ("teacher", "importance", "truncate", "prune", "distill", "export", "evaluate", "speed", "report")
+STAGES = ("teacher", "importance", "truncate", "prune", "lowrank", "distill", "export", "evaluate", "speed", "report")
 
 
 class DataConfig(BaseModel):
@@ -165,6 +168,8 @@ class RunConfig(BaseModel):
     importance: ImportanceConfig = ImportanceConfig()
     selection: SelectionConfig = SelectionConfig()
     prune: PruneConfig = Field(PruneConfig(), description="width pruning of the student; all ratios 0 = off")
+    lowrank: LowRankConfig = Field(LowRankConfig(), description="low-rank factorization after pruning; "
+                                   "ratio and energy null = off")
     distill: DistillStage = DistillStage()
     export: ExportConfig = Field(ExportConfig(), description="export.quantize: int8|fp16 adds a quantized graph")
     evaluate: EvaluateConfig = EvaluateConfig()
@@ -334,7 +339,10 @@ def _run_stages(ctx: Context, force: list[str] | None) -> dict[str, StageRecord]
     run_stage(ctx, "truncate", cfg.selection, ["teacher", "importance"], stages.stage_truncate)
     if cfg.prune.heads > 0 or cfg.prune.mlp > 0 or cfg.prune.sparsity > 0:
         run_stage(ctx, "prune", cfg.prune, ["truncate"], stages.stage_prune)
-    run_stage(ctx, "distill", cfg.distill, ["teacher", "importance", "truncate", "prune"], stages.stage_distill)
+    if cfg.lowrank.enabled:
+        run_stage(ctx, "lowrank", cfg.lowrank, ["truncate", "prune"], stages.stage_lowrank)
+    run_stage(ctx, "distill", cfg.distill, ["teacher", "importance", "truncate", "prune", "lowrank"],
+              stages.stage_distill)
     run_stage(ctx, "export", cfg.export, ["teacher", "distill"], stages.stage_export)
     run_stage(ctx, "evaluate", cfg.evaluate, ["export"], stages.stage_evaluate)
     run_stage(ctx, "speed", cfg.speed, ["export"], stages.stage_speed)

@@ -68,6 +68,7 @@ def collect(run_dir: Path, cfg, records: dict) -> dict:
                         for n, m in importance.get("methods", {}).items()},
         } if importance else None,
         "pruning": records["prune"].summary if "prune" in records else None,
+        "lowrank": records["lowrank"].summary if "lowrank" in records else None,
         "distillation": records["distill"].summary,
         "evaluation": evaluation,
         "speed": _read(run_dir / "speed.json"),
@@ -187,6 +188,12 @@ def render_markdown(doc: dict) -> str:
                 f"sparsity of decoder weights {_fmt((p.get('sparsity') or {}).get('model_total'))}. Unstructured "
                 "sparsity (zeros inside dense tensors) does not make a dense runtime such as ONNX Runtime faster; "
                 "only structured pruning (heads, channels) shrinks the tensors.", ""]
+    if doc.get("lowrank"):
+        lr = doc["lowrank"]
+        out += ["## Low-rank factorization", "", f"Parameters {_fmt(lr.get('params_before'))} → "
+                f"{_fmt(lr.get('params_after'))}: {lr.get('factorized')} matrices factorized by {lr.get('scorer')} SVD "
+                f"(keeping {_fmt(lr.get('effective_ratio'))} of their parameters), {lr.get('kept_dense')} kept dense "
+                "(a rank that saves nothing).", ""]
     d = doc["distillation"]
     if d.get("method"):
         out += ["## Distillation", "", f"Method `{d['method']}`, {d.get('steps')} steps ({_fmt(d.get('epochs'), 1)} epochs, "

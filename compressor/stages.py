@@ -99,8 +99,21 @@ def stage_prune(ctx: Context) -> tuple[dict, dict]:
     return {"model": "models/pruned"}, {k: report.get(k) for k in keep}
 
 
+def stage_lowrank(ctx: Context) -> tuple[dict, dict]:
+    from compressor.lowrank import REPORT_FILE, lowrank_dir
+
+    src = ctx.output("prune", "model") if "prune" in ctx.records else ctx.output("truncate", "model")
+    out = lowrank_dir(src, ctx.path("models/lowrank"), ctx.cfg.lowrank, ctx.data)
+    report = json.loads((out / REPORT_FILE).read_text())
+    keep = ("params_before", "params_after", "effective_ratio", "factorized", "kept_dense", "seconds")
+    return {"model": "models/lowrank"}, {"scorer": ctx.cfg.lowrank.scorer, **{k: report.get(k) for k in keep}}
+
+
 def _student_input(ctx: Context) -> Path:
-    return ctx.output("prune", "model") if "prune" in ctx.records else ctx.output("truncate", "model")
+    for stage in ("lowrank", "prune"):
+        if stage in ctx.records:
+            return ctx.output(stage, "model")
+    return ctx.output("truncate", "model")
 
 
 def stage_distill(ctx: Context) -> tuple[dict, dict]:
@@ -153,6 +166,8 @@ def stage_evaluate(ctx: Context) -> tuple[dict, dict]:
     models = {"teacher": ctx.output("teacher", "model"), "truncated": ctx.output("truncate", "model")}
     if "prune" in ctx.records:
         models["pruned"] = ctx.output("prune", "model")
+    if "lowrank" in ctx.records:
+        models["lowrank"] = ctx.output("lowrank", "model")
     models["student"] = ctx.output("distill", "model")
     results, per_user, params = {}, {}, {}
     for name, path in models.items():

@@ -43,7 +43,8 @@ def test_smoke_run_writes_verified_artifacts_and_a_measured_report(smoke_run):
     assert student["parity"]["model.onnx"]["max_abs_diff"] <= 1e-4
     report = json.loads((run_dir / "report.json").read_text())
     metrics = report["evaluation"]["metrics"]
-    assert {"teacher", "truncated", "pruned", "student", "mostpop", "student:model.int8.onnx"} <= set(metrics)
+    assert {"teacher", "truncated", "pruned", "lowrank", "student", "mostpop", "student:model.int8.onnx"} <= set(metrics)
+    assert student["recsys"]["lowrank"]["ranks"]  # the factorized student went through distil and export
     # The exported float graph ranks exactly as the PyTorch student does.
     assert metrics["student:model.onnx"]["ndcg@10"] == pytest.approx(metrics["student"]["ndcg@10"], abs=1e-3)
     assert report["speed"]["vs_teacher"]["student"]["batch_1"]["latency_speedup"] > 0

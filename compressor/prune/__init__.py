@@ -90,6 +90,8 @@ def prune_model(model: PreTrainedModel, data: RecData | None, cfg: PruneConfig, 
     if cfg.needs_data() and data is None:
         raise CompressorError("Fisher scoring needs data (--data); or use --scorer magnitude "
                               "and unstructured_criterion=magnitude")
+    if recsys_meta(model).get("lowrank"):  # its linears are U·V pairs the slicing rules do not know
+        raise CompressorError("this model is low-rank factorized: prune first, then factorize")
     start = time.time()
     report: dict = {"config": cfg.model_dump(), "params_before": count_parameters(model)}
     probe = ProbeSet.from_data(data, max_len, cfg.samples, cfg.seed) if cfg.needs_data() else None
