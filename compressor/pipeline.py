@@ -220,9 +220,23 @@ class Context:
     records: dict[str, StageRecord] = field(default_factory=dict)
     _data: RecData | None = None
     log: Callable[[str], None] = LOG
+    fingerprint: str | None = None  # of the stage running now
 
     def path(self, rel: str) -> Path:
         return self.run_dir / rel
+
+    def work_dir(self, rel: str) -> Path:
+        """The running stage's resumable working directory: kept after a kill (same fingerprint,
+        so a checkpoint in it resumes), emptied when the fingerprint changed, since partial work
+        there then belongs to another configuration or another input."""
+        d = self.path(rel)
+        marker = d / ".stage_fingerprint"
+        if d.exists() and (not marker.exists() or marker.read_text() != self.fingerprint):
+            self.log(f"{d}: partial work from another configuration or input, starting over")
+            shutil.rmtree(d)
+        d.mkdir(parents=True, exist_ok=True)
+        marker.write_text(self.fingerprint or "")
+        return d
 
     def output(self, stage: str, key: str) -> Path:
         return self.path(self.records[stage].outputs[key])
@@ -292,6 +306,7 @@ def run_stage(ctx: Context, name: str, config: BaseModel | dict | None, upstream
         ctx.log(f"[{name}] up to date, skipped")
         return old
     ctx.log(f"[{name}] running")
+    ctx.fingerprint = fp
     t0 = time.time()
     outputs, summary = fn(ctx)
     rec = StageRecord(name, fp, round(time.time() - t0, 2), outputs, summary,

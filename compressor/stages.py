@@ -131,7 +131,7 @@ def stage_distill(ctx: Context) -> tuple[dict, dict]:
         from compressor.importance import load_importance
 
         importance = load_importance(ctx.output("importance", "importance"))
-    result = distill(teacher, student, ctx.data, cfg, ctx.path("distill"), importance=importance,
+    result = distill(teacher, student, ctx.data, cfg, ctx.work_dir("distill"), importance=importance,
                      max_len=ctx.max_len, resume=True)
     summary = {k: v for k, v in result.to_json().items() if k not in ("log_path", "model_dir")}
     return {"model": str(result.model_dir.relative_to(ctx.run_dir)),
