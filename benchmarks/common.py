@@ -88,3 +88,24 @@ def machine_md(info: dict) -> str:
     return (f"{info['cpu']}, {info['logical_cores']} logical cores, {info['memory_gb']} GB RAM, "
             f"{info['os']}, Python {info['python']} (1-min load average at start {info['load_average_1m']}; "
             f"{info['date']})")
+
+
+def run_guarded(name: str, body) -> int:
+    """Run a benchmark's `body()`; bad input (config validation, CompressorError) is one line on
+    stderr and exit code 2, as the CLI does."""
+    import sys
+
+    from pydantic import ValidationError
+
+    from compressor.errors import CompressorError
+
+    try:
+        body()
+    except ValidationError as e:
+        first = e.errors()[0]
+        print(f"{name}: error: {'.'.join(map(str, first['loc']))}: {first['msg']}", file=sys.stderr)
+        return 2
+    except CompressorError as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -31,12 +31,12 @@ from benchmarks.common import (
     machine_info,
     machine_md,
     md_table,
+    run_guarded,
     save_figure,
     write_atomic,
     write_json,
 )
 from compressor.data import prepare, training_windows, window_batches
-from compressor.errors import CompressorError
 from compressor.evaluate import evaluate_model, paired_bootstrap
 from compressor.importance import (
     IMPORTANCE,
@@ -311,16 +311,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    try:
+    def body() -> None:
         methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
-        p = run(args.teacher, args.data, args.out, args.keep, methods, args.samples, args.random_draws,
-                args.fisher_sweep, args.seed, args.format)
-    except CompressorError as e:
-        print(f"layer_selection: error: {e}", file=sys.stderr)
-        return 2
-    print(markdown(p))
-    return 0
+        print(markdown(run(args.teacher, args.data, args.out, args.keep, methods, args.samples, args.random_draws,
+                           args.fisher_sweep, args.seed, args.format)))
 
+    return run_guarded("layer_selection", body)
 
 if __name__ == "__main__":
     sys.exit(main())

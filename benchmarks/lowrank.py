@@ -26,18 +26,18 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from benchmarks.common import (
     machine_info,
     machine_md,
     md_table,
+    run_guarded,
     save_figure,
     write_atomic,
     write_json,
 )
 from benchmarks.pruning import PruningBenchConfig, _onnx_scorer, _recover
-from compressor.errors import CompressorError
 
 CELLS = "cells"
 
@@ -272,19 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int)
     args = vars(ap.parse_args(argv))
     model, data, out, work = args.pop("model"), args.pop("data"), args.pop("out"), args.pop("work")
-    try:
+    def body() -> None:
         cfg = LowRankBenchConfig(**{k: v for k, v in args.items() if v is not None})
-        p = run(cfg, model, data, out, work)
-    except ValidationError as e:
-        first = e.errors()[0]
-        print(f"benchmarks.lowrank: error: {'.'.join(map(str, first['loc']))}: {first['msg']}", file=sys.stderr)
-        return 2
-    except CompressorError as e:
-        print(f"benchmarks.lowrank: error: {e}", file=sys.stderr)
-        return 2
-    print(_markdown(p))
-    return 0
+        print(_markdown(run(cfg, model, data, out, work)))
 
+    return run_guarded("benchmarks.lowrank", body)
 
 if __name__ == "__main__":
     sys.exit(main())

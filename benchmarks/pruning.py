@@ -28,12 +28,13 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from benchmarks.common import (
     machine_info,
     machine_md,
     md_table,
+    run_guarded,
     save_figure,
     write_atomic,
     write_json,
@@ -334,19 +335,11 @@ def main(argv: list[str] | None = None) -> int:
     args = vars(ap.parse_args(argv))
     model, data, out = args.pop("model"), args.pop("data"), args.pop("out")
     work, report_only = args.pop("work"), args.pop("report_only")
-    try:
+    def body() -> None:
         cfg = PruningBenchConfig(**{k: v for k, v in args.items() if v is not None})
-        p = run(cfg, model, data, out, work, report_only)
-    except ValidationError as e:
-        first = e.errors()[0]
-        print(f"benchmarks.pruning: error: {'.'.join(map(str, first['loc']))}: {first['msg']}", file=sys.stderr)
-        return 2
-    except CompressorError as e:
-        print(f"benchmarks.pruning: error: {e}", file=sys.stderr)
-        return 2
-    print(_markdown(p))
-    return 0
+        print(_markdown(run(cfg, model, data, out, work, report_only)))
 
+    return run_guarded("benchmarks.pruning", body)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from compressor.cli import main
 from compressor.data import left_pad
 from compressor.errors import CompressorError
+from compressor.fisher import ProbeSet
 from compressor.lowrank import (
     LowRankConfig,
     LowRankLinear,
@@ -22,7 +23,6 @@ from compressor.lowrank import (
 )
 from compressor.modeling import count_parameters, decoder_parts, item_scores, load_model
 from compressor.prune import PruneConfig, prune_model
-from compressor.prune.scoring import ProbeBatches
 from compressor.teacher import build_teacher
 from tests.conftest import tiny_teacher_config
 
@@ -37,10 +37,10 @@ def _logits(model, data, n: int = 32) -> torch.Tensor:
 
 def _valid_log_probs(model, data) -> torch.Tensor:
     """(N, V) next-item log-probabilities of every validation history (padding token excluded)."""
-    probe = ProbeBatches.from_data(data, MAX_LEN, 10_000, 64)
+    probe = ProbeSet.from_data(data, MAX_LEN, 10_000)
     out = []
     with torch.no_grad():
-        for ids, mask, _ in probe:
+        for ids, mask, _ in probe.batches(64):
             logits = item_scores(model.eval(), ids, mask)
             logits[:, 0] = float("-inf")
             out.append(logits.log_softmax(-1))
