@@ -34,8 +34,8 @@ from compressor.modeling import decoder_parts, item_scores, position_ids
 
 log = logging.getLogger(__name__)
 
-# per-sample gradients of every chunk are held at once: cap chunk x parameters (4 bytes each)
-PER_SAMPLE_BUDGET = 400_000_000
+# per-sample gradients of every chunk are held at once: cap chunk x parameters (4 bytes each, ~3 GB)
+PER_SAMPLE_BUDGET = 800_000_000
 
 
 # ---------------------------------------------------------------------------- probe data and loss
