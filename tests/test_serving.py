@@ -164,6 +164,35 @@ def test_still_serving_health_and_metrics(server):
     assert "IGNORED" in json.dumps(spec["paths"]["/recommend"])  # the unknown-item policy is documented
 
 
+def _metric(text: str, name: str, labels: str) -> float:
+    """The value of one sample `name{labels...}` in a Prometheus text page (0 when absent)."""
+    m = re.search(rf"^{name}\{{[^}}]*{re.escape(labels)}[^}}]*\}} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_custom_metrics_are_labelled_by_model_kind(server, artifact):
+    """recsys_* metrics on /metrics: model and retrieval time histograms, unknown-item and
+    truncated-history counters, each labelled with the artifact's kind (the tiny one: teacher)."""
+    user, hist = max(artifact["histories"].items(), key=lambda kv: len(kv[1]))
+    assert len(hist) > 20  # long enough to be truncated
+    label = 'model_kind="teacher"'
+    before = requests.get(server + "/metrics", timeout=5).text
+    assert post(server, "/recommend", {"user_id": int(user), "k": 3}).status_code == 200
+    assert post(server, "/rank", {"history": hist[:3], "candidates": hist[3:6]}).status_code == 200
+    r = post(server, "/recommend", {"history": [hist[0], 987654321, "nope"], "k": 3})
+    assert r.status_code == 200, r.text
+    after = requests.get(server + "/metrics", timeout=5).text
+    for name in ("recsys_model_seconds", "recsys_retrieval_seconds"):
+        assert _metric(after, name + "_count", label) - _metric(before, name + "_count", label) == 3
+        assert _metric(after, name + "_sum", label) > _metric(before, name + "_sum", label)
+        assert f'{name}_bucket{{le="0.0005",model_kind="teacher"}}' in after
+    assert _metric(after, "recsys_unknown_items_total", label) - \
+        _metric(before, "recsys_unknown_items_total", label) == 2
+    assert _metric(after, "recsys_truncated_histories_total", label) - \
+        _metric(before, "recsys_truncated_histories_total", label) == 1
+    assert 'model_kind="student"' not in after
+
+
 def test_embed_endpoint(server, artifact):
     hist = next(iter(artifact["histories"].values()))
     r = post(server, "/embed", {"histories": [hist[-5:], hist[-20:]]})
