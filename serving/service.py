@@ -15,6 +15,8 @@ are the OpenAPI docs at /docs):
 Errors: {"error": "..."} with 400 bad input, 404 unknown user or item, 413 body too large,
 415 not JSON, 503 + Retry-After overloaded or still loading, 504 timeout (serving/guard.py).
 Settings: serving/settings.py (RECSYS_* environment; table in serving/README.md).
+RECSYS_MODEL_TAG=name:version serves a BentoML Model Store version instead of RECSYS_ARTIFACT_DIR
+(serving/model_store.py).
 
 Start-up: `bentoml serve` imports this module in its own process first; there a bad setting or
 a bad artifact is one line on stderr and exit code 2, before any worker starts (a worker that
@@ -51,6 +53,22 @@ def _settings_or_exit() -> ServingSettings:
 
 # Before the imports below: serving.schemas reads its limits from the settings at import.
 S = _settings_or_exit()
+
+
+def _served_dir(s: ServingSettings) -> ServingSettings:
+    """RECSYS_MODEL_TAG, when set, replaces RECSYS_ARTIFACT_DIR by the store's copy; an unknown
+    tag is one line and exit code 2, like a bad setting."""
+    if not s.model_tag:
+        return s
+    from serving.model_store import resolve_artifact_dir
+    try:
+        return s.model_copy(update={"artifact_dir": resolve_artifact_dir(s.model_tag, s.artifact_dir)})
+    except CompressorError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+S = _served_dir(S)
 
 from serving.artifact import load_artifact  # noqa: E402
 from serving.guard import ClientErrorLogFilter, Guard  # noqa: E402

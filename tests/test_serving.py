@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import numpy as np
 import pytest
 import requests
 
-from benchmarks.processes import bentoml_server, server_env
+from benchmarks.processes import bentoml_cmd, bentoml_server, free_port, run_to_exit, server_env
 from serving.runtime import OnnxEncoder
 from serving.settings import ServingSettings, SettingsError, env_name, load_settings, markdown_table
 
@@ -293,3 +295,38 @@ def test_index_cache_reads_only_a_verified_file_from_a_private_directory(tmp_pat
     idx = ItemIndex(emb, cfg=IndexConfig(hnsw_threshold=0, cache_dir=str(shared)), cache_key="k")
     assert _overlap(idx.search(q, 10), ref) >= 0.9
     assert sorted(p.name for p in shared.iterdir()) == ["planted.faiss"]
+
+
+def test_model_store_versions_are_served_by_tag(tiny_artifact_dir, tmp_path):
+    """`python -m serving.model_store` copies an artifact into a new Model Store version (manifest
+    facts as metadata); RECSYS_MODEL_TAG serves it (RECSYS_ARTIFACT_DIR is then not read, and
+    the copy passes the sha256 checks); an unknown tag is one line and exit code 2."""
+    env = server_env(tmp_path / "home", RECSYS_ARTIFACT_DIR=str(tmp_path / "nowhere"))
+
+    def python(*args: str) -> str:
+        done = subprocess.run([sys.executable, *args], env=env, cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout.strip().splitlines()[-1]
+
+    tags = [python("-m", "serving.model_store", str(tiny_artifact_dir), "recsys-tiny") for _ in range(2)]
+    assert tags[0] != tags[1] and all(t.startswith("recsys-tiny:") for t in tags)  # two versions
+    info = json.loads(python("-c", "import bentoml, json, sys; m = bentoml.models.get(sys.argv[1]); "
+                                   "print(json.dumps({'meta': m.info.metadata, 'labels': m.info.labels, "
+                                   "'path': m.path}))", tags[0]))
+    manifest = json.loads((tiny_artifact_dir / "manifest.json").read_text())
+    assert info["labels"] == {"kind": "teacher"} and info["meta"]["max_len"] == manifest["max_len"]
+    assert Path(info["path"]).is_relative_to(tmp_path / "home")
+    assert (Path(info["path"]) / "manifest.json").read_bytes() == (tiny_artifact_dir / "manifest.json").read_bytes()
+
+    with bentoml_server({**env, "RECSYS_MODEL_TAG": tags[0]}, tmp_path / "serve.log", ready_timeout=90) as srv:
+        r = post(srv.url, "/recommend", {"history": [1, 2, 3], "k": 2})
+        assert r.status_code == 200 and len(r.json()["items"]) == 2, r.text
+
+    log = tmp_path / "bad.log"
+    code = run_to_exit(bentoml_cmd(free_port()), log, {**env, "RECSYS_MODEL_TAG": "recsys-tiny:nope"},
+                       timeout=90)
+    out = log.read_text(errors="replace")
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "not in the BentoML Model Store" in errors[0], out[-2000:]
+    assert "Traceback" not in out
