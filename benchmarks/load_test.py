@@ -174,13 +174,14 @@ def run_locust(cfg: LoadTestConfig, group: ProcessGroup, url: str, users: int, p
     latency_file = work / f"latency_u{users}.npy"
     for stale in (Path(f"{prefix}.json"), latency_file, latency_file.with_suffix(".errors.json")):
         stale.unlink(missing_ok=True)
-    env = {**os.environ, "RECSYS_PAYLOADS": str(payload_path), "RECSYS_K": str(cfg.k),
-           "RECSYS_USER_WEIGHT": str(cfg.user_weight), "RECSYS_HISTORY_WEIGHT": str(cfg.history_weight),
-           "RECSYS_LATENCY_FILE": str(latency_file), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # RECSYS_HONOR_RETRY_AFTER etc. stay defaults
     rate = cfg.spawn_rate or users
     cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", str(users),
            "-r", str(rate), "-t", f"{cfg.duration_s:g}s", "--host", url, "--json-file", str(prefix),
-           "--stop-timeout", "5", "--loglevel", "WARNING", "--only-summary"]
+           "--stop-timeout", "5", "--loglevel", "WARNING", "--only-summary",
+           # the locustfile's own options (benchmarks/locustfile.py)
+           "--payloads", str(payload_path), "--top-k", str(cfg.k), "--user-weight", str(cfg.user_weight),
+           "--history-weight", str(cfg.history_weight), "--latency-file", str(latency_file)]
     log = work / f"locust_u{users}.log"
     with RssSampler(server_pid, cfg.rss_interval_s) as rss:
         proc = group.start(cmd, log, env=env, cwd=ROOT)

@@ -2,10 +2,13 @@
 
 It never imports bentoml, so it can be used and tested on its own; bad requests raise
 `BadRequest` (-> 400) or `NotFoundError` (-> 404), which `service.py` maps to HTTP errors.
+Measurements (model and retrieval time, unknown items, truncated histories) go to an optional
+`observer(name, value)` callback; `service.py` turns them into Prometheus metrics.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -17,6 +20,9 @@ from serving.runtime import OnnxEncoder
 from serving.settings import ServingSettings, load_settings
 
 Encode = Callable[[Sequence[Sequence[int]]], np.ndarray]  # token histories -> (B, H)
+# observer(name, value) with name one of MEASUREMENTS: seconds for the times, counts otherwise.
+Observer = Callable[[str, float], None]
+MEASUREMENTS = ("model_seconds", "retrieval_seconds", "unknown_items", "truncated_histories")
 
 
 class BadRequest(ValueError):
@@ -46,8 +52,10 @@ def _shorten(ids: list, n: int = 10) -> str:
 
 
 class RecommenderEngine:
-    def __init__(self, artifact: ServingArtifact, encoder: OnnxEncoder, index: ItemIndex):
+    def __init__(self, artifact: ServingArtifact, encoder: OnnxEncoder, index: ItemIndex,
+                 observer: Observer | None = None):
         self.artifact, self.encoder, self.index = artifact, encoder, index
+        self.observer = observer  # set after construction too (the service does, after warm-up)
         m = artifact.manifest
         self.model_info = {
             "kind": m["kind"], "architecture": m["architecture"], "num_layers": m["num_layers"],
@@ -75,6 +83,23 @@ class RecommenderEngine:
         """`from_settings` with the RECSYS_* environment as it is now (serving/settings.py)."""
         return cls.from_settings(load_settings())
 
+    # -- measurements ---------------------------------------------------------------------------
+
+    def _observe(self, name: str, value: float) -> None:
+        if self.observer is not None:
+            self.observer(name, value)
+
+    def _encode(self, encode: Encode | None, rows: list[list[int]]) -> np.ndarray:
+        """The model call. A local ONNX Runtime call is timed as `model_seconds`; a replacement
+        `encode` (the service's batched /embed) is not: /embed times the batch's own ONNX call,
+        so the queueing in the dispatcher is never counted as model time, nor a call twice."""
+        if encode is not None:
+            return encode(rows)
+        start = time.perf_counter()
+        out = self.encoder.encode(rows)
+        self._observe("model_seconds", time.perf_counter() - start)
+        return out
+
     # -- requests -------------------------------------------------------------------------------
 
     def resolve(self, user_id=None, history: list | None = None) -> Query:
@@ -94,12 +119,14 @@ class RecommenderEngine:
             tok = self.artifact.token(item)
             (unknown.append(item) if tok is None else tokens.append(tok))
         if unknown:
+            self._observe("unknown_items", len(unknown))
             if not tokens:
                 raise BadRequest(f"none of the history's items is in the catalogue: {_shorten(unknown)}")
             warnings.append(f"ignored {len(unknown)} item id(s) not in the catalogue: {_shorten(unknown)}")
         max_len = self.artifact.max_len
         truncated = len(tokens) > max_len
         if truncated:
+            self._observe("truncated_histories", 1)
             warnings.append(f"history has {len(tokens)} known items; the model reads the newest {max_len}")
         return Query(tokens[-max_len:], np.unique(np.asarray(tokens, dtype=np.int64)), truncated, warnings)
 
@@ -116,9 +143,11 @@ class RecommenderEngine:
         if k < 1:
             raise BadRequest(f"k must be >= 1, got {k}")
         q = self.resolve(user_id, history)
-        vector = (encode or self.encoder.encode)([q.tokens])[0]
+        vector = self._encode(encode, [q.tokens])[0]
         exclude = [q.seen] if exclude_seen else None
+        start = time.perf_counter()
         tokens, scores = self.index.search(vector[None], k, exclude)[0]
+        self._observe("retrieval_seconds", time.perf_counter() - start)
         if len(tokens) < k:
             q.warnings.append(f"only {len(tokens)} items left to recommend")
         return self._response(q, tokens, scores)
@@ -138,13 +167,16 @@ class RecommenderEngine:
                 tokens.append(tok)
         dups = len(candidates) - len(unknown) - len(tokens)
         if unknown:
+            self._observe("unknown_items", len(unknown))
             raise BadRequest(f"{len(unknown)} candidate item id(s) not in the catalogue: {_shorten(unknown)}")
         q = self.resolve(user_id, history)
         if dups:
             q.warnings.append(f"{dups} duplicate candidate(s) ranked once")
-        vector = (encode or self.encoder.encode)([q.tokens])[0]
+        vector = self._encode(encode, [q.tokens])[0]
         toks = np.asarray(tokens, dtype=np.int64)
+        start = time.perf_counter()
         scores = self.index.score(vector, toks)
+        self._observe("retrieval_seconds", time.perf_counter() - start)
         order = np.lexsort((toks, -scores))
         return self._response(q, toks[order], scores[order])
 
@@ -159,8 +191,11 @@ class RecommenderEngine:
         known item gets the zero vector: rows of different clients share a batch, so one client's
         bad row must not fail the others."""
         rows = [[t for t in (self.artifact.token(i) for i in h) if t is not None] for h in histories]
+        dropped = sum(len(h) for h in histories) - sum(map(len, rows))
+        if dropped:
+            self._observe("unknown_items", dropped)
         out = np.zeros((len(rows), self.artifact.embeddings.shape[1]), dtype=np.float32)
         known = [i for i, r in enumerate(rows) if r]
         if known:
-            out[known] = self.encoder.encode([rows[i] for i in known])
+            out[known] = self._encode(None, [rows[i] for i in known])
         return out

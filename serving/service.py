@@ -9,10 +9,14 @@ are the OpenAPI docs at /docs):
   POST /item       {"item_id": 1}
   POST /embed      {"histories": [[1, 50, 260]]}  query vectors (at most RECSYS_MAX_EMBED_ROWS rows)
   GET  /healthz /livez /readyz /metrics (BentoML; request latency in
-       bentoml_service_request_duration_seconds)
+       bentoml_service_request_duration_seconds; ours: recsys_model_seconds,
+       recsys_retrieval_seconds, recsys_unknown_items_total, recsys_truncated_histories_total,
+       labelled model_kind = the manifest's kind, teacher or student)
 Errors: {"error": "..."} with 400 bad input, 404 unknown user or item, 413 body too large,
 415 not JSON, 503 + Retry-After overloaded or still loading, 504 timeout (serving/guard.py).
 Settings: serving/settings.py (RECSYS_* environment; table in serving/README.md).
+RECSYS_MODEL_TAG=name:version serves a BentoML Model Store version instead of RECSYS_ARTIFACT_DIR
+(serving/model_store.py).
 
 Start-up: `bentoml serve` imports this module in its own process first; there a bad setting or
 a bad artifact is one line on stderr and exit code 2, before any worker starts (a worker that
@@ -50,6 +54,22 @@ def _settings_or_exit() -> ServingSettings:
 # Before the imports below: serving.schemas reads its limits from the settings at import.
 S = _settings_or_exit()
 
+
+def _served_dir(s: ServingSettings) -> ServingSettings:
+    """RECSYS_MODEL_TAG, when set, replaces RECSYS_ARTIFACT_DIR by the store's copy; an unknown
+    tag is one line and exit code 2, like a bad setting."""
+    if not s.model_tag:
+        return s
+    from serving.model_store import resolve_artifact_dir
+    try:
+        return s.model_copy(update={"artifact_dir": resolve_artifact_dir(s.model_tag, s.artifact_dir)})
+    except CompressorError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+S = _served_dir(S)
+
 from serving.artifact import load_artifact  # noqa: E402
 from serving.guard import ClientErrorLogFilter, Guard  # noqa: E402
 from serving.recommender import BadRequest, NotFoundError, RecommenderEngine  # noqa: E402
@@ -69,6 +89,25 @@ from serving.schemas import (  # noqa: E402
 log = logging.getLogger("bentoml.recsys.service")  # BentoML configures this tree
 API_PATHS = frozenset({"/recommend", "/rank", "/item", "/embed"})
 READY = threading.Event()  # set by a worker once its engine is loaded and warm
+
+# Custom Prometheus metrics on /metrics (bentoml.metrics: lazy, multiprocess-safe). The engine
+# measures (serving/recommender.py never imports bentoml); `_observer` records.
+_SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+METRICS = {
+    "model_seconds": bentoml.metrics.Histogram(
+        name="recsys_model_seconds", documentation="ONNX Runtime time of one model call",
+        labelnames=["model_kind"], buckets=_SECONDS),
+    "retrieval_seconds": bentoml.metrics.Histogram(
+        name="recsys_retrieval_seconds", documentation="Faiss search (/recommend) or exact "
+        "scoring (/rank) time of one request", labelnames=["model_kind"], buckets=_SECONDS),
+    "unknown_items": bentoml.metrics.Counter(
+        name="recsys_unknown_items", documentation="item ids not in the served catalogue "
+        "(ignored in a history, refused as a candidate, dropped by /embed)",
+        labelnames=["model_kind"]),
+    "truncated_histories": bentoml.metrics.Counter(
+        name="recsys_truncated_histories", documentation="requests whose history was longer "
+        "than the model's max_len (the newest items were read)", labelnames=["model_kind"]),
+}
 
 
 def preflight() -> None:
@@ -130,8 +169,21 @@ class Recommender:
             log.error("cannot serve the artifact: %s", (str(e).splitlines() or [repr(e)])[0][:300])
             logging.shutdown()
             os._exit(3)
+        engine.observer = self._observer(str(engine.model_info["kind"]))  # after the warm-up
         self.engine = engine
         READY.set()
+
+    @staticmethod
+    def _observer(kind: str) -> Callable[[str, float], None]:
+        histograms = {n: m.labels(model_kind=kind) for n, m in METRICS.items() if n.endswith("_seconds")}
+        counters = {n: m.labels(model_kind=kind) for n, m in METRICS.items() if n not in histograms}
+
+        def observe(name: str, value: float) -> None:
+            if name in histograms:
+                histograms[name].observe(value)
+            else:
+                counters[name].inc(value)
+        return observe
 
     def __is_ready__(self) -> bool:
         return READY.is_set()

@@ -35,6 +35,9 @@ class ServingSettings(BaseSettings):
 
     # -- artifact ---------------------------------------------------------------------------------
     artifact_dir: Path = Field(Path("runs/default/student"), description="artifact directory to serve")
+    model_tag: str | None = Field(None, description="BentoML Model Store tag to serve instead of "
+                                                    "`RECSYS_ARTIFACT_DIR` (`name:version` or "
+                                                    "`name:latest`; `python -m serving.model_store`)")
     model_file: str | None = Field(None, description="ONNX file to serve, e.g. `model.int8.onnx` "
                                                      "(default: the manifest's `serve_model`)")
     verify_artifact: bool = Field(True, description="check every file's size and sha256 against "

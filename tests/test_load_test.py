@@ -161,12 +161,13 @@ def test_locustfile_counts_wrong_answers_as_failures(tmp_path):
     port = free_port()
     server = ThreadingHTTPServer(("127.0.0.1", port), _Flaky)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    env = {"RECSYS_PAYLOADS": str(tmp_path / "p.json"), "RECSYS_LATENCY_FILE": str(tmp_path / "lat.npy"),
-           "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
+    # The payload file as a command-line option, the latency file from its old environment variable.
+    env = {"RECSYS_LATENCY_FILE": str(tmp_path / "lat.npy"), "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
     try:
         done = subprocess.run([sys.executable, "-m", "locust", "-f", str(ROOT / "benchmarks" / "locustfile.py"),
                                "--headless", "-u", "1", "-r", "1", "-t", "4s", "--host", f"http://127.0.0.1:{port}",
-                               "--json-file", str(tmp_path / "stats"), "--only-summary", "--loglevel", "WARNING"],
+                               "--json-file", str(tmp_path / "stats"), "--only-summary", "--loglevel", "WARNING",
+                               "--payloads", str(tmp_path / "p.json"), "--top-k", "10"],
                               env=env, cwd=ROOT, timeout=60, capture_output=True, text=True)
     finally:
         server.shutdown()
@@ -207,3 +208,19 @@ def test_sigterm_stops_every_process(tiny_artifact, tmp_path):
     alive = [p for p in family if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     assert not alive, [psutil.Process(p).cmdline() for p in alive]
     assert not (tmp_path / "load_test.json").exists()  # no report from an interrupted run
+
+
+def test_locustfile_options_refuse_bad_values_in_one_line(tmp_path):
+    """The locustfile's settings are Locust options (environment variables only their defaults):
+    a bad value stops Locust before any user starts, with one line naming it."""
+    payloads = build_payloads({"1": [1, 2, 3, 4]}, "hand-made")
+    (tmp_path / "p.json").write_text(json.dumps(payloads))
+    base = [sys.executable, "-m", "locust", "-f", str(ROOT / "benchmarks" / "locustfile.py"), "--headless",
+            "-u", "1", "-t", "1s", "--payloads", str(tmp_path / "p.json")]
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "RECSYS_USER_WEIGHT": "0"}
+    for extra, message in [(["--history-weight", "0"], "--user-weight and --history-weight must be"),
+                           (["--exclude-seen", "maybe"], "argument --exclude-seen"),
+                           (["--payloads", str(tmp_path / "none.json")], "no payload file")]:
+        done = subprocess.run(base + extra, env=env, cwd=ROOT, timeout=60, capture_output=True, text=True)
+        assert done.returncode != 0 and message in done.stderr, done.stderr[-2000:]
+        assert "Traceback" not in done.stderr

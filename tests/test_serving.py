@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import numpy as np
 import pytest
 import requests
 
-from benchmarks.processes import bentoml_server, server_env
+from benchmarks.processes import bentoml_cmd, bentoml_server, free_port, run_to_exit, server_env
 from serving.runtime import OnnxEncoder
 from serving.settings import ServingSettings, SettingsError, env_name, load_settings, markdown_table
 
@@ -164,6 +166,35 @@ def test_still_serving_health_and_metrics(server):
     assert "IGNORED" in json.dumps(spec["paths"]["/recommend"])  # the unknown-item policy is documented
 
 
+def _metric(text: str, name: str, labels: str) -> float:
+    """The value of one sample `name{labels...}` in a Prometheus text page (0 when absent)."""
+    m = re.search(rf"^{name}\{{[^}}]*{re.escape(labels)}[^}}]*\}} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_custom_metrics_are_labelled_by_model_kind(server, artifact):
+    """recsys_* metrics on /metrics: model and retrieval time histograms, unknown-item and
+    truncated-history counters, each labelled with the artifact's kind (the tiny one: teacher)."""
+    user, hist = max(artifact["histories"].items(), key=lambda kv: len(kv[1]))
+    assert len(hist) > 20  # long enough to be truncated
+    label = 'model_kind="teacher"'
+    before = requests.get(server + "/metrics", timeout=5).text
+    assert post(server, "/recommend", {"user_id": int(user), "k": 3}).status_code == 200
+    assert post(server, "/rank", {"history": hist[:3], "candidates": hist[3:6]}).status_code == 200
+    r = post(server, "/recommend", {"history": [hist[0], 987654321, "nope"], "k": 3})
+    assert r.status_code == 200, r.text
+    after = requests.get(server + "/metrics", timeout=5).text
+    for name in ("recsys_model_seconds", "recsys_retrieval_seconds"):
+        assert _metric(after, name + "_count", label) - _metric(before, name + "_count", label) == 3
+        assert _metric(after, name + "_sum", label) > _metric(before, name + "_sum", label)
+        assert f'{name}_bucket{{le="0.0005",model_kind="teacher"}}' in after
+    assert _metric(after, "recsys_unknown_items_total", label) - \
+        _metric(before, "recsys_unknown_items_total", label) == 2
+    assert _metric(after, "recsys_truncated_histories_total", label) - \
+        _metric(before, "recsys_truncated_histories_total", label) == 1
+    assert 'model_kind="student"' not in after
+
+
 def test_embed_endpoint(server, artifact):
     hist = next(iter(artifact["histories"].values()))
     r = post(server, "/embed", {"histories": [hist[-5:], hist[-20:]]})
@@ -264,3 +295,38 @@ def test_index_cache_reads_only_a_verified_file_from_a_private_directory(tmp_pat
     idx = ItemIndex(emb, cfg=IndexConfig(hnsw_threshold=0, cache_dir=str(shared)), cache_key="k")
     assert _overlap(idx.search(q, 10), ref) >= 0.9
     assert sorted(p.name for p in shared.iterdir()) == ["planted.faiss"]
+
+
+def test_model_store_versions_are_served_by_tag(tiny_artifact_dir, tmp_path):
+    """`python -m serving.model_store` copies an artifact into a new Model Store version (manifest
+    facts as metadata); RECSYS_MODEL_TAG serves it (RECSYS_ARTIFACT_DIR is then not read, and
+    the copy passes the sha256 checks); an unknown tag is one line and exit code 2."""
+    env = server_env(tmp_path / "home", RECSYS_ARTIFACT_DIR=str(tmp_path / "nowhere"))
+
+    def python(*args: str) -> str:
+        done = subprocess.run([sys.executable, *args], env=env, cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout.strip().splitlines()[-1]
+
+    tags = [python("-m", "serving.model_store", str(tiny_artifact_dir), "recsys-tiny") for _ in range(2)]
+    assert tags[0] != tags[1] and all(t.startswith("recsys-tiny:") for t in tags)  # two versions
+    info = json.loads(python("-c", "import bentoml, json, sys; m = bentoml.models.get(sys.argv[1]); "
+                                   "print(json.dumps({'meta': m.info.metadata, 'labels': m.info.labels, "
+                                   "'path': m.path}))", tags[0]))
+    manifest = json.loads((tiny_artifact_dir / "manifest.json").read_text())
+    assert info["labels"] == {"kind": "teacher"} and info["meta"]["max_len"] == manifest["max_len"]
+    assert Path(info["path"]).is_relative_to(tmp_path / "home")
+    assert (Path(info["path"]) / "manifest.json").read_bytes() == (tiny_artifact_dir / "manifest.json").read_bytes()
+
+    with bentoml_server({**env, "RECSYS_MODEL_TAG": tags[0]}, tmp_path / "serve.log", ready_timeout=90) as srv:
+        r = post(srv.url, "/recommend", {"history": [1, 2, 3], "k": 2})
+        assert r.status_code == 200 and len(r.json()["items"]) == 2, r.text
+
+    log = tmp_path / "bad.log"
+    code = run_to_exit(bentoml_cmd(free_port()), log, {**env, "RECSYS_MODEL_TAG": "recsys-tiny:nope"},
+                       timeout=90)
+    out = log.read_text(errors="replace")
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "not in the BentoML Model Store" in errors[0], out[-2000:]
+    assert "Traceback" not in out
