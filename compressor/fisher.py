@@ -17,7 +17,6 @@ vmapped function, since transformers' own mask code branches on data.
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -30,9 +29,8 @@ from transformers import PreTrainedModel
 
 from compressor.data.protocol import RecData, Split, left_pad
 from compressor.data.vocab import PAD_ID
+from compressor.errors import CompressorError
 from compressor.modeling import decoder_parts, item_scores, position_ids
-
-log = logging.getLogger(__name__)
 
 # per-sample gradients of every chunk are held at once: cap chunk x parameters (4 bytes each, ~3 GB)
 PER_SAMPLE_BUDGET = 800_000_000
@@ -150,7 +148,9 @@ def squared_gradients(model: PreTrainedModel, probe: ProbeSet, params: dict[str,
     `per_sample=True`: the diagonal empirical Fisher, mean over samples of (dL_n/dθ)², with the
     per-sample gradients computed `batch_size` at a time (capped so a chunk's gradients fit in
     memory). `per_sample=False`: mean over mini-batches of the squared gradient of the batch-mean
-    loss, a cheaper and noisier estimate (what Fisher-weighted unstructured pruning has used)."""
+    loss, a cheaper and noisier estimate (what Fisher-weighted unstructured pruning has used).
+    Per-sample mode differentiates parameters of the decoder body (`model.base_model`): the
+    output head is applied as it is, so a tied item table's head path would be missed."""
     device = next(model.parameters()).device
     sums = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()}
     chunk = _per_sample_chunk(batch_size, params) if per_sample else batch_size
@@ -252,8 +252,6 @@ def estimate_layer_fisher(model: PreTrainedModel, batches: Iterable, loss_fn: Ca
             total += grad_traces(loss_fn(model, *batch), groups)
             n += 1
     if n == 0:
-        from compressor.errors import CompressorError
-
         raise CompressorError("no batches to estimate the Fisher information from")
     return total / n
 
