@@ -90,6 +90,13 @@ def machine_md(info: dict) -> str:
             f"{info['date']})")
 
 
+def open_unit_ratios(v: list[float]) -> list[float]:
+    """A pydantic validator body: a non-empty list of ratios, each strictly between 0 and 1."""
+    if not v or any(not 0 < r < 1 for r in v):
+        raise ValueError(f"ratios must be in (0, 1), got {v}")
+    return v
+
+
 def run_guarded(name: str, body) -> int:
     """Run a benchmark's `body()`; bad input (config validation, CompressorError) is one line on
     stderr and exit code 2, as the CLI does."""

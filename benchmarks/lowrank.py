@@ -32,6 +32,7 @@ from benchmarks.common import (
     machine_info,
     machine_md,
     md_table,
+    open_unit_ratios,
     run_guarded,
     save_figure,
     write_atomic,
@@ -59,10 +60,8 @@ class LowRankBenchConfig(BaseModel):
 
     @field_validator("ratios")
     @classmethod
-    def _open_unit_interval(cls, v: list[float]) -> list[float]:
-        if not v or any(not 0 < r < 1 for r in v):
-            raise ValueError(f"ratios must be in (0, 1), got {v}")
-        return v
+    def _ratios(cls, v: list[float]) -> list[float]:
+        return open_unit_ratios(v)
 
 
 def valid_loss(model, data, max_len: int, users: int = 10_000) -> np.ndarray:

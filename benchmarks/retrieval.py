@@ -28,11 +28,11 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from benchmarks.catalogues import Catalogue, genre_queries, load_real, synthetic_catalogue
-from benchmarks.common import machine_info, save_figure, write_atomic, write_json
+from benchmarks.common import machine_info, run_guarded, save_figure, write_atomic, write_json
 from benchmarks.retrieval_report import plot_results, recommend, recommendation_md, report_md
 from compressor.errors import CompressorError
 
@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+    def body() -> None:
         cfg = RetrievalBenchConfig(
             dim=args.dim, sizes=args.sizes, real_embeddings=args.real_embeddings, real_queries=args.real_queries,
             indexes=[x.strip() for x in args.indexes.split(",") if x.strip()], queries=args.queries,
@@ -302,17 +302,10 @@ def main(argv: list[str] | None = None) -> int:
             ef_search=args.ef_search, ivf_nlist=args.nlist, nprobe=args.nprobe,
             recall_target=args.recall_target, flat_budget_ms=args.flat_budget_ms, build_threads=args.build_threads, seed=args.seed)
         payload = run(cfg, args.out)
-    except ValidationError as e:
-        first = e.errors()[0]
-        print(f"error: {'.'.join(map(str, first['loc']))}: {first['msg']}", file=sys.stderr)
-        return 2
-    except CompressorError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(recommendation_md(payload["recommendation"]))
-    print(f"wrote {args.out}/retrieval.md, retrieval.json, retrieval.png")
-    return 0
+        print(recommendation_md(payload["recommendation"]))
+        print(f"wrote {args.out}/retrieval.md, retrieval.json, retrieval.png")
 
+    return run_guarded("benchmarks.retrieval", body)
 
 if __name__ == "__main__":
     sys.exit(main())
