@@ -67,6 +67,9 @@ class TrainConfig(BaseModel):
     embedding_lr: float | None = Field(
         None, gt=0, description="learning rate of the item table (None = lr): a pretrained LLM's new "
         "item table wants a higher rate than its decoder")
+    group_by_length: bool = Field(
+        False, description="batch windows of similar length together and pad each batch only to its "
+        "longest window: less compute spent on padding (22% of a default teacher epoch's tokens)")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto = bf16 autocast on a CUDA device that supports it, fp32 elsewhere")
     seed: int = 0
@@ -75,7 +78,7 @@ class TrainConfig(BaseModel):
 
 # The teacher's recipe: the generic defaults above plus windows re-cut every epoch, which let
 # training run longer before validation stalled (README: "The teacher recipe").
-TEACHER_TRAIN = TrainConfig(random_windows=True)
+TEACHER_TRAIN = TrainConfig(random_windows=True, group_by_length=True)
 
 
 class TeacherConfig(BaseModel):
@@ -175,7 +178,7 @@ def train_recommender(
         if train.random_windows:
             windows = training_windows(seqs, max_len, rng, per_sequence=train.recent_windows)
         # progress inside the epoch too: an LLM epoch on a CPU takes many minutes
-        steps = tqdm(window_batches(windows, max_len, train.batch_size, rng), desc=f"{desc} epoch {epoch + 1}",
+        steps = tqdm(window_batches(windows, max_len, train.batch_size, rng, train.group_by_length), desc=f"{desc} epoch {epoch + 1}",
                      unit="step", total=-(-len(windows) // train.batch_size), leave=False)
         for ids, mask, labels in steps:
             with autocast(device, train.precision):

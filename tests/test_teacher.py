@@ -68,9 +68,9 @@ def test_model_dir_without_vocab_is_rejected(tiny_teacher_dir, tmp_path):
 
 def test_same_config_and_seed_give_the_same_teacher(tiny_data, tmp_path):
     """Training length comes from epochs and early stopping, never the clock, and everything random
-    (initialisation, window cuts, batch order, dropout) is seeded: two runs agree exactly."""
+    (initialisation, window cuts, length-grouped batch order, dropout) is seeded: two runs agree exactly."""
     cfg = tiny_teacher_config(num_layers=2)
-    cfg.train.epochs, cfg.train.random_windows = 2, True
+    cfg.train.epochs, cfg.train.random_windows, cfg.train.group_by_length = 2, True, True
     runs = [train_teacher(tiny_data, cfg, tmp_path / f"t{i}")[1] for i in range(2)]
     assert runs[0]["stop_reason"] == "epochs" and runs[0]["epochs_run"] == 2
     assert [h["loss"] for h in runs[0]["history"]] == [h["loss"] for h in runs[1]["history"]]
