@@ -66,11 +66,12 @@ class LowRankBenchConfig(BaseModel):
 
 def valid_loss(model, data, max_len: int, users: int = 10_000) -> np.ndarray:
     """Per-user next-item cross-entropy on the validation split (the split the Fisher reads)."""
-    from compressor.prune.scoring import ProbeBatches, per_sample_loss
+    from compressor.fisher import ProbeSet, last_item_loss
 
-    probe = ProbeBatches.from_data(data, max_len, users, 128)
+    probe = ProbeSet.from_data(data, max_len, users)
     with torch.no_grad():
-        return torch.cat([per_sample_loss(model.eval(), *b) for b in probe]).double().numpy()
+        return torch.cat([last_item_loss(model.eval(), *b, reduction="none")
+                          for b in probe.batches(128)]).double().numpy()
 
 
 def run(cfg: LowRankBenchConfig, model_dir: str | Path, data_name: str, out: str | Path,
