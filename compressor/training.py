@@ -46,7 +46,8 @@ def device_description(device: torch.device) -> str:
     """What trained: `cuda (NVIDIA H200)` or `cpu (2 threads)`, for summaries and the report."""
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"{device.type} ({torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    return f"{device.type} ({n} thread{'' if n == 1 else 's'})"
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
