@@ -33,9 +33,9 @@ from benchmarks.common import (
     md_table,
     run_guarded,
     save_figure,
-    write_atomic,
     write_json,
 )
+from compressor.atomic import atomic_write
 from compressor.data import prepare, training_windows, window_batches
 from compressor.evaluate import evaluate_model, paired_bootstrap
 from compressor.importance import (
@@ -171,7 +171,7 @@ def run(teacher: str | Path, data, out: str | Path, keep: int | None = None, met
         "config": cfg.model_dump(mode="json"),
     }
     write_json(out / "layer_selection.json", payload)
-    write_atomic(out / "layer_selection.md", markdown(payload))
+    atomic_write(out / "layer_selection.md", markdown(payload))
     plot(payload, out / "layer_selection.png")
     return payload
 

@@ -35,10 +35,10 @@ from benchmarks.common import (
     open_unit_ratios,
     run_guarded,
     save_figure,
-    write_atomic,
     write_json,
 )
 from benchmarks.pruning import PruningBenchConfig, _onnx_scorer, _recover
+from compressor.atomic import atomic_write
 
 CELLS = "cells"
 
@@ -190,7 +190,7 @@ def run(cfg: LowRankBenchConfig, model_dir: str | Path, data_name: str, out: str
     payload = {"config": cfg.model_dump(), "model": str(model_dir), "data": data_name, "max_len": max_len,
                "test_users": len(test), "machine": machine, "work": str(work), "rows": rows}
     write_json(out / "lowrank.json", payload)
-    write_atomic(out / "lowrank.md", _markdown(payload))
+    atomic_write(out / "lowrank.md", _markdown(payload))
     _plot(rows, out / "lowrank.png")
     return payload
 

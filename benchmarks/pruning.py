@@ -37,9 +37,9 @@ from benchmarks.common import (
     open_unit_ratios,
     run_guarded,
     save_figure,
-    write_atomic,
     write_json,
 )
+from compressor.atomic import atomic_write
 from compressor.errors import CompressorError
 
 
@@ -248,7 +248,7 @@ def run(cfg: PruningBenchConfig, model_dir: str | Path, data_name: str | Path, o
                "test_users": len(test), "machine": machine, "work": str(work), "report_only": report_only,
                "rows": rows}
     write_json(out / "pruning.json", payload)
-    write_atomic(out / "pruning.md", _markdown(payload))
+    atomic_write(out / "pruning.md", _markdown(payload))
     _plot(rows, out / "pruning.png")
     return payload
 

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from compressor import __version__
+from compressor.atomic import atomic_write
 from compressor.errors import CompressorError
 
 log = logging.getLogger("compressor")
@@ -46,11 +47,7 @@ class _Parser(argparse.ArgumentParser):
 def _write_json(payload: dict, path: str | None) -> None:
     text = json.dumps(payload, indent=2)
     if path:
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_suffix(p.suffix + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(p)
+        atomic_write(path, text)
     print(text)
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from compressor import stages
+from compressor.atomic import atomic_write_json
 from compressor.config import dump_config
 from compressor.data.protocol import RecData, prepare
 from compressor.distill.config import DistillConfig
@@ -311,11 +312,7 @@ def run_stage(ctx: Context, name: str, config: BaseModel | dict | None, upstream
     outputs, summary = fn(ctx)
     rec = StageRecord(name, fp, round(time.time() - t0, 2), outputs, summary,
                       finished_at=datetime.now(UTC).isoformat(timespec="seconds"))
-    p = _record_path(ctx.run_dir, name)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(rec.to_json(), indent=2, default=str))
-    tmp.replace(p)
+    atomic_write_json(_record_path(ctx.run_dir, name), rec.to_json())
     ctx.records[name] = rec
     ctx.log(f"[{name}] done in {rec.seconds:.1f} s")
     return rec

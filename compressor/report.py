@@ -16,6 +16,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from compressor.atomic import atomic_write  # noqa: E402
+
 QUALITY_KEYS = ("hr@5", "hr@10", "ndcg@5", "ndcg@10", "mrr", "coverage@10")
 
 
@@ -248,8 +250,6 @@ def write_report(run_dir: str | Path, cfg, records: dict) -> list[str]:
             shutil.copyfile(src, run_dir / png)
             files.append(png)
     for name, text in (("report.json", json.dumps(doc, indent=2, default=str)), ("report.md", render_markdown(doc))):
-        tmp = run_dir / f".{name}.tmp"
-        tmp.write_text(text)
-        tmp.replace(run_dir / name)
+        atomic_write(run_dir / name, text)
         files.append(name)
     return files

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from compressor.atomic import atomic_write_json
 from compressor.distill.config import DistillConfig
 from compressor.teacher import TeacherConfig
 
@@ -195,7 +196,7 @@ def stage_evaluate(ctx: Context) -> tuple[dict, dict]:
     doc = {"split": "test", "users": len(test), "metrics": results, "parameters": params,
            "retention_ndcg@10": retention, "bootstrap_ndcg@10": boot,
            "per_user_ndcg@10": {k: v.tolist() for k, v in per_user.items()}}
-    _write_json(ctx.path("evaluation.json"), doc)
+    atomic_write_json(ctx.path("evaluation.json"), doc)
     return {"evaluation": "evaluation.json"}, {"retention_ndcg@10": retention.get("student"),
                                                "student_ndcg@10": results["student"]["ndcg@10"]}
 
@@ -228,7 +229,7 @@ def stage_speed(ctx: Context) -> tuple[dict, dict]:
     doc = {"machine": machine_info(), "max_len": ctx.max_len, "timing": timing, "vs_teacher": ratios,
            "method": f"ONNX Runtime, real test histories, {cfg.rounds} interleaved rounds x "
                      f"{cfg.calls_per_round} calls per model and batch size, median"}
-    _write_json(ctx.path("speed.json"), doc)
+    atomic_write_json(ctx.path("speed.json"), doc)
     return {"speed": "speed.json"}, {"vs_teacher": ratios}
 
 
@@ -237,9 +238,3 @@ def stage_report(ctx: Context) -> tuple[dict, dict]:
 
     files = write_report(ctx.run_dir, ctx.cfg, ctx.records)
     return {"report": "report.md", "report_json": "report.json"}, {"files": files}
-
-
-def _write_json(path: Path, payload) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    tmp.replace(path)

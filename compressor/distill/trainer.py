@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from compressor.atomic import atomic_path, atomic_write, atomic_write_json
 from compressor.config import dump_config
 from compressor.data.protocol import RecData, left_pad, training_windows
 from compressor.distill.config import DistillConfig
@@ -113,9 +114,8 @@ def load_checkpoint(path: Path, device) -> dict:
 
 
 def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _resume_log(path: Path, step: int) -> None:
@@ -124,9 +124,7 @@ def _resume_log(path: Path, step: int) -> None:
         return
     rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
     keep = [r for r in rows if r.get("step", 0) <= step and not r.get("final")]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-    tmp.replace(path)
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 def _config_diff(saved: dict, cfg: DistillConfig) -> list[str]:
@@ -278,7 +276,5 @@ def distill(teacher: PreTrainedModel, student: PreTrainedModel, data: RecData, c
                "weights_history": d.weights.history, "train_windows": len(windows), "max_len": max_len}
     set_recsys_meta(student, kind="student", max_len=max_len, distilled_with=cfg.method)
     save_model(student, data.vocab, out / STUDENT_DIR, {"distill_summary.json": summary})
-    tmp = out / (RESULT + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=2, default=str))
-    tmp.replace(out / RESULT)
+    atomic_write_json(out / RESULT, summary)
     return result
