@@ -45,7 +45,7 @@ from compressor.importance import (
     run_importance,
     write_importance,
 )
-from compressor.modeling import load_model, recsys_meta
+from compressor.modeling import load_model, model_max_len
 from compressor.select import SELECTION, validate_keep
 from compressor.teacher import SUMMARY_FILE, next_item_loss
 from compressor.training import make_optimizer
@@ -102,7 +102,7 @@ def run(teacher: str | Path, data, out: str | Path, keep: int | None = None, met
     info = machine_info()
     model, vocab = load_model(teacher)
     data = prepare(data, fmt, vocab=vocab)
-    max_len = recsys_meta(model).get("max_len", 50)
+    max_len = model_max_len(model)
     L = model.config.num_hidden_layers
     k = validate_keep(keep if keep is not None else max(1, round(L / 4)), L)
     methods = [check_method(m) for m in methods] if methods else list(IMPORTANCE)

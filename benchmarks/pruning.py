@@ -127,7 +127,7 @@ def run(cfg: PruningBenchConfig, model_dir: str | Path, data_name: str | Path, o
     from compressor.data import prepare
     from compressor.evaluate import evaluate_scorer, paired_bootstrap
     from compressor.export import export_onnx, item_embeddings
-    from compressor.modeling import count_parameters, load_model, recsys_meta, save_model
+    from compressor.modeling import count_parameters, load_model, model_max_len, save_model
     from compressor.prune import PruneConfig, prune_model
     from compressor.quantize import compare_onnx, quantize_onnx
     from compressor.speed import compare_latency
@@ -140,7 +140,7 @@ def run(cfg: PruningBenchConfig, model_dir: str | Path, data_name: str | Path, o
     machine = machine_info()
     teacher, vocab = load_model(model_dir)
     data = prepare(data_name, vocab=vocab)
-    max_len = recsys_meta(teacher).get("max_len", 50)
+    max_len = model_max_len(teacher)
     test = data.split("test")
     test = test.subset(cfg.users, cfg.seed) if cfg.users else test
     emb = item_embeddings(teacher)[0]

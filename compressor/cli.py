@@ -80,13 +80,13 @@ def _evaluated(spec: str, data, split: str, loaded=None):
         result, info = evaluate_baseline(spec, data, split)
         return result, ({"fit": info} if info else {})
     from compressor.evaluate import evaluate_model
-    from compressor.modeling import load_model, recsys_meta
+    from compressor.modeling import load_model, model_max_len
 
     model, vocab = loaded or load_model(spec)
     if not vocab.same_as(data.vocab):
         raise CompressorError(f"{spec}: its item vocabulary differs from the one evaluated against "
                               f"({vocab.num_items} vs {data.vocab.num_items} items)")
-    return evaluate_model(model, data.split(split), recsys_meta(model).get("max_len", 50), progress=True), {}
+    return evaluate_model(model, data.split(split), model_max_len(model), progress=True), {}
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -204,7 +204,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     from compressor.config import load_config
     from compressor.data import prepare
     from compressor.importance import ImportanceConfig, run_importance, write_importance
-    from compressor.modeling import load_model, recsys_meta
+    from compressor.modeling import load_model, model_max_len
 
     flags = [f"methods=[{args.methods}]"] if args.methods else []
     flags += [f"samples={args.samples}"] if args.samples is not None else []
@@ -212,7 +212,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     cfg = load_config(ImportanceConfig, args.config, flags + _overrides(args))
     model, vocab = load_model(args.teacher_dir)
     data = prepare(args.data, args.format, vocab=vocab)
-    result = run_importance(model, data, cfg, recsys_meta(model).get("max_len", 50))
+    result = run_importance(model, data, cfg, model_max_len(model))
     path = write_importance(result, args.out)
     for name, s in result.methods.items():
         rho = result.spearman.get(name)
@@ -223,7 +223,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 
 def cmd_truncate(args: argparse.Namespace) -> None:
     from compressor.importance import DEFAULT_METHOD, check_method, load_importance, method_scores
-    from compressor.modeling import load_model_config, recsys_meta
+    from compressor.modeling import load_model_config, model_max_len
     from compressor.select import (
         DEFAULT_STRATEGY,
         SELECTION,
@@ -265,14 +265,14 @@ def cmd_truncate(args: argparse.Namespace) -> None:
 
             model, data = teacher_and_data()
             cfg = ImportanceConfig(**({"samples": args.samples} if args.samples else {}))
-            scores, source = estimate(model, data, method, recsys_meta(model).get("max_len", 50), cfg).scores, "computed"
+            scores, source = estimate(model, data, method, model_max_len(model), cfg).scores, "computed"
         info = {"chosen_by": f"{strategy} over {method} importance", "method": method, "strategy": strategy,
                 "importance": source, "scores": scores}
         if strategy == VALIDATED:
             from compressor.truncate import validated
 
             model, data = teacher_and_data()
-            layers, info["candidates"] = validated(model, list(SELECTION), scores, args.keep, data, recsys_meta(model).get("max_len", 50))
+            layers, info["candidates"] = validated(model, list(SELECTION), scores, args.keep, data, model_max_len(model))
             for row in info["candidates"]:
                 log.info(f"  {row['layers']} ({', '.join(row['strategies'])}): validation NDCG@10 {row['valid_ndcg@10']:.4f}")
         else:

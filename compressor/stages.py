@@ -20,17 +20,16 @@ if TYPE_CHECKING:
 
 
 def stage_teacher(ctx: Context) -> tuple[dict, dict]:
-    from compressor.modeling import load_model, recsys_meta
+    from compressor.modeling import load_model, model_max_len
     from compressor.teacher import SUMMARY_FILE, train_teacher
 
     tcfg = ctx.cfg.teacher
     if tcfg.path:
         src = Path(tcfg.path).expanduser().resolve()
         model, _ = load_model(src)
-        meta = recsys_meta(model)
         summary_file = src / SUMMARY_FILE
         summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
-        return {"model": str(src)}, {"max_len": meta.get("max_len", tcfg.max_len),
+        return {"model": str(src)}, {"max_len": model_max_len(model),
                                      "num_layers": model.config.num_hidden_layers, "given": True,
                                      "seconds_per_epoch": summary.get("seconds_per_epoch")}
     data = ctx.cfg.data.load()

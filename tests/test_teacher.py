@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from compressor.data import VOCAB_FILE, ItemVocab, left_pad
 from compressor.evaluate import evaluate_model
-from compressor.modeling import decoder_parts, item_scores, load_model, recsys_meta
+from compressor.modeling import RecsysMeta, decoder_parts, item_scores, load_model, recsys_meta
 from compressor.teacher import SUMMARY_FILE, TeacherConfig, build_teacher, train_teacher
 from tests.conftest import tiny_teacher_config
 
@@ -25,7 +25,7 @@ def test_tiny_teacher_trains_saves_and_reloads(tiny_teacher_dir, tiny_data):
     model, vocab = load_model(tiny_teacher_dir)
     assert vocab.same_as(tiny_data.vocab)
     # save_model records the data's name too, so students cut from this teacher name it on their cards
-    assert recsys_meta(model) == {"max_len": 20, "kind": "teacher", "dataset": tiny_data.name}
+    assert recsys_meta(model) == RecsysMeta(max_len=20, kind="teacher", dataset=tiny_data.name)
     ids, mask = left_pad(tiny_data.split("valid").histories[:4], 20)
     ids, mask = torch.from_numpy(ids), torch.from_numpy(mask)
     with torch.no_grad():

@@ -29,7 +29,7 @@ from compressor.distill.step import Distiller, attention_implementation, frozen
 from compressor.errors import CompressorError
 from compressor.evaluate import evaluate_model
 from compressor.fisher import estimate_layer_fisher
-from compressor.modeling import pick_device, recsys_meta, save_model, set_recsys_meta
+from compressor.modeling import model_max_len, pick_device, save_model, set_recsys_meta
 from compressor.teacher import next_item_loss
 from compressor.training import EarlyStopping, set_seed
 
@@ -146,7 +146,7 @@ def distill(teacher: PreTrainedModel, student: PreTrainedModel, data: RecData, c
     check_compatible(teacher, student, data)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    max_len = max_len or recsys_meta(student).get("max_len") or recsys_meta(teacher).get("max_len") or 50
+    max_len = max_len or model_max_len(student)
     t = cfg.train
     device = pick_device(t.device)
     set_seed(t.seed)

@@ -21,6 +21,7 @@ from compressor.fisher import ProbeSet, parameter_fisher
 from compressor.modeling import (
     count_parameters,
     load_model,
+    model_max_len,
     pick_device,
     recsys_meta,
     save_model,
@@ -90,7 +91,7 @@ def prune_model(model: PreTrainedModel, data: RecData | None, cfg: PruneConfig, 
     if cfg.needs_data() and data is None:
         raise CompressorError("Fisher scoring needs data (--data); or use --scorer magnitude "
                               "and unstructured_criterion=magnitude")
-    if recsys_meta(model).get("lowrank"):  # its linears are U·V pairs the slicing rules do not know
+    if recsys_meta(model).lowrank:  # its linears are U·V pairs the slicing rules do not know
         raise CompressorError("this model is low-rank factorized: prune first, then factorize")
     start = time.time()
     report: dict = {"config": cfg.model_dump(), "params_before": count_parameters(model)}
@@ -155,7 +156,7 @@ def prune_dir(model_dir: str | Path, out_dir: str | Path, cfg: PruneConfig,
     and `prune_report.json` beside the checkpoint). `data` may be a name or path; it is read
     only when the config needs Fisher scores."""
     model, vocab = load_model(model_dir)
-    max_len = recsys_meta(model).get("max_len", 50)
+    max_len = model_max_len(model)
     if cfg.needs_data() and data is not None and not isinstance(data, RecData):
         data = prepare(data, vocab=vocab)
     pruned, report = prune_model(model, data if isinstance(data, RecData) else None, cfg, max_len, progress)
