@@ -224,61 +224,52 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 def cmd_truncate(args: argparse.Namespace) -> None:
     from compressor.importance import DEFAULT_METHOD, check_method, load_importance, method_scores
     from compressor.modeling import load_model_config, model_max_len
-    from compressor.select import (
-        DEFAULT_STRATEGY,
-        SELECTION,
-        VALIDATED,
-        parse_layers,
-        select_layers,
-        validate_keep,
-        validate_layers,
-    )
+    from compressor.select import DEFAULT_STRATEGY, choose_layers, parse_layers
     from compressor.truncate import truncate_dir
 
     if (args.layers is None) == (args.keep is None):
         raise CompressorError("give either --layers 0,5,10 or --keep K (with --method/--strategy)")
+    if args.layers is not None and (args.method or args.strategy or args.importance):
+        raise CompressorError("--method/--strategy/--importance go with --keep, not --layers")
     L = load_model_config(args.teacher_dir).num_hidden_layers  # GPT-2's n_layer too
-    if args.layers is not None:
-        if args.method or args.strategy or args.importance:
-            raise CompressorError("--method/--strategy/--importance go with --keep, not --layers")
-        layers, info = validate_layers(parse_layers(args.layers), L), {"chosen_by": "explicit list"}
-    else:
-        method, strategy = check_method(args.method or DEFAULT_METHOD), args.strategy or DEFAULT_STRATEGY
-        if strategy != VALIDATED:
-            select_layers(strategy, [0.0] * L, 1)  # unknown strategy fails here, before any work
-        validate_keep(args.keep, L)
-        @functools.cache
-        def teacher_and_data():  # read once, only if importance or validation needs them
-            from compressor.data import prepare
-            from compressor.modeling import load_model
+    method = check_method(args.method or DEFAULT_METHOD)
+    source: dict = {}  # where the scores came from, recorded beside the choice
 
-            model, vocab = load_model(args.teacher_dir)
-            return model, prepare(args.data, args.format, vocab=vocab)
+    @functools.cache
+    def teacher_and_data():  # read once, only if importance or validation needs them
+        from compressor.data import prepare
+        from compressor.modeling import load_model
 
+        model, vocab = load_model(args.teacher_dir)
+        return model, prepare(args.data, args.format, vocab=vocab)
+
+    def scores() -> list[float]:
         if args.importance:
             doc = load_importance(args.importance)
             if doc["num_layers"] != L:
                 raise CompressorError(f"{args.importance} scores {doc['num_layers']} layers, the teacher has {L}")
-            scores, source = method_scores(doc, method), str(args.importance)
+            found, source["importance"] = method_scores(doc, method), str(args.importance)
         else:
             from compressor.importance import ImportanceConfig, estimate
 
             model, data = teacher_and_data()
             cfg = ImportanceConfig(**({"samples": args.samples} if args.samples else {}))
-            scores, source = estimate(model, data, method, model_max_len(model), cfg).scores, "computed"
-        info = {"chosen_by": f"{strategy} over {method} importance", "method": method, "strategy": strategy,
-                "importance": source, "scores": scores}
-        if strategy == VALIDATED:
-            from compressor.truncate import validated
+            found, source["importance"] = estimate(model, data, method, model_max_len(model), cfg).scores, "computed"
+        source["scores"] = found
+        return found
 
-            model, data = teacher_and_data()
-            layers, info["candidates"] = validated(model, list(SELECTION), scores, args.keep, data, model_max_len(model))
-            for row in info["candidates"]:
-                log.info(f"  {row['layers']} ({', '.join(row['strategies'])}): validation NDCG@10 {row['valid_ndcg@10']:.4f}")
-        else:
-            layers = select_layers(strategy, scores, args.keep)
-    out = truncate_dir(args.teacher_dir, args.out, layers, info)
-    log.info(f"student keeping teacher layers {layers} of {L} saved to {out}")
+    def judge(strategies: list[str], found: list[float], k: int):
+        from compressor.truncate import validated
+
+        model, data = teacher_and_data()
+        return validated(model, strategies, found, k, data, model_max_len(model))
+
+    choice = choose_layers(L, layers=None if args.layers is None else parse_layers(args.layers), keep=args.keep,
+                           method=method, strategy=args.strategy or DEFAULT_STRATEGY, scores=scores, judge=judge)
+    for row in choice.why.get("candidates", []):
+        log.info(f"  {row['layers']} ({', '.join(row['strategies'])}): validation NDCG@10 {row['valid_ndcg@10']:.4f}")
+    out = truncate_dir(args.teacher_dir, args.out, choice.layers, {**choice.why, **source})
+    log.info(f"student keeping teacher layers {choice.layers} of {L} saved to {out}")
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
@@ -307,6 +298,8 @@ def cmd_distill(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from compressor.select import DEFAULT_STRATEGY, SELECTION  # numpy only: --help stays quick
+
     parser = _Parser(prog="compressor", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
@@ -406,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", help="explicit teacher layers, e.g. 0,5,10,15")
     p.add_argument("--keep", type=int, help="number of layers to keep, chosen by --method and --strategy")
     p.add_argument("--method", help="importance method (default fisher)")
-    p.add_argument("--strategy", help="top_k, distributed, strategic (default), hybrid, or validated "
+    p.add_argument("--strategy", help=f"{', '.join(SELECTION)} (default {DEFAULT_STRATEGY}), or validated "
                    "(the best of the others' sets on the validation split of --data)")
     p.add_argument("--importance", help="importance.json from `compressor analyze` (else computed with --data)")
     p.add_argument("--samples", type=int, help="validation users when importance is computed here")

@@ -43,11 +43,11 @@ from compressor.data.protocol import RecData, prepare
 from compressor.distill.config import DistillConfig
 from compressor.errors import ArtifactError, CompressorError
 from compressor.export import ExportConfig
-from compressor.importance import ImportanceConfig
+from compressor.importance import DEFAULT_METHOD, ImportanceConfig
 from compressor.lowrank import LowRankConfig
 from compressor.modeling import is_model_dir
 from compressor.prune import PruneConfig
-from compressor.select import SELECTION, VALIDATED, validate_layers
+from compressor.select import DEFAULT_STRATEGY, SELECTION, VALIDATED, validate_layers
 from compressor.teacher import TeacherConfig
 
 LOG = logging.getLogger("compressor").info
@@ -111,8 +111,8 @@ class TeacherStage(TeacherConfig):
 class SelectionConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     keep: int = Field(2, ge=1, description="decoder layers the student keeps")
-    method: str = Field("fisher", description="importance method whose scores choose the layers")
-    strategy: str = Field("top_k", description="selection strategy (top_k, distributed, strategic, hybrid), "
+    method: str = Field(DEFAULT_METHOD, description="importance method whose scores choose the layers")
+    strategy: str = Field(DEFAULT_STRATEGY, description="selection strategy (top_k, distributed, strategic, hybrid), "
                           "or validated: the best of the `candidates` sets on the validation split")
     candidates: list[str] = Field(default_factory=lambda: list(SELECTION),
                                   description="strategies whose sets `validated` compares")

@@ -58,36 +58,24 @@ def stage_importance(ctx: Context) -> tuple[dict, dict]:
     }
 
 
-def choose_layers(ctx: Context) -> tuple[list[int], dict]:
-    """The teacher layers the student keeps, and why."""
+def stage_truncate(ctx: Context) -> tuple[dict, dict]:
     from compressor.importance import load_importance, method_scores
-    from compressor.select import VALIDATED, select_layers, validate_keep, validate_layers
+    from compressor.modeling import load_model
+    from compressor.select import choose_layers
+    from compressor.truncate import truncate_dir, validated
 
     sel = ctx.cfg.selection
-    L = int(ctx.records["teacher"].summary["num_layers"])
-    if sel.layers is not None:
-        return validate_layers(sel.layers, L), {"chosen_by": "explicit list"}
-    validate_keep(sel.keep, L)
-    doc = load_importance(ctx.output("importance", "importance"))
-    scores = method_scores(doc, sel.method)
-    why = {"chosen_by": f"{sel.strategy} over {sel.method} importance", "method": sel.method,
-           "strategy": sel.strategy}
-    if sel.strategy == VALIDATED:
-        from compressor.modeling import load_model
-        from compressor.truncate import validated
 
+    def judge(strategies: list[str], scores: list[float], k: int):
         teacher, _ = load_model(ctx.output("teacher", "model"))
-        layers, why["candidates"] = validated(teacher, sel.candidates, scores, sel.keep, ctx.data, ctx.max_len)
-        return layers, why
-    return select_layers(sel.strategy, scores, sel.keep), why
+        return validated(teacher, strategies, scores, k, ctx.data, ctx.max_len)
 
-
-def stage_truncate(ctx: Context) -> tuple[dict, dict]:
-    from compressor.truncate import truncate_dir
-
-    layers, why = choose_layers(ctx)
-    truncate_dir(ctx.output("teacher", "model"), ctx.path("models/truncated"), layers, why)
-    return {"model": "models/truncated"}, {"layers": layers, **why}
+    choice = choose_layers(
+        int(ctx.records["teacher"].summary["num_layers"]), layers=sel.layers, keep=sel.keep, method=sel.method,
+        strategy=sel.strategy, candidates=sel.candidates, judge=judge,
+        scores=lambda: method_scores(load_importance(ctx.output("importance", "importance")), sel.method))
+    truncate_dir(ctx.output("teacher", "model"), ctx.path("models/truncated"), choice.layers, choice.why)
+    return {"model": "models/truncated"}, {"layers": choice.layers, **choice.why}
 
 
 def stage_prune(ctx: Context) -> tuple[dict, dict]:

@@ -13,6 +13,8 @@ from compressor.errors import CompressorError
 from compressor.evaluate import evaluate_model
 from compressor.importance import load_importance
 from compressor.modeling import decoder_parts, load_model, position_ids, recsys_meta, save_model
+from compressor.pipeline import RunConfig
+from compressor.select import top_k
 from compressor.teacher import build_teacher
 from compressor.truncate import TRUNCATION_FILE, truncate, truncate_dir, validated
 from tests.conftest import tiny_teacher_config
@@ -171,8 +173,9 @@ def test_cli_truncate(tiny_teacher_dir, tmp_path):
     assert main(["truncate", str(tiny_teacher_dir), "--out", str(tmp_path / "c"), "--keep", "1",
                  "--method", "block_influence", "--samples", "8"]) == 0
     record = json.loads((tmp_path / "c" / TRUNCATION_FILE).read_text())
-    assert record["importance"] == "computed" and record["strategy"] == "strategic"
-    assert len(record["teacher_layers"]) == 1
+    # the default strategy is the pipeline's (one source: compressor.select.DEFAULT_STRATEGY)
+    assert record["importance"] == "computed" and record["strategy"] == RunConfig().selection.strategy == "top_k"
+    assert record["teacher_layers"] == top_k(record["scores"], 1)
 
 
 def test_validated_keeps_the_proposal_best_on_validation(tiny_teacher_dir, tiny_data):
