@@ -119,15 +119,14 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def cmd_prune(args: argparse.Namespace) -> None:
     from compressor.config import load_config
-    from compressor.prune import REPORT_FILE, PruneConfig, prune_dir
+    from compressor.prune import PruneConfig, prune_dir
 
     flags = {"heads": args.heads, "mlp": args.mlp, "sparsity": args.sparsity, "scorer": args.scorer}
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + _overrides(args)
     cfg = load_config(PruneConfig, args.config, overrides)
     if not (cfg.structured or cfg.sparsity > 0):
         raise CompressorError("nothing to prune: give --heads, --mlp or --sparsity above 0")
-    out = prune_dir(args.model_dir, args.out, cfg, args.data)
-    report = json.loads((out / REPORT_FILE).read_text())
+    out, report = prune_dir(args.model_dir, args.out, cfg, args.data)
     s = report.get("structured", {})
     log.info(f"pruned model saved to {out}: {report['params_before']:,} -> {report['params_after']:,} parameters"
           + (f", heads {s['heads']['before']} -> {s['heads']['after']}" if "heads" in s else "")
@@ -150,7 +149,7 @@ def _fraction(flag: str, text: str | None) -> float | None:
 
 def cmd_lowrank(args: argparse.Namespace) -> None:
     from compressor.config import load_config
-    from compressor.lowrank import REPORT_FILE, LowRankConfig, lowrank_dir
+    from compressor.lowrank import LowRankConfig, lowrank_dir
 
     ratio, energy = _fraction("--ratio", args.ratio), _fraction("--energy", args.energy)
     if (ratio is None) == (energy is None):
@@ -158,8 +157,7 @@ def cmd_lowrank(args: argparse.Namespace) -> None:
     flags = {"ratio": ratio, "energy": energy, "scorer": args.scorer, "scope": args.scope}
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + _overrides(args)
     cfg = load_config(LowRankConfig, args.config, overrides)
-    out = lowrank_dir(args.model_dir, args.out, cfg, args.data)
-    r = json.loads((out / REPORT_FILE).read_text())
+    out, r = lowrank_dir(args.model_dir, args.out, cfg, args.data)
     log.info(f"factorized model saved to {out}: {r['params_before']:,} -> {r['params_after']:,} parameters "
           f"({r['factorized']} matrices factorized, {r['kept_dense']} kept dense; the factorized matrices keep "
           f"{r['effective_ratio']:.1%} of their parameters; {cfg.scorer} scorer)")

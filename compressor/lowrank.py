@@ -294,9 +294,10 @@ def load_factorized(directory: str | Path, config, attn: str = "sdpa") -> PreTra
 
 
 def lowrank_dir(model_dir: str | Path, out_dir: str | Path, cfg: LowRankConfig,
-                data: RecData | str | Path | None = None, progress: bool = True) -> Path:
+                data: RecData | str | Path | None = None, progress: bool = True) -> tuple[Path, dict]:
     """Load a model directory, factorize it, save a new one (item vocabulary, recsys metadata with
-    the ranks, and `lowrank_report.json`). `data` (name, path or RecData) is read for Fisher only."""
+    the ranks, and `lowrank_report.json`); returns its path and that report. `data` (name, path or
+    RecData) is read for Fisher only."""
     from compressor.modeling import load_model
 
     model, vocab = load_model(model_dir)
@@ -305,4 +306,4 @@ def lowrank_dir(model_dir: str | Path, out_dir: str | Path, cfg: LowRankConfig,
         data = prepare(data, vocab=vocab)
     model, report = factorize(model, data if isinstance(data, RecData) else None, cfg, max_len, progress)
     report["source"] = str(model_dir)
-    return save_model(model.cpu(), vocab, out_dir, {REPORT_FILE: report})
+    return save_model(model.cpu(), vocab, out_dir, {REPORT_FILE: report}), report

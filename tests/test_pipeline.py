@@ -123,3 +123,36 @@ def test_default_config_shows_every_field():
     shown = yaml.safe_load((SMOKE.parent / "default.yaml").read_text())
     assert keys(RunConfig().model_dump(mode="json")) == keys(shown)
     load_config(RunConfig, SMOKE.parent / "default.yaml", [])  # and it is valid as written
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module `path` imports, at the top or inside a function (`from a import b` gives a.b
+    when a/b.py exists, else a)."""
+    import ast
+
+    root = Path(__file__).resolve().parent.parent
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            for a in node.names:
+                sub = f"{node.module}.{a.name}"
+                found.add(sub if (root / (sub.replace(".", "/") + ".py")).exists() else node.module)
+    return found
+
+
+def test_the_pipeline_package_imports_one_way():
+    """config <- context <- stages <- __init__: no module imports one above it, so no circle."""
+    package = Path(__file__).resolve().parent.parent / "compressor" / "pipeline"
+    above = {"config": {"compressor.pipeline", "compressor.pipeline.context", "compressor.pipeline.stages"},
+             "context": {"compressor.pipeline", "compressor.pipeline.stages"},
+             "stages": {"compressor.pipeline"}}
+    assert {p.stem for p in package.glob("*.py")} == {"__init__", *above}
+    for name, forbidden in above.items():
+        bad = _imports(package / f"{name}.py") & forbidden
+        assert not bad, f"compressor/pipeline/{name}.py imports {sorted(bad)}"
+    # nothing below the pipeline imports it (the report reads stage records, not the pipeline)
+    for path in (package.parent).rglob("*.py"):
+        if package not in path.parents and path.name != "cli.py":
+            assert not any(m.startswith("compressor.pipeline") for m in _imports(path)), path

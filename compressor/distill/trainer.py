@@ -128,7 +128,9 @@ def _resume_log(path: Path, step: int) -> None:
 
 
 def _config_diff(saved: dict, cfg: DistillConfig) -> list[str]:
-    now = cfg.model_dump(mode="json")
+    # The fields that define distillation: a pipeline's section (DistillConfig plus `enabled`) compares
+    # with a checkpoint `compressor distill` wrote, and the other way round.
+    now = cfg.model_dump(mode="json", include=set(DistillConfig.model_fields))
     diff = [k for k in now if k != "train" and k not in CHECKPOINT_FIELDS and now[k] != saved.get(k)]
     diff += [f"train.{k}" for k in now["train"] if k != "max_minutes" and now["train"][k] != saved["train"].get(k)]
     return diff

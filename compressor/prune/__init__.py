@@ -151,17 +151,17 @@ def _structured(model: PreTrainedModel, probe: ProbeSet | None, cfg: PruneConfig
 
 
 def prune_dir(model_dir: str | Path, out_dir: str | Path, cfg: PruneConfig,
-              data: RecData | str | Path | None = None, progress: bool = True) -> Path:
+              data: RecData | str | Path | None = None, progress: bool = True) -> tuple[Path, dict]:
     """Load a model directory, prune it, and save a new one (item vocabulary, recsys metadata
-    and `prune_report.json` beside the checkpoint). `data` may be a name or path; it is read
-    only when the config needs Fisher scores."""
+    and `prune_report.json` beside the checkpoint); returns its path and that report. `data` may
+    be a name or path; it is read only when the config needs Fisher scores."""
     model, vocab = load_model(model_dir)
     max_len = model_max_len(model)
     if cfg.needs_data() and data is not None and not isinstance(data, RecData):
         data = prepare(data, vocab=vocab)
     pruned, report = prune_model(model, data if isinstance(data, RecData) else None, cfg, max_len, progress)
     report["source"] = str(model_dir)
-    return save_model(pruned.cpu(), vocab, out_dir, {REPORT_FILE: report})
+    return save_model(pruned.cpu(), vocab, out_dir, {REPORT_FILE: report}), report
 
 
 __all__ = [
