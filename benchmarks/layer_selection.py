@@ -81,7 +81,7 @@ def fisher_sweep(model, data, max_len: int, base: ImportanceConfig, ablation_sco
             for bias in (False, True):
                 cfg = base.model_copy(update={"methods": ["fisher"], "samples": samples, "keep": [],
                                               "fisher": base.fisher.model_copy(update={"batch_size": bs,
-                                                                                       "depth_bias": bias})})
+                                                                                       "use_depth_bias": bias})})
                 s = run_importance(model, data, cfg, max_len, progress=False).methods["fisher"]
                 rows.append({"samples": s.samples, "batch_size": bs, "depth_bias": bias, "seconds": s.seconds,
                              "spearman_vs_ablation": spearman(s.scores, ablation_scores)})

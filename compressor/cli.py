@@ -388,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, help="validation users the estimators read (default 512)")
     p.add_argument("--keep", help="layer budgets to record selections for, e.g. 4 or 2,4 (default 25%% of depth)")
     p.add_argument("--out", required=True, help="directory for importance.json and the plots")
-    config_args(p, "ImportanceConfig", "fisher.depth_bias=true")
+    config_args(p, "ImportanceConfig", "fisher.use_depth_bias=true")
     p.set_defaults(func=cmd_analyze)
 
     p = command("truncate", help="a student checkpoint keeping chosen teacher layers")
