@@ -291,7 +291,6 @@ LOSSES: dict[str, DistillLoss] = {
     "pkd": PKD(),
     "tinybert": TinyBERT(),
 }
-DISTILL_METHODS = tuple(LOSSES)
 
 
 def get_loss(name: str) -> DistillLoss:

@@ -40,9 +40,6 @@ from compressor.prune.unstructured import SCOPES, measure_sparsity, prunable_wei
 
 REPORT_FILE = "prune_report.json"
 
-# The pruning kinds a config can ask for, each with the field that sets its ratio.
-PRUNE_KINDS = {"heads": "attention heads", "mlp": "MLP intermediate channels", "sparsity": "single weights (unstructured)"}
-
 
 class PruneConfig(BaseModel):
     """What to prune and how to score it. Ratios are fractions removed, in [0, 1)."""
@@ -165,6 +162,6 @@ def prune_dir(model_dir: str | Path, out_dir: str | Path, cfg: PruneConfig,
 
 
 __all__ = [
-    "ADAPTERS", "PRUNE_KINDS", "PRUNE_SCORERS", "SCOPES", "WEIGHT_CRITERIA", "PruneConfig", "find_adapter",
+    "ADAPTERS", "PRUNE_SCORERS", "SCOPES", "WEIGHT_CRITERIA", "PruneConfig", "find_adapter",
     "measure_sparsity", "prune_dir", "prune_model",
 ]
