@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from compressor.atomic import atomic_path, atomic_write
+
 
 def machine_info() -> dict:
     """What the numbers were measured on: every absolute time is only meaningful with this."""
@@ -31,19 +33,6 @@ def machine_info() -> dict:
     }
 
 
-def write_atomic(path: str | Path, data: str | bytes) -> Path:
-    """Write via a temporary sibling and rename, so a crash never leaves a half-written report."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    if isinstance(data, bytes):
-        tmp.write_bytes(data)
-    else:
-        tmp.write_text(data)
-    tmp.replace(path)
-    return path
-
-
 def _jsonable(obj):
     if isinstance(obj, np.generic):
         return obj.item()
@@ -55,20 +44,19 @@ def _jsonable(obj):
 
 
 def write_json(path: str | Path, payload: dict) -> Path:
-    return write_atomic(path, json.dumps(payload, indent=2, default=_jsonable) + "\n")
+    return atomic_write(path, json.dumps(payload, indent=2, default=_jsonable) + "\n")
 
 
 def save_figure(fig, path: str | Path) -> Path:
     """Save a matplotlib figure atomically as PNG and close it."""
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return Path(path)
 
 
 def md_table(headers: list[str], rows: list[list]) -> str:

@@ -20,7 +20,7 @@ import torch
 
 from compressor.data import prepare
 from compressor.fisher import ProbeSet, last_item_loss, layer_traces
-from compressor.modeling import decoder_parts, load_model, recsys_meta
+from compressor.modeling import decoder_parts, load_model, model_max_len
 
 
 def loop_traces(model, probe: ProbeSet) -> list[float]:
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     model, vocab = load_model(args.model)
     data = prepare(args.data, vocab=vocab)
-    probe = ProbeSet.from_data(data, recsys_meta(model).get("max_len", 50), args.samples, seed=0)
+    probe = ProbeSet.from_data(data, model_max_len(model), args.samples, seed=0)
     t0 = time.perf_counter()
     reference = loop_traces(model, probe)
     rows = [{"method": "loop (batch size 1)", "seconds_per_sample": (time.perf_counter() - t0) / len(probe),

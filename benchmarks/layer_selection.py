@@ -33,9 +33,9 @@ from benchmarks.common import (
     md_table,
     run_guarded,
     save_figure,
-    write_atomic,
     write_json,
 )
+from compressor.atomic import atomic_write
 from compressor.data import prepare, training_windows, window_batches
 from compressor.evaluate import evaluate_model, paired_bootstrap
 from compressor.importance import (
@@ -45,7 +45,7 @@ from compressor.importance import (
     run_importance,
     write_importance,
 )
-from compressor.modeling import load_model, recsys_meta
+from compressor.modeling import load_model, model_max_len
 from compressor.select import SELECTION, validate_keep
 from compressor.teacher import SUMMARY_FILE, next_item_loss
 from compressor.training import make_optimizer
@@ -81,7 +81,7 @@ def fisher_sweep(model, data, max_len: int, base: ImportanceConfig, ablation_sco
             for bias in (False, True):
                 cfg = base.model_copy(update={"methods": ["fisher"], "samples": samples, "keep": [],
                                               "fisher": base.fisher.model_copy(update={"batch_size": bs,
-                                                                                       "depth_bias": bias})})
+                                                                                       "use_depth_bias": bias})})
                 s = run_importance(model, data, cfg, max_len, progress=False).methods["fisher"]
                 rows.append({"samples": s.samples, "batch_size": bs, "depth_bias": bias, "seconds": s.seconds,
                              "spearman_vs_ablation": spearman(s.scores, ablation_scores)})
@@ -102,7 +102,7 @@ def run(teacher: str | Path, data, out: str | Path, keep: int | None = None, met
     info = machine_info()
     model, vocab = load_model(teacher)
     data = prepare(data, fmt, vocab=vocab)
-    max_len = recsys_meta(model).get("max_len", 50)
+    max_len = model_max_len(model)
     L = model.config.num_hidden_layers
     k = validate_keep(keep if keep is not None else max(1, round(L / 4)), L)
     methods = [check_method(m) for m in methods] if methods else list(IMPORTANCE)
@@ -171,7 +171,7 @@ def run(teacher: str | Path, data, out: str | Path, keep: int | None = None, met
         "config": cfg.model_dump(mode="json"),
     }
     write_json(out / "layer_selection.json", payload)
-    write_atomic(out / "layer_selection.md", markdown(payload))
+    atomic_write(out / "layer_selection.md", markdown(payload))
     plot(payload, out / "layer_selection.png")
     return payload
 

@@ -40,7 +40,7 @@ import requests
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm import tqdm
 
-from benchmarks.common import machine_info, save_figure, write_atomic, write_json
+from benchmarks.common import machine_info, save_figure, write_json
 from benchmarks.load_report import compare, level_stats, plot_levels, report_md
 from benchmarks.make_payloads import (
     build_payloads,
@@ -58,6 +58,7 @@ from benchmarks.processes import (
     wait_ready,
 )
 from compressor.artifact import load_manifest
+from compressor.atomic import atomic_write
 from compressor.errors import CompressorError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -278,7 +279,7 @@ def run(cfg: LoadTestConfig, out: str | Path) -> dict:
                "services": services, "comparison": compare(services["teacher"], services["student"])}
     write_json(out / "load_test.json", payload)
     save_figure(plot_levels(services), out / "load_test.png")
-    write_atomic(out / "load_test.md", report_md(payload))
+    atomic_write(out / "load_test.md", report_md(payload))
     return payload
 
 
@@ -330,7 +331,7 @@ def run_overload(cfg: LoadTestConfig, artifact: Path, limits: list[int], out: Pa
                "honor_retry_after": os.environ.get("RECSYS_HONOR_RETRY_AFTER", "1").lower() in ("1", "true", "yes"),
                "machine": machine_info(), "load_average_1m_end": round(os.getloadavg()[0], 2), "runs": rows}
     write_json(out / "overload.json", payload)
-    write_atomic(out / "overload.md", overload_md(payload))
+    atomic_write(out / "overload.md", overload_md(payload))
     return payload
 
 

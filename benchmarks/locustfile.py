@@ -43,7 +43,6 @@ Locust monkey-patches the process with gevent on import: run it as its own proce
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import random
@@ -55,6 +54,7 @@ import numpy as np
 from locust import FastHttpUser, events, task
 
 from benchmarks.make_payloads import load_payloads
+from compressor.atomic import atomic_path, atomic_write_json
 from compressor.errors import CompressorError
 
 DEFAULT_PAYLOADS = Path(__file__).with_name("payloads") / "ml-latest-small.json"
@@ -169,10 +169,9 @@ def _record(request_type, name, response_time, response_length, exception=None, 
 def _save_records(exit_code: int, **kwargs) -> None:
     if _latency_file:
         path = Path(_latency_file)
-        tmp = path.with_name(path.name + ".tmp.npy")
-        np.save(tmp, np.asarray(_records, dtype=np.float64).reshape(-1, 4))
-        os.replace(tmp, path)
-        path.with_suffix(".errors.json").write_text(json.dumps(dict(_errors.most_common(50)), indent=1))
+        with atomic_path(path) as tmp:
+            np.save(tmp, np.asarray(_records, dtype=np.float64).reshape(-1, 4))
+        atomic_write_json(path.with_suffix(".errors.json"), dict(_errors.most_common(50)), indent=1)
 
 
 class RecommendUser(FastHttpUser):

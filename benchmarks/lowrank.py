@@ -35,10 +35,10 @@ from benchmarks.common import (
     open_unit_ratios,
     run_guarded,
     save_figure,
-    write_atomic,
     write_json,
 )
 from benchmarks.pruning import PruningBenchConfig, _onnx_scorer, _recover
+from compressor.atomic import atomic_write
 
 CELLS = "cells"
 
@@ -82,7 +82,7 @@ def run(cfg: LowRankBenchConfig, model_dir: str | Path, data_name: str, out: str
     from compressor.evaluate import evaluate_scorer, paired_bootstrap
     from compressor.export import export_onnx, item_embeddings
     from compressor.lowrank import LowRankConfig, factorize
-    from compressor.modeling import count_parameters, load_model, recsys_meta, save_model
+    from compressor.modeling import count_parameters, load_model, model_max_len, save_model
     from compressor.quantize import compare_onnx, quantize_onnx
     from compressor.speed import compare_latency
 
@@ -93,7 +93,7 @@ def run(cfg: LowRankBenchConfig, model_dir: str | Path, data_name: str, out: str
     machine = machine_info()
     teacher, vocab = load_model(model_dir)
     data = prepare(data_name, vocab=vocab)
-    max_len = recsys_meta(teacher).get("max_len", 50)
+    max_len = model_max_len(teacher)
     test = data.split("test")
     test = test.subset(cfg.users, cfg.seed) if cfg.users else test
     key = {"model": str(Path(model_dir).resolve()), "data": data_name, "users": cfg.users, "seed": cfg.seed,
@@ -194,7 +194,7 @@ def run(cfg: LowRankBenchConfig, model_dir: str | Path, data_name: str, out: str
     payload = {"config": cfg.model_dump(), "model": str(model_dir), "data": data_name, "max_len": max_len,
                "test_users": len(test), "machine": machine, "work": str(work), "rows": rows}
     write_json(out / "lowrank.json", payload)
-    write_atomic(out / "lowrank.md", _markdown(payload))
+    atomic_write(out / "lowrank.md", _markdown(payload))
     _plot(rows, out / "lowrank.png")
     return payload
 

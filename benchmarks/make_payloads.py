@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import write_atomic
+from compressor.atomic import atomic_write
 from compressor.errors import ArtifactError, CompressorError
 
 FORMAT = "recsys-locust-payloads/1"
@@ -74,7 +74,7 @@ def save_payloads(payload: dict, path: str | Path) -> Path:
     head = {k: v for k, v in payload.items() if k != "histories"}
     body = json.dumps(head)[:-1] + ', "histories": [\n'
     body += ",\n".join(json.dumps(h) for h in payload["histories"]) + "\n]}\n"
-    return write_atomic(path, body)
+    return atomic_write(path, body)
 
 
 def load_payloads(path: str | Path) -> dict:

@@ -37,9 +37,9 @@ from benchmarks.common import (
     open_unit_ratios,
     run_guarded,
     save_figure,
-    write_atomic,
     write_json,
 )
+from compressor.atomic import atomic_write
 from compressor.errors import CompressorError
 
 
@@ -129,7 +129,7 @@ def run(cfg: PruningBenchConfig, model_dir: str | Path, data_name: str | Path, o
     from compressor.data import prepare
     from compressor.evaluate import evaluate_scorer, paired_bootstrap
     from compressor.export import export_onnx, item_embeddings
-    from compressor.modeling import count_parameters, load_model, recsys_meta, save_model
+    from compressor.modeling import count_parameters, load_model, model_max_len, save_model
     from compressor.prune import PruneConfig, prune_model
     from compressor.quantize import compare_onnx, quantize_onnx
     from compressor.speed import compare_latency
@@ -142,7 +142,7 @@ def run(cfg: PruningBenchConfig, model_dir: str | Path, data_name: str | Path, o
     machine = machine_info()
     teacher, vocab = load_model(model_dir)
     data = prepare(data_name, vocab=vocab)
-    max_len = recsys_meta(teacher).get("max_len", 50)
+    max_len = model_max_len(teacher)
     test = data.split("test")
     test = test.subset(cfg.users, cfg.seed) if cfg.users else test
     emb = item_embeddings(teacher)[0]
@@ -250,7 +250,7 @@ def run(cfg: PruningBenchConfig, model_dir: str | Path, data_name: str | Path, o
                "test_users": len(test), "machine": machine, "work": str(work), "report_only": report_only,
                "rows": rows}
     write_json(out / "pruning.json", payload)
-    write_atomic(out / "pruning.md", _markdown(payload))
+    atomic_write(out / "pruning.md", _markdown(payload))
     _plot(rows, out / "pruning.png")
     return payload
 

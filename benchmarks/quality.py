@@ -54,7 +54,7 @@ from compressor.distill.trainer import batch_tensors, teacher_fisher
 from compressor.errors import CompressorError
 from compressor.evaluate import evaluate_model, paired_bootstrap
 from compressor.fisher import normalise
-from compressor.modeling import load_model, recsys_meta, set_recsys_meta
+from compressor.modeling import load_model, model_max_len, set_recsys_meta
 from compressor.select import DEFAULT_STRATEGY, parse_layers, select_layers
 from compressor.truncate import truncate
 
@@ -325,7 +325,7 @@ def run(args) -> dict:
     teacher, vocab = load_model(args.teacher)
     data = prepare(args.data, args.format, vocab=vocab)
     L = teacher.config.num_hidden_layers
-    max_len = recsys_meta(teacher).get("max_len", 50)
+    max_len = model_max_len(teacher)
     for k in depths:
         if not 1 <= k < L:
             raise CompressorError(f"depth {k}: a student of a {L}-layer teacher keeps 1..{L - 1} layers")

@@ -32,8 +32,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from benchmarks.catalogues import Catalogue, genre_queries, load_real, synthetic_catalogue
-from benchmarks.common import machine_info, run_guarded, save_figure, write_atomic, write_json
+from benchmarks.common import machine_info, run_guarded, save_figure, write_json
 from benchmarks.retrieval_report import plot_results, recommend, recommendation_md, report_md
+from compressor.atomic import atomic_write
 from compressor.errors import CompressorError
 
 
@@ -257,7 +258,7 @@ def run(cfg: RetrievalBenchConfig, out: str | Path) -> dict:
     out = Path(out)
     write_json(out / "retrieval.json", payload)
     save_figure(plot_results(rows, cfg.recall_target), out / "retrieval.png")
-    write_atomic(out / "retrieval.md", report_md(payload))
+    atomic_write(out / "retrieval.md", report_md(payload))
     return payload
 
 

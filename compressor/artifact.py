@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from compressor.atomic import atomic_write_json
 from compressor.errors import ArtifactError
 
 FORMAT_VERSION = 1
@@ -62,9 +63,8 @@ def describe_files(directory: Path) -> dict:
 
 
 def write_json(path: Path, payload) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=str))
-    tmp.replace(path)
+    """The artifact's JSON files: indent 1 keeps the large ones (items, user histories) small."""
+    atomic_write_json(path, payload, indent=1)
 
 
 def write_manifest(directory: Path, fields: dict) -> dict:

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from compressor import __version__
+from compressor.atomic import atomic_write
 from compressor.errors import CompressorError
 
 log = logging.getLogger("compressor")
@@ -46,11 +47,7 @@ class _Parser(argparse.ArgumentParser):
 def _write_json(payload: dict, path: str | None) -> None:
     text = json.dumps(payload, indent=2)
     if path:
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_suffix(p.suffix + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(p)
+        atomic_write(path, text)
     print(text)
 
 
@@ -83,13 +80,13 @@ def _evaluated(spec: str, data, split: str, loaded=None):
         result, info = evaluate_baseline(spec, data, split)
         return result, ({"fit": info} if info else {})
     from compressor.evaluate import evaluate_model
-    from compressor.modeling import load_model, recsys_meta
+    from compressor.modeling import load_model, model_max_len
 
     model, vocab = loaded or load_model(spec)
     if not vocab.same_as(data.vocab):
         raise CompressorError(f"{spec}: its item vocabulary differs from the one evaluated against "
                               f"({vocab.num_items} vs {data.vocab.num_items} items)")
-    return evaluate_model(model, data.split(split), recsys_meta(model).get("max_len", 50), progress=True), {}
+    return evaluate_model(model, data.split(split), model_max_len(model), progress=True), {}
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -122,15 +119,14 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def cmd_prune(args: argparse.Namespace) -> None:
     from compressor.config import load_config
-    from compressor.prune import REPORT_FILE, PruneConfig, prune_dir
+    from compressor.prune import PruneConfig, prune_dir
 
     flags = {"heads": args.heads, "mlp": args.mlp, "sparsity": args.sparsity, "scorer": args.scorer}
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + _overrides(args)
     cfg = load_config(PruneConfig, args.config, overrides)
     if not (cfg.structured or cfg.sparsity > 0):
         raise CompressorError("nothing to prune: give --heads, --mlp or --sparsity above 0")
-    out = prune_dir(args.model_dir, args.out, cfg, args.data)
-    report = json.loads((out / REPORT_FILE).read_text())
+    out, report = prune_dir(args.model_dir, args.out, cfg, args.data)
     s = report.get("structured", {})
     log.info(f"pruned model saved to {out}: {report['params_before']:,} -> {report['params_after']:,} parameters"
           + (f", heads {s['heads']['before']} -> {s['heads']['after']}" if "heads" in s else "")
@@ -153,7 +149,7 @@ def _fraction(flag: str, text: str | None) -> float | None:
 
 def cmd_lowrank(args: argparse.Namespace) -> None:
     from compressor.config import load_config
-    from compressor.lowrank import REPORT_FILE, LowRankConfig, lowrank_dir
+    from compressor.lowrank import LowRankConfig, lowrank_dir
 
     ratio, energy = _fraction("--ratio", args.ratio), _fraction("--energy", args.energy)
     if (ratio is None) == (energy is None):
@@ -161,8 +157,7 @@ def cmd_lowrank(args: argparse.Namespace) -> None:
     flags = {"ratio": ratio, "energy": energy, "scorer": args.scorer, "scope": args.scope}
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + _overrides(args)
     cfg = load_config(LowRankConfig, args.config, overrides)
-    out = lowrank_dir(args.model_dir, args.out, cfg, args.data)
-    r = json.loads((out / REPORT_FILE).read_text())
+    out, r = lowrank_dir(args.model_dir, args.out, cfg, args.data)
     log.info(f"factorized model saved to {out}: {r['params_before']:,} -> {r['params_after']:,} parameters "
           f"({r['factorized']} matrices factorized, {r['kept_dense']} kept dense; the factorized matrices keep "
           f"{r['effective_ratio']:.1%} of their parameters; {cfg.scorer} scorer)")
@@ -207,7 +202,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     from compressor.config import load_config
     from compressor.data import prepare
     from compressor.importance import ImportanceConfig, run_importance, write_importance
-    from compressor.modeling import load_model, recsys_meta
+    from compressor.modeling import load_model, model_max_len
 
     flags = [f"methods=[{args.methods}]"] if args.methods else []
     flags += [f"samples={args.samples}"] if args.samples is not None else []
@@ -215,7 +210,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     cfg = load_config(ImportanceConfig, args.config, flags + _overrides(args))
     model, vocab = load_model(args.teacher_dir)
     data = prepare(args.data, args.format, vocab=vocab)
-    result = run_importance(model, data, cfg, recsys_meta(model).get("max_len", 50))
+    result = run_importance(model, data, cfg, model_max_len(model))
     path = write_importance(result, args.out)
     for name, s in result.methods.items():
         rho = result.spearman.get(name)
@@ -226,62 +221,53 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 
 def cmd_truncate(args: argparse.Namespace) -> None:
     from compressor.importance import DEFAULT_METHOD, check_method, load_importance, method_scores
-    from compressor.modeling import load_model_config, recsys_meta
-    from compressor.select import (
-        DEFAULT_STRATEGY,
-        SELECTION,
-        VALIDATED,
-        parse_layers,
-        select_layers,
-        validate_keep,
-        validate_layers,
-    )
+    from compressor.modeling import load_model_config, model_max_len
+    from compressor.select import DEFAULT_STRATEGY, choose_layers, parse_layers
     from compressor.truncate import truncate_dir
 
     if (args.layers is None) == (args.keep is None):
         raise CompressorError("give either --layers 0,5,10 or --keep K (with --method/--strategy)")
+    if args.layers is not None and (args.method or args.strategy or args.importance):
+        raise CompressorError("--method/--strategy/--importance go with --keep, not --layers")
     L = load_model_config(args.teacher_dir).num_hidden_layers  # GPT-2's n_layer too
-    if args.layers is not None:
-        if args.method or args.strategy or args.importance:
-            raise CompressorError("--method/--strategy/--importance go with --keep, not --layers")
-        layers, info = validate_layers(parse_layers(args.layers), L), {"chosen_by": "explicit list"}
-    else:
-        method, strategy = check_method(args.method or DEFAULT_METHOD), args.strategy or DEFAULT_STRATEGY
-        if strategy != VALIDATED:
-            select_layers(strategy, [0.0] * L, 1)  # unknown strategy fails here, before any work
-        validate_keep(args.keep, L)
-        @functools.cache
-        def teacher_and_data():  # read once, only if importance or validation needs them
-            from compressor.data import prepare
-            from compressor.modeling import load_model
+    method = check_method(args.method or DEFAULT_METHOD)
+    source: dict = {}  # where the scores came from, recorded beside the choice
 
-            model, vocab = load_model(args.teacher_dir)
-            return model, prepare(args.data, args.format, vocab=vocab)
+    @functools.cache
+    def teacher_and_data():  # read once, only if importance or validation needs them
+        from compressor.data import prepare
+        from compressor.modeling import load_model
 
+        model, vocab = load_model(args.teacher_dir)
+        return model, prepare(args.data, args.format, vocab=vocab)
+
+    def scores() -> list[float]:
         if args.importance:
             doc = load_importance(args.importance)
             if doc["num_layers"] != L:
                 raise CompressorError(f"{args.importance} scores {doc['num_layers']} layers, the teacher has {L}")
-            scores, source = method_scores(doc, method), str(args.importance)
+            found, source["importance"] = method_scores(doc, method), str(args.importance)
         else:
             from compressor.importance import ImportanceConfig, estimate
 
             model, data = teacher_and_data()
             cfg = ImportanceConfig(**({"samples": args.samples} if args.samples else {}))
-            scores, source = estimate(model, data, method, recsys_meta(model).get("max_len", 50), cfg).scores, "computed"
-        info = {"chosen_by": f"{strategy} over {method} importance", "method": method, "strategy": strategy,
-                "importance": source, "scores": scores}
-        if strategy == VALIDATED:
-            from compressor.truncate import validated
+            found, source["importance"] = estimate(model, data, method, model_max_len(model), cfg).scores, "computed"
+        source["scores"] = found
+        return found
 
-            model, data = teacher_and_data()
-            layers, info["candidates"] = validated(model, list(SELECTION), scores, args.keep, data, recsys_meta(model).get("max_len", 50))
-            for row in info["candidates"]:
-                log.info(f"  {row['layers']} ({', '.join(row['strategies'])}): validation NDCG@10 {row['valid_ndcg@10']:.4f}")
-        else:
-            layers = select_layers(strategy, scores, args.keep)
-    out = truncate_dir(args.teacher_dir, args.out, layers, info)
-    log.info(f"student keeping teacher layers {layers} of {L} saved to {out}")
+    def judge(strategies: list[str], found: list[float], k: int):
+        from compressor.truncate import validated
+
+        model, data = teacher_and_data()
+        return validated(model, strategies, found, k, data, model_max_len(model))
+
+    choice = choose_layers(L, layers=None if args.layers is None else parse_layers(args.layers), keep=args.keep,
+                           method=method, strategy=args.strategy or DEFAULT_STRATEGY, scores=scores, judge=judge)
+    for row in choice.why.get("candidates", []):
+        log.info(f"  {row['layers']} ({', '.join(row['strategies'])}): validation NDCG@10 {row['valid_ndcg@10']:.4f}")
+    out = truncate_dir(args.teacher_dir, args.out, choice.layers, {**choice.why, **source})
+    log.info(f"student keeping teacher layers {choice.layers} of {L} saved to {out}")
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
@@ -310,6 +296,8 @@ def cmd_distill(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from compressor.select import DEFAULT_STRATEGY, SELECTION  # numpy only: --help stays quick
+
     parser = _Parser(prog="compressor", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
@@ -400,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, help="validation users the estimators read (default 512)")
     p.add_argument("--keep", help="layer budgets to record selections for, e.g. 4 or 2,4 (default 25%% of depth)")
     p.add_argument("--out", required=True, help="directory for importance.json and the plots")
-    config_args(p, "ImportanceConfig", "fisher.depth_bias=true")
+    config_args(p, "ImportanceConfig", "fisher.use_depth_bias=true")
     p.set_defaults(func=cmd_analyze)
 
     p = command("truncate", help="a student checkpoint keeping chosen teacher layers")
@@ -409,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", help="explicit teacher layers, e.g. 0,5,10,15")
     p.add_argument("--keep", type=int, help="number of layers to keep, chosen by --method and --strategy")
     p.add_argument("--method", help="importance method (default fisher)")
-    p.add_argument("--strategy", help="top_k, distributed, strategic (default), hybrid, or validated "
+    p.add_argument("--strategy", help=f"{', '.join(SELECTION)} (default {DEFAULT_STRATEGY}), or validated "
                    "(the best of the others' sets on the validation split of --data)")
     p.add_argument("--importance", help="importance.json from `compressor analyze` (else computed with --data)")
     p.add_argument("--samples", type=int, help="validation users when importance is computed here")

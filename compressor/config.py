@@ -8,6 +8,7 @@ from typing import TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from compressor.atomic import atomic_write
 from compressor.errors import CompressorError
 
 M = TypeVar("M", bound=BaseModel)
@@ -93,7 +94,4 @@ def load_config(model: type[M], path: str | Path | None = None, overrides: list[
 
 
 def dump_config(cfg: BaseModel, path: str | Path) -> None:
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    tmp.replace(path)
+    atomic_write(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

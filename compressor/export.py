@@ -37,6 +37,7 @@ from compressor.modeling import (
     count_parameters,
     decoder_parts,
     load_model,
+    model_max_len,
     recsys_meta,
 )
 from compressor.speed import ort_session
@@ -242,15 +243,6 @@ def _resolve_data(data: RecData | str | Path | None, vocab: ItemVocab) -> RecDat
     return prepare(data if data is not None else "ml-latest-small", vocab=vocab)
 
 
-def _max_len(model: PreTrainedModel) -> int:
-    meta = recsys_meta(model)
-    for value in (meta.get("max_len"), getattr(model.config, "max_position_embeddings", None),
-                  getattr(model.config, "n_positions", None)):
-        if value:
-            return int(value)
-    raise ArtifactError("the model records no max_len (config.recsys.max_len)")
-
-
 def _items_json(data: RecData, vocab: ItemVocab) -> list[dict]:
     meta = data.interactions.items.set_index("item")
     out = []
@@ -302,12 +294,12 @@ def export_artifact(
     t0 = time.perf_counter()
     model, vocab = load_model(model_dir, attn=cfg.attn)
     data = _resolve_data(data, vocab)
-    max_len = _max_len(model)
+    max_len = model_max_len(model)
     meta = recsys_meta(model)
     histories = parity_histories(data, cfg.parity_users, max_len, cfg.seed)
     with art.atomic_directory(out_dir) as tmp:
         export_onnx(model, tmp / art.MODEL_ONNX, max_len, cfg.opset)
-        onnx_meta = stamp_onnx_metadata(tmp / art.MODEL_ONNX, {"data_fingerprint": data.interactions.fingerprint(), "teacher_layers": meta.get("teacher_layers"), "kind": meta.get("kind", "teacher")})
+        onnx_meta = stamp_onnx_metadata(tmp / art.MODEL_ONNX, {"data_fingerprint": data.interactions.fingerprint(), "teacher_layers": meta.teacher_layers, "kind": meta.kind or "teacher"})
         parity = check_parity(tmp / art.MODEL_ONNX, model, histories, max_len, cfg.atol,
                               cfg.min_topk_agreement, cfg.topk, cfg.batch_size, vocab.num_special, cfg.rtol)
         require_parity(parity, f"export of {model_dir}")
@@ -326,10 +318,10 @@ def export_artifact(
         onnx_files = {p.name: p.stat().st_size for p in sorted(tmp.glob("model*.onnx*"))}
         serve = art.QUANTIZED_ONNX[cfg.quantize] if cfg.quantize and cfg.serve_quantized else art.MODEL_ONNX
         manifest = art.write_manifest(tmp, {
-            "kind": meta.get("kind", "teacher"),
+            "kind": meta.kind or "teacher",
             "architecture": model.config.model_type,
             "num_layers": model.config.num_hidden_layers,
-            "teacher_layers": meta.get("teacher_layers"),
+            "teacher_layers": meta.teacher_layers,
             "hidden_size": int(weight.shape[1]),
             "max_len": max_len,
             "vocab_size": vocab.size,
@@ -343,7 +335,7 @@ def export_artifact(
             "parity": parity_all,
             "onnx": onnx_meta,
             "metrics": metrics or {},
-            "recsys": meta,
+            "recsys": meta.to_json(),
             "source_model_dir": str(Path(model_dir).resolve()),
             "data": {"name": data.name, "fingerprint": data.interactions.fingerprint(),
                      "users": len(data.sequences)},

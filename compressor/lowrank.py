@@ -39,8 +39,10 @@ from compressor.data.protocol import RecData, prepare
 from compressor.errors import ArtifactError, CompressorError
 from compressor.fisher import ProbeSet, parameter_fisher
 from compressor.modeling import (
+    RecsysMeta,
     count_parameters,
     decoder_parts,
+    model_max_len,
     pick_device,
     recsys_meta,
     save_model,
@@ -187,7 +189,7 @@ def factorize(model: PreTrainedModel, data: RecData | None, cfg: LowRankConfig, 
     a report (per matrix: shape, rank, parameters, dropped share of σ² and relative error)."""
     if not cfg.enabled:
         raise CompressorError("low-rank factorization needs a ratio or an energy threshold")
-    if recsys_meta(model).get("lowrank"):
+    if recsys_meta(model).lowrank:
         raise CompressorError("this model is factorized already")
     if cfg.scorer == "fisher" and data is None:
         raise CompressorError("Fisher-weighted SVD needs data (--data); or use --scorer svd")
@@ -272,7 +274,7 @@ def load_factorized(directory: str | Path, config, attn: str = "sdpa") -> PreTra
     Every tensor must fit and every parameter must be loaded (tied ones through their twin)."""
     directory = Path(directory)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)
-    restructure(model, config.recsys["lowrank"]["ranks"])
+    restructure(model, RecsysMeta.of(config).lowrank["ranks"])
     state = _read_tensors(directory)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -292,15 +294,16 @@ def load_factorized(directory: str | Path, config, attn: str = "sdpa") -> PreTra
 
 
 def lowrank_dir(model_dir: str | Path, out_dir: str | Path, cfg: LowRankConfig,
-                data: RecData | str | Path | None = None, progress: bool = True) -> Path:
+                data: RecData | str | Path | None = None, progress: bool = True) -> tuple[Path, dict]:
     """Load a model directory, factorize it, save a new one (item vocabulary, recsys metadata with
-    the ranks, and `lowrank_report.json`). `data` (name, path or RecData) is read for Fisher only."""
+    the ranks, and `lowrank_report.json`); returns its path and that report. `data` (name, path or
+    RecData) is read for Fisher only."""
     from compressor.modeling import load_model
 
     model, vocab = load_model(model_dir)
-    max_len = recsys_meta(model).get("max_len", 50)
+    max_len = model_max_len(model)
     if cfg.scorer == "fisher" and data is not None and not isinstance(data, RecData):
         data = prepare(data, vocab=vocab)
     model, report = factorize(model, data if isinstance(data, RecData) else None, cfg, max_len, progress)
     report["source"] = str(model_dir)
-    return save_model(model.cpu(), vocab, out_dir, {REPORT_FILE: report})
+    return save_model(model.cpu(), vocab, out_dir, {REPORT_FILE: report}), report

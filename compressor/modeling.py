@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
@@ -153,10 +154,8 @@ def load_model(directory: str | Path, attn: str = "sdpa") -> tuple[PreTrainedMod
 def _factorized(directory: Path, attn: str) -> PreTrainedModel | None:
     """A low-rank checkpoint (ranks in `config.recsys["lowrank"]`) rebuilt by compressor.lowrank;
     None for every other checkpoint, which stock `from_pretrained` loads."""
-    from transformers import AutoConfig
-
     config = AutoConfig.from_pretrained(directory)
-    if not (getattr(config, "recsys", None) or {}).get("lowrank"):
+    if not RecsysMeta.of(config).lowrank:
         return None
     from compressor.lowrank import load_factorized
 
@@ -195,12 +194,12 @@ def _card(model: PreTrainedModel, vocab: ItemVocab, extra: dict) -> str:
     summaries = [v for v in extra.values() if isinstance(v, dict)]
     metrics = next((s["best_valid"] for s in summaries if isinstance(s.get("best_valid"), dict)), None)
     fingerprint = next((s["data_fingerprint"] for s in summaries if s.get("data_fingerprint")), None)
-    adapted = meta.get("adapted_from")
+    adapted = meta.adapted_from
     return build_card(
-        kind=meta.get("kind", "model"), architecture=model.config.model_type, parameters=count_parameters(model),
+        kind=meta.kind or "model", architecture=model.config.model_type, parameters=count_parameters(model),
         num_layers=model.config.num_hidden_layers, hidden_size=model.config.hidden_size, num_items=vocab.num_items,
-        dataset=meta.get("dataset"), metrics=metrics, metrics_split="valid",
-        base_model=Path(adapted).name if adapted else None, teacher_layers=meta.get("teacher_layers"),
+        dataset=meta.dataset, metrics=metrics, metrics_split="valid",
+        base_model=Path(adapted).name if adapted else None, teacher_layers=meta.teacher_layers,
         data_fingerprint=fingerprint,
     )
 
@@ -231,15 +230,60 @@ class QueryEncoder(nn.Module):
         return last_hidden(self.model, input_ids, attention_mask)
 
 
-def recsys_meta(model: PreTrainedModel) -> dict:
-    """This project's metadata stored in the HF config (`config.recsys`): `max_len`, `kind`
-    (teacher|student), and for students `teacher_layers` (teacher index of each layer)."""
-    meta = getattr(model.config, "recsys", None)
-    return dict(meta) if isinstance(meta, dict) else {}
+class RecsysMeta(BaseModel):
+    """This project's metadata in a checkpoint's `config.json`, under `recsys`. Stock
+    `from_pretrained` keeps it as a plain dict attribute of the config; this is its one reader."""
+
+    # Keys a newer version wrote survive a load and save here; a wrong type is a damaged file.
+    model_config = ConfigDict(extra="allow")
+    max_len: int | None = Field(None, ge=1, description="longest history (items) the model reads; "
+                                "the window it was trained with")
+    kind: str | None = Field(None, description="teacher or student")
+    dataset: str | None = Field(None, description="name of the data the model was trained on")
+    adapted_from: str | None = Field(None, description="the pretrained LLM a teacher was re-vocabularised from")
+    teacher_layers: list[int] | None = Field(None, description="a student's teacher index of each of its layers")
+    teacher_num_layers: int | None = Field(None, description="depth of the teacher a student was cut from")
+    distilled_with: str | None = Field(None, description="distillation method (LOSSES key)")
+    pruning: dict | None = Field(None, description="what compressor.prune removed (ratios, scorer)")
+    lowrank: dict | None = Field(None, description="compressor.lowrank's ranks per module; load_model "
+                                 "rebuilds the factorized layers from them")
+
+    @classmethod
+    def of(cls, config: PretrainedConfig) -> RecsysMeta:
+        raw = getattr(config, "recsys", None)
+        try:
+            return cls.model_validate(raw if isinstance(raw, dict) else {})
+        except ValidationError as e:
+            first = e.errors()[0]
+            raise ArtifactError(f"config.json: recsys.{'.'.join(map(str, first['loc']))}: {first['msg']}") from e
+
+    def to_json(self) -> dict:
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+def recsys_meta(model: PreTrainedModel) -> RecsysMeta:
+    """The model's `config.recsys` metadata (empty for a checkpoint of another tool)."""
+    return RecsysMeta.of(model.config)
 
 
 def set_recsys_meta(model: PreTrainedModel, **fields) -> None:
-    model.config.recsys = {**recsys_meta(model), **fields}
+    """Update fields of the model's metadata (None removes one); unknown names are kept as given."""
+    meta = recsys_meta(model).to_json() | fields
+    model.config.recsys = RecsysMeta.model_validate(meta).to_json()
+
+
+def model_max_len(model: PreTrainedModel | PretrainedConfig) -> int:
+    """The longest history the model reads: `recsys.max_len`, which every model this project trains
+    records; else the size of its position table, which the teacher builder sets to max_len (a
+    model built but never trained). Every stage and command reads the window from here."""
+    config = model if isinstance(model, PretrainedConfig) else model.config
+    recorded = RecsysMeta.of(config).max_len
+    if recorded is not None:
+        return recorded
+    for name in ("max_position_embeddings", "n_positions"):
+        if value := getattr(config, name, None):
+            return int(value)
+    raise ArtifactError("the model records no max_len (config.json: recsys.max_len) and has no position table")
 
 
 def add_hidden_dropout(model: PreTrainedModel, p: float) -> list:

@@ -26,7 +26,6 @@ from compressor.errors import CompressorError
 from compressor.speed import ort_session
 
 OUTPUT_NAME = "hidden"
-IR_VERSION_MAX = 10  # ONNX Runtime 1.31 rejects IR > 13; hand-built graphs may carry 14
 
 
 def _load(src: Path):

@@ -1,7 +1,8 @@
 """The compression report: `report.md`, `report.json` and PNG plots, from the stage results only.
 
-Every figure in it was measured by this run (the stage records and the JSON files the stages
-wrote); nothing is typed in by hand.
+Every figure in it was measured by this run: the stage records (`compressor.pipeline.context.
+StageRecord`: summaries, and the paths of the files each stage wrote, which are read from there,
+never assumed); nothing is typed in by hand.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from compressor.atomic import atomic_write  # noqa: E402
 
 QUALITY_KEYS = ("hr@5", "hr@10", "ndcg@5", "ndcg@10", "mrr", "coverage@10")
 
@@ -47,12 +50,23 @@ def _mb(n: int | None) -> float | None:
     return None if n is None else n / 1e6
 
 
+def _output(run_dir: Path, records: dict, stage: str, key: str) -> Path | None:
+    """The path a finished stage recorded under `key` (None when the stage did not run)."""
+    rec = records.get(stage)
+    return run_dir / rec.outputs[key] if rec is not None and key in rec.outputs else None
+
+
+def _read_output(run_dir: Path, records: dict, stage: str, key: str, file: str | None = None) -> dict:
+    path = _output(run_dir, records, stage, key)
+    return {} if path is None else _read(path / file if file else path)
+
+
 def collect(run_dir: Path, cfg, records: dict) -> dict:
     """Everything the report shows, as one JSON document."""
-    manifests = {a: _read(run_dir / a / "manifest.json") for a in ("teacher", "student")}
-    evaluation = _read(run_dir / "evaluation.json")
+    manifests = {a: _read_output(run_dir, records, "export", a, "manifest.json") for a in ("teacher", "student")}
+    evaluation = _read_output(run_dir, records, "evaluate", "evaluation")
     evaluation.pop("per_user_ndcg@10", None)
-    importance = _read(run_dir / "importance" / "importance.json")
+    importance = _read_output(run_dir, records, "importance", "importance")
     return {
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "config": cfg.model_dump(mode="json"),
@@ -71,7 +85,7 @@ def collect(run_dir: Path, cfg, records: dict) -> dict:
         "lowrank": records["lowrank"].summary if "lowrank" in records else None,
         "distillation": records["distill"].summary,
         "evaluation": evaluation,
-        "speed": _read(run_dir / "speed.json"),
+        "speed": _read_output(run_dir, records, "speed", "speed"),
         "stage_seconds": {n: r.seconds for n, r in records.items()},
         "stages_skipped_this_run": [n for n, r in records.items() if r.skipped],
         "versions": manifests["student"].get("versions", {}),
@@ -242,14 +256,13 @@ def write_report(run_dir: str | Path, cfg, records: dict) -> list[str]:
     files = [plot_quality_vs_size(doc, run_dir / "quality_vs_size.png").name,
              plot_latency_vs_size(doc, run_dir / "latency_vs_size.png").name,
              plot_stage_times(doc, run_dir / "stage_times.png").name]
+    importance = _output(run_dir, records, "importance", "importance")
     for png in ("importance_by_method.png", "selected_layers.png"):
-        src = run_dir / "importance" / png
-        if src.exists():
+        src = importance.parent / png if importance is not None else None
+        if src is not None and src.exists():
             shutil.copyfile(src, run_dir / png)
             files.append(png)
     for name, text in (("report.json", json.dumps(doc, indent=2, default=str)), ("report.md", render_markdown(doc))):
-        tmp = run_dir / f".{name}.tmp"
-        tmp.write_text(text)
-        tmp.replace(run_dir / name)
+        atomic_write(run_dir / name, text)
         files.append(name)
     return files

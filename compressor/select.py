@@ -3,12 +3,14 @@
 Every strategy is `fn(scores, k, **opts) -> sorted list[int]` (higher score = more important) and
 is registered in `SELECTION` under its CLI/YAML name. Ties are broken toward the lower layer
 index, so a selection is deterministic. `parse_layers` / `validate_layers` handle a list of
-layers given by hand.
+layers given by hand; `choose_layers` is the one decision the pipeline and `compressor truncate`
+both call.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -16,9 +18,10 @@ from compressor.errors import CompressorError
 
 Strategy = Callable[..., list[int]]
 
-# The strategy the CLI uses when none is named. `strategic` keeps the input-side and output-side
-# layers and lets the measurement decide the rest (see benchmarks/layer_selection.py).
-DEFAULT_STRATEGY = "strategic"
+# The one default strategy: the pipeline's `selection.strategy`, `compressor truncate --keep` and
+# the quality benchmark. On the default teacher the first layers carry the model and top_k keeps
+# them; `validated` confirmed it there (README, "Choosing a layer set on validation").
+DEFAULT_STRATEGY = "top_k"
 
 
 def _check(scores: Sequence[float], k: int) -> np.ndarray:
@@ -134,6 +137,43 @@ def select_layers(strategy: str, scores: Sequence[float], k: int, **opts) -> lis
     if strategy not in SELECTION:
         raise CompressorError(f"unknown selection strategy {strategy!r}; choose one of {', '.join(SELECTION)}")
     return SELECTION[strategy](scores, k, **opts)
+
+
+# (strategies, scores, k) -> (the best proposal, one row per proposal): compressor.truncate.validated
+# bound to a teacher and data. A callable, so this module stays free of models and data.
+Judge = Callable[[list[str], list[float], int], tuple[list[int], list[dict]]]
+
+
+@dataclass
+class LayerChoice:
+    """The teacher layers a student keeps, and why (what truncation.json and the stage record keep:
+    `chosen_by`, and with scores the `method` and `strategy`, with `validated` the `candidates`)."""
+
+    layers: list[int]
+    why: dict
+
+
+def choose_layers(num_layers: int, *, layers: Sequence[int] | None = None, keep: int | None = None,
+                  method: str = "", strategy: str = DEFAULT_STRATEGY, candidates: Sequence[str] = tuple(SELECTION),
+                  scores: Callable[[], list[float]] | None = None, judge: Judge | None = None) -> LayerChoice:
+    """An explicit `layers` list (checked), else `keep` layers chosen by `strategy` over the
+    importance `scores` of `method`. The strategy and the budget are checked before `scores` is
+    called, since estimating importance can take minutes; `judge` runs the `validated` strategy."""
+    if layers is not None:
+        return LayerChoice(validate_layers(layers, num_layers), {"chosen_by": "explicit list"})
+    if strategy != VALIDATED and strategy not in SELECTION:
+        raise CompressorError(f"unknown selection strategy {strategy!r}; choose one of {', '.join([*SELECTION, VALIDATED])}")
+    if keep is None or scores is None:
+        raise CompressorError("choosing layers needs an explicit list, or a budget and importance scores")
+    validate_keep(keep, num_layers)
+    found = scores()
+    why = {"chosen_by": f"{strategy} over {method} importance", "method": method, "strategy": strategy}
+    if strategy != VALIDATED:
+        return LayerChoice(select_layers(strategy, found, keep), why)
+    if judge is None:
+        raise CompressorError("the validated strategy needs the teacher and the data to judge the proposals")
+    chosen, why["candidates"] = judge(list(candidates), found, keep)
+    return LayerChoice(chosen, why)
 
 
 def parse_layers(text: str) -> list[int]:

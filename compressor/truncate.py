@@ -71,9 +71,8 @@ def truncate(model: PreTrainedModel, layers: list[int]) -> PreTrainedModel:
     student.load_state_dict(state, strict=True)
     student.to(next(model.parameters()).device)
     student.train(model.training)
-    meta = recsys_meta(model)
     set_recsys_meta(student, kind="student", teacher_layers=layers, teacher_num_layers=L,
-                    max_len=meta.get("max_len"))
+                    max_len=recsys_meta(model).max_len)
     return student
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from compressor.data import Interactions, load_interactions, prepare
@@ -51,3 +53,27 @@ def tiny_artifact_dir(tmp_path_factory, tiny_teacher_dir, tiny_data):
     out = tmp_path_factory.mktemp("artifact") / "teacher"
     export_artifact(tiny_teacher_dir, out, tiny_data, ExportConfig())
     return out
+
+
+# --- the whole job on the smoke config (shared by test_pipeline and test_report) --------------
+
+SMOKE = Path(__file__).resolve().parent.parent / "configs" / "smoke.yaml"
+# A smaller slice than the smoke config's full data keeps the suite quick; the code path is the same.
+SMOKE_FAST = ["data.max_users=150", "evaluate.bootstrap_resamples=200"]
+
+
+def smoke_config(*overrides: str):
+    from compressor.config import load_config
+    from compressor.pipeline import RunConfig
+
+    return load_config(RunConfig, SMOKE, [*SMOKE_FAST, *overrides])
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """(run directory, stage records) of one finished smoke run; copy it before changing it."""
+    from compressor.pipeline import run
+
+    run_dir = tmp_path_factory.mktemp("run") / "smoke"
+    records = run(smoke_config(), run_dir, log=lambda m: None)
+    return run_dir, records

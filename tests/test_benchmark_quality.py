@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import pytest
+
 from benchmarks.quality import main, parse_layer_spec
+from compressor.data import prepare
+from compressor.evaluate import evaluate_model
+from compressor.modeling import load_model
+from compressor.truncate import truncate
 from tests.conftest import tiny_interactions
 
 
@@ -26,11 +33,25 @@ def test_quality_benchmark_end_to_end_and_resumable(tiny_teacher_dir, tmp_path, 
     table = doc["aggregate"]["table"]["2"]
     assert set(table) == {"fisher_ld", "truncated", "scratch"}
     assert table["fisher_ld"]["seeds"] == 2 and table["truncated"]["seeds"] == 1
-    assert all(0 <= r["ndcg@10"][0] <= 1 and r["retention"] is not None for r in table.values())
+    # each row is the mean of its cells, and retention is that over the teacher's test NDCG@10
+    cells = [json.loads(p.read_text()) for p in (out / "cells").glob("*.json")]
+    teacher_ndcg = doc["aggregate"]["teacher_test"]["ndcg@10"]
+    for method, row in table.items():
+        mine = [c["test"]["ndcg@10"] for c in cells if c["method"] == method]
+        assert row["ndcg@10"][0] == pytest.approx(np.mean(mine)) and len(mine) == row["seeds"], method
+        assert row["retention"] == pytest.approx(row["ndcg@10"][0] / teacher_ndcg), method
+    # the truncated floor is the untrained [0, 3] student, measured here independently
+    teacher, vocab = load_model(tiny_teacher_dir)
+    test = prepare(data, vocab=vocab).split("test")
+    floor = evaluate_model(truncate(teacher, [0, 3]).eval(), test, 20).metrics["ndcg@10"]
+    assert table["truncated"]["ndcg@10"][0] == pytest.approx(floor, abs=1e-6)
+    assert teacher_ndcg == pytest.approx(evaluate_model(teacher, test, 20).metrics["ndcg@10"], abs=1e-6)
     boot = doc["aggregate"]["bootstrap"]["2"]
     assert set(boot) == {"truncated", "scratch"}
     assert all(b["ci_low"] <= b["mean_diff"] <= b["ci_high"] for b in boot.values())
-    assert doc["overhead"]["ratio"] > 0 and doc["overhead"]["steps"] % doc["config"]["ema_every"] == 0
+    ov = doc["overhead"]
+    assert ov["ratio"] == pytest.approx(ov["fisher_ld_seconds_per_step"] / ov["uniform_ld_seconds_per_step"])
+    assert ov["steps"] == 2 == ov["ema_every"]  # --overhead-steps 2 rounded up to whole EMA periods of 2
     assert (out / "quality.png").stat().st_size > 0 and "fisher_ld minus each method" in (out / "quality.md").read_text()
     assert len(list((out / "cells").glob("*.json"))) == 5  # fisher_ld and scratch x 2 seeds + truncated
     assert not list((out / "runs").glob("*/checkpoint.pt"))  # finished cells drop their checkpoint

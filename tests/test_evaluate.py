@@ -58,13 +58,36 @@ def test_constant_scorer_earns_nothing_and_coverage_counts_distinct_items():
     assert 0 < res["coverage@10"] <= 20 / 29
 
 
-def test_paired_bootstrap_detects_a_real_difference_and_not_noise():
-    rng = np.random.default_rng(0)
-    a = rng.random(600)
-    strong = paired_bootstrap(a + 0.05, a)
-    assert strong["excludes_zero"] and strong["ci_low"] > 0
-    same = paired_bootstrap(a, a[rng.permutation(600)] * 0 + a)
-    assert not same["excludes_zero"]
+def test_paired_bootstrap_of_identical_and_shifted_users_is_exact():
+    a = np.random.default_rng(0).random(600)
+    same = paired_bootstrap(a, a.copy())
+    assert (same["mean_diff"], same["ci_low"], same["ci_high"], same["excludes_zero"]) == (0.0, 0.0, 0.0, False)
+    shifted = paired_bootstrap(a + 0.05, a)  # every user gains 0.05: every resample's mean is 0.05
+    assert shifted["mean_diff"] == pytest.approx(0.05) and shifted["excludes_zero"]
+    assert shifted["ci_low"] == pytest.approx(0.05) and shifted["ci_high"] == pytest.approx(0.05)
+
+
+def test_paired_bootstrap_interval_has_the_width_of_the_normal_theory():
+    """Differences ~ N(0, 1) over 900 users: the 95% interval is about ±1.96/30 around their mean."""
+    d = np.random.default_rng(1).standard_normal(900)
+    res = paired_bootstrap(d, np.zeros(900), n=4000)
+    half = 1.96 * d.std() / 30
+    assert res["ci_low"] == pytest.approx(d.mean() - half, abs=0.1 * half)
+    assert res["ci_high"] == pytest.approx(d.mean() + half, abs=0.1 * half)
+    assert res["n_users"] == 900 and res["resamples"] == 4000
+
+
+def test_paired_bootstrap_pairs_users_and_does_not_depend_on_the_chunk_size():
+    """b is a plus a small steady gain plus a little noise: unpaired, the spread of a would hide
+    the gain; paired, the interval excludes zero."""
+    rng = np.random.default_rng(2)
+    a = rng.random(400)
+    b = a + 0.01 + 0.005 * rng.standard_normal(400)
+    res = paired_bootstrap(b, a)
+    assert res["excludes_zero"] and res["ci_low"] > 0.009 and res["ci_high"] < 0.011
+    assert paired_bootstrap(b, a, chunk_elements=1000) == res
+    with pytest.raises(ValueError, match="same users"):
+        paired_bootstrap(a, a[:-1])
 
 
 def test_ease_closed_form_on_a_toy_gram():

@@ -133,11 +133,11 @@ def test_rank_rules_per_matrix_global_and_break_even():
 
 
 def test_save_and_load_model_round_trip_gives_the_same_outputs(tiny_teacher_dir, tiny_data, tmp_path):
-    out = lowrank_dir(tiny_teacher_dir, tmp_path / "lr", LowRankConfig(ratio=0.5, samples=32), tiny_data,
-                      progress=False)
+    out, report = lowrank_dir(tiny_teacher_dir, tmp_path / "lr", LowRankConfig(ratio=0.5, samples=32), tiny_data,
+                              progress=False)
     raw = json.loads((out / "config.json").read_text())
     ranks = raw["recsys"]["lowrank"]["ranks"]
-    report = json.loads((out / "lowrank_report.json").read_text())
+    assert json.loads((out / "lowrank_report.json").read_text()) == json.loads(json.dumps(report, default=str))
     assert len(ranks) == report["factorized"] > 0 and raw["recsys"]["max_len"] == MAX_LEN
     model, vocab = load_model(out)
     assert {p: m.rank for p, m in model.named_modules() if isinstance(m, LowRankLinear)} == ranks
@@ -161,7 +161,7 @@ def test_gpt2_conv1d_factorizes_and_reloads(tiny_data, tmp_path):
     before = _logits(model, tiny_data)
     src = save_model(model, tiny_data.vocab, tmp_path / "gpt2")
     # Half the energy of an untrained (random) matrix needs a rank below break-even.
-    out = lowrank_dir(src, tmp_path / "gpt2-lr", LowRankConfig(energy=0.5, scorer="svd"), progress=False)
+    out, _ = lowrank_dir(src, tmp_path / "gpt2-lr", LowRankConfig(energy=0.5, scorer="svd"), progress=False)
     reloaded, _ = load_model(out)
     assert any(isinstance(m, LowRankLinear) for m in reloaded.modules())
     fresh, _ = factorize(load_model(src)[0], None, LowRankConfig(energy=0.5, scorer="svd"), MAX_LEN, progress=False)
@@ -173,7 +173,7 @@ def test_distils_like_any_student_and_exports_through_the_parity_gate(tiny_teach
     from compressor.distill import DISTILL_TRAIN, DistillConfig, distill
     from compressor.export import ExportConfig, export_artifact
 
-    src = lowrank_dir(tiny_teacher_dir, tmp_path / "lr", LowRankConfig(ratio=0.5, scorer="svd"), progress=False)
+    src, _ = lowrank_dir(tiny_teacher_dir, tmp_path / "lr", LowRankConfig(ratio=0.5, scorer="svd"), progress=False)
     teacher, _ = load_model(tiny_teacher_dir)
     student, _ = load_model(src)
     train = DISTILL_TRAIN.model_copy(update={"epochs": 1, "max_minutes": 1.0, "batch_size": 128})

@@ -67,7 +67,7 @@ def test_pretrained_teacher_trains_through_the_same_path(tiny_data, tmp_path):
     _, summary = train_teacher(tiny_data, cfg, tmp_path / "teacher")
     model, vocab = load_model(tmp_path / "teacher")
     assert summary["architecture"] == "qwen2" and vocab.same_as(tiny_data.vocab)
-    assert recsys_meta(model)["adapted_from"].endswith("llm")
+    assert recsys_meta(model).adapted_from.endswith("llm")
 
 
 def _permute_rope(w: np.ndarray, heads: int) -> np.ndarray:
@@ -149,7 +149,7 @@ def test_gguf_teacher_is_revocabularised(tiny_gguf, tiny_data):
     path, _ = tiny_gguf
     model = adapt_llm(path, tiny_data, max_len=20)
     assert model.config.vocab_size == tiny_data.vocab.size and len(decoder_parts(model).layers) == 2
-    assert recsys_meta(model)["adapted_from"] == str(path)
+    assert recsys_meta(model).adapted_from == str(path)
 
 
 def test_packaged_llm_by_short_name(tiny_gguf, tmp_path, monkeypatch):

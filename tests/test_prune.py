@@ -71,7 +71,7 @@ def test_zero_ratios_change_nothing(teacher, tiny_data):
 
 def test_structured_pruning_shrinks_tensors_and_config_and_reloads(tiny_teacher_dir, tiny_data, tmp_path):
     cfg = PruneConfig(heads=0.5, mlp=0.5, scorer="fisher", samples=32)
-    out = prune_dir(tiny_teacher_dir, tmp_path / "pruned", cfg, tiny_data, progress=False)
+    out, _ = prune_dir(tiny_teacher_dir, tmp_path / "pruned", cfg, tiny_data, progress=False)
     raw = json.loads((out / "config.json").read_text())
     assert (raw["num_attention_heads"], raw["head_dim"], raw["intermediate_size"]) == (2, 8, 32)
     assert raw["num_attention_heads"] % raw["num_key_value_heads"] == 0
@@ -165,8 +165,8 @@ def test_plan_heads_respects_config_constraints():
 @pytest.mark.parametrize("criterion", ["magnitude", "fisher_weighted"])
 def test_unstructured_sparsity_hits_target_and_persists(tiny_teacher_dir, tiny_data, tmp_path, scope, criterion):
     cfg = PruneConfig(sparsity=0.4, scope=scope, unstructured_criterion=criterion, samples=32)
-    out = prune_dir(tiny_teacher_dir, tmp_path / "sparse", cfg, tiny_data, progress=False)
-    report = json.loads((out / "prune_report.json").read_text())
+    out, report = prune_dir(tiny_teacher_dir, tmp_path / "sparse", cfg, tiny_data, progress=False)
+    assert json.loads((out / "prune_report.json").read_text())["sparsity"] == report["sparsity"]  # what was saved
     assert abs(report["sparsity"]["total"] - 0.4) < 0.01
     if scope == "per_layer":
         assert all(abs(s - 0.4) < 0.01 for s in report["sparsity"]["per_layer"])

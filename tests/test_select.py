@@ -8,6 +8,9 @@ from compressor.errors import CompressorError
 from compressor.select import (
     DEFAULT_STRATEGY,
     SELECTION,
+    VALIDATED,
+    LayerChoice,
+    choose_layers,
     distributed,
     hybrid,
     parse_layers,
@@ -126,3 +129,46 @@ def test_validate_keep():
     for k in (0, 4, 5):
         with pytest.raises(CompressorError, match="between 1 and 3"):
             validate_keep(k, 4)
+
+
+def test_choose_layers_explicit_list_is_checked_and_needs_no_scores():
+    def no_scores():
+        raise AssertionError("an explicit list must not estimate importance")
+
+    choice = choose_layers(8, layers=[0, 6], scores=no_scores)
+    assert choice == LayerChoice([0, 6], {"chosen_by": "explicit list"})
+    with pytest.raises(CompressorError, match="more than once"):
+        choose_layers(8, layers=[1, 1], scores=no_scores)
+
+
+def test_choose_layers_checks_strategy_and_budget_before_reading_scores():
+    calls = []
+
+    def scores():
+        calls.append(1)
+        return S
+
+    with pytest.raises(CompressorError, match="unknown selection strategy 'best'"):
+        choose_layers(8, keep=2, method="fisher", strategy="best", scores=scores)
+    with pytest.raises(CompressorError, match="between 1 and 7"):
+        choose_layers(8, keep=8, method="fisher", scores=scores)
+    assert calls == []
+    choice = choose_layers(8, keep=2, method="fisher", scores=scores)  # the default strategy
+    assert choice.layers == SELECTION[DEFAULT_STRATEGY](S, 2) == [0, 6] and calls == [1]
+    assert choice.why == {"chosen_by": f"{DEFAULT_STRATEGY} over fisher importance", "method": "fisher",
+                          "strategy": DEFAULT_STRATEGY}
+
+
+def test_choose_layers_validated_asks_the_judge_about_each_candidate():
+    seen = {}
+
+    def judge(strategies, scores, k):
+        seen.update(strategies=strategies, k=k)
+        return [0, 7], [{"layers": [0, 7], "strategies": ["strategic"], "valid_ndcg@10": 0.5}]
+
+    choice = choose_layers(8, keep=2, method="fisher", strategy=VALIDATED, candidates=["top_k", "strategic"],
+                           scores=lambda: S, judge=judge)
+    assert choice.layers == [0, 7] and seen == {"strategies": ["top_k", "strategic"], "k": 2}
+    assert choice.why["candidates"][0]["valid_ndcg@10"] == 0.5
+    with pytest.raises(CompressorError, match="teacher and the data"):
+        choose_layers(8, keep=2, method="fisher", strategy=VALIDATED, scores=lambda: S)

@@ -13,6 +13,8 @@ from compressor.errors import CompressorError
 from compressor.evaluate import evaluate_model
 from compressor.importance import load_importance
 from compressor.modeling import decoder_parts, load_model, position_ids, recsys_meta, save_model
+from compressor.pipeline import RunConfig
+from compressor.select import top_k
 from compressor.teacher import build_teacher
 from compressor.truncate import TRUNCATION_FILE, truncate, truncate_dir, validated
 from tests.conftest import tiny_teacher_config
@@ -83,8 +85,8 @@ def test_truncated_student_reloads_and_runs_the_chosen_layers(tiny_teacher_dir, 
     student, student_vocab = load_model(out)
     assert student_vocab.items == vocab.items
     meta = recsys_meta(student)
-    assert meta["kind"] == "student" and meta["teacher_layers"] == [0, 3]
-    assert meta["teacher_num_layers"] == 4 and meta["max_len"] == recsys_meta(teacher)["max_len"]
+    assert meta.kind == "student" and meta.teacher_layers == [0, 3]
+    assert meta.teacher_num_layers == 4 and meta.max_len == recsys_meta(teacher).max_len == 20
     record = json.loads((out / TRUNCATION_FILE).read_text())
     assert record["teacher_layers"] == [0, 3] and record["chosen_by"] == "test"
     assert record["student_parameters"] < record["teacher_parameters"]
@@ -115,7 +117,7 @@ def test_gpt2_truncation(tiny_data, tmp_path):
     real = mask.bool()
     expected = gpt2_by_hand(teacher, [0, 2], ids, mask)
     torch.testing.assert_close(logits(reloaded, ids, mask)[real], expected[real], atol=1e-5, rtol=1e-5)
-    assert recsys_meta(reloaded)["teacher_layers"] == [0, 2]
+    assert recsys_meta(reloaded).teacher_layers == [0, 2]
 
 
 def test_qwen2_truncation_reindexes_layer_types(tiny_data):
@@ -158,7 +160,7 @@ def test_cli_truncate_errors(tiny_teacher_dir, tmp_path, capsys, argv, message):
 
 def test_cli_truncate(tiny_teacher_dir, tmp_path):
     assert main(["truncate", str(tiny_teacher_dir), "--out", str(tmp_path / "a"), "--layers", "0,2"]) == 0
-    assert recsys_meta(load_model(tmp_path / "a")[0])["teacher_layers"] == [0, 2]
+    assert recsys_meta(load_model(tmp_path / "a")[0]).teacher_layers == [0, 2]
     # --keep with an importance file: the layers the file's selection lists
     imp = tmp_path / "imp"
     assert main(["analyze", str(tiny_teacher_dir), "--methods", "block_influence", "--samples", "8",
@@ -166,19 +168,20 @@ def test_cli_truncate(tiny_teacher_dir, tmp_path):
     assert main(["truncate", str(tiny_teacher_dir), "--out", str(tmp_path / "b"), "--keep", "2",
                  "--method", "block_influence", "--strategy", "top_k", "--importance", str(imp)]) == 0
     chosen = load_importance(imp)["selections"]["top_k/block_influence/k=2"]
-    assert recsys_meta(load_model(tmp_path / "b")[0])["teacher_layers"] == chosen
+    assert recsys_meta(load_model(tmp_path / "b")[0]).teacher_layers == chosen
     # --keep without a file: computed on the fly from --data
     assert main(["truncate", str(tiny_teacher_dir), "--out", str(tmp_path / "c"), "--keep", "1",
                  "--method", "block_influence", "--samples", "8"]) == 0
     record = json.loads((tmp_path / "c" / TRUNCATION_FILE).read_text())
-    assert record["importance"] == "computed" and record["strategy"] == "strategic"
-    assert len(record["teacher_layers"]) == 1
+    # the default strategy is the pipeline's (one source: compressor.select.DEFAULT_STRATEGY)
+    assert record["importance"] == "computed" and record["strategy"] == RunConfig().selection.strategy == "top_k"
+    assert record["teacher_layers"] == top_k(record["scores"], 1)
 
 
 def test_validated_keeps_the_proposal_best_on_validation(tiny_teacher_dir, tiny_data):
     teacher, _ = load_model(tiny_teacher_dir)
     scores = [0.1, 0.9, 0.2, 0.3]  # top_k [1, 3], strategic [0, 3], distributed [1, 3]
-    max_len = recsys_meta(teacher)["max_len"]
+    max_len = recsys_meta(teacher).max_len
     layers, rows = validated(teacher, ["strategic", "top_k", "distributed"], scores, 2, tiny_data, max_len)
     assert [r["layers"] for r in rows] == [[0, 3], [1, 3]]
     assert rows[1]["strategies"] == ["top_k", "distributed"]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from compressor.atomic import atomic_write_json
 from compressor.errors import ArtifactError
 
 VOCAB_FILE = "item_vocab.json"
@@ -79,11 +80,7 @@ class ItemVocab:
         return {"special_tokens": list(self.special), "pad_id": PAD_ID, "items": self.items}
 
     def save(self, directory: str | Path) -> Path:
-        path = Path(directory) / VOCAB_FILE
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_json()))
-        tmp.replace(path)
-        return path
+        return atomic_write_json(Path(directory) / VOCAB_FILE, self.to_json(), indent=None, default=None)
 
     @classmethod
     def load(cls, directory: str | Path) -> ItemVocab:

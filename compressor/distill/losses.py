@@ -353,7 +353,6 @@ LOSSES: dict[str, DistillLoss] = {
     "dkd": DKD(),
     "ranking_kd": RankingKD(),
 }
-DISTILL_METHODS = tuple(LOSSES)
 
 
 def get_loss(name: str) -> DistillLoss:

@@ -34,7 +34,7 @@ def resolve_layer_map(spec: str | list[int], student: PreTrainedModel, teacher: 
     if isinstance(spec, list):
         return validate_map(spec, k, n)
     if spec == "source":
-        src = recsys_meta(student).get("teacher_layers")
+        src = recsys_meta(student).teacher_layers
         if src is None:
             # Not a truncated student (e.g. built from scratch): the fallback.
             return uniform_map(k, n)

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from compressor.atomic import atomic_path, atomic_write, atomic_write_json
 from compressor.config import dump_config
 from compressor.data.protocol import RecData, left_pad, training_windows
 from compressor.distill.config import DistillConfig
@@ -28,7 +29,7 @@ from compressor.distill.step import Distiller, attention_implementation, frozen
 from compressor.errors import CompressorError
 from compressor.evaluate import evaluate_model
 from compressor.fisher import estimate_layer_fisher
-from compressor.modeling import pick_device, recsys_meta, save_model, set_recsys_meta
+from compressor.modeling import model_max_len, pick_device, save_model, set_recsys_meta
 from compressor.teacher import next_item_loss
 from compressor.training import EarlyStopping, set_seed
 
@@ -113,9 +114,8 @@ def load_checkpoint(path: Path, device) -> dict:
 
 
 def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _resume_log(path: Path, step: int) -> None:
@@ -124,13 +124,13 @@ def _resume_log(path: Path, step: int) -> None:
         return
     rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
     keep = [r for r in rows if r.get("step", 0) <= step and not r.get("final")]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-    tmp.replace(path)
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 def _config_diff(saved: dict, cfg: DistillConfig) -> list[str]:
-    now = cfg.model_dump(mode="json")
+    # The fields that define distillation: a pipeline's section (DistillConfig plus `enabled`) compares
+    # with a checkpoint `compressor distill` wrote, and the other way round.
+    now = cfg.model_dump(mode="json", include=set(DistillConfig.model_fields))
     diff = [k for k in now if k != "train" and k not in CHECKPOINT_FIELDS and now[k] != saved.get(k)]
     diff += [f"train.{k}" for k in now["train"] if k != "max_minutes" and now["train"][k] != saved["train"].get(k)]
     return diff
@@ -148,7 +148,7 @@ def distill(teacher: PreTrainedModel, student: PreTrainedModel, data: RecData, c
     check_compatible(teacher, student, data)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    max_len = max_len or recsys_meta(student).get("max_len") or recsys_meta(teacher).get("max_len") or 50
+    max_len = max_len or model_max_len(student)
     t = cfg.train
     device = pick_device(t.device)
     set_seed(t.seed)
@@ -278,7 +278,5 @@ def distill(teacher: PreTrainedModel, student: PreTrainedModel, data: RecData, c
                "weights_history": d.weights.history, "train_windows": len(windows), "max_len": max_len}
     set_recsys_meta(student, kind="student", max_len=max_len, distilled_with=cfg.method)
     save_model(student, data.vocab, out / STUDENT_DIR, {"distill_summary.json": summary})
-    tmp = out / (RESULT + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=2, default=str))
-    tmp.replace(out / RESULT)
+    atomic_write_json(out / RESULT, summary)
     return result

@@ -18,6 +18,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from compressor.atomic import atomic_write_json
 from compressor.data.protocol import RecData
 from compressor.errors import ArtifactError, CompressorError
 from compressor.fisher import ProbeSet, fisher_layer_weights, normalise
@@ -167,12 +168,6 @@ def run_importance(model: PreTrainedModel, data: RecData, cfg: ImportanceConfig,
                             cfg.model_dump(mode="json"), overlap)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def write_importance(result: ImportanceResult, out_dir: str | Path) -> Path:
     """Write `importance.json` and the PNG plots into `out_dir`; returns the JSON path."""
     from compressor.importance.plots import plot_importance
@@ -183,7 +178,7 @@ def write_importance(result: ImportanceResult, out_dir: str | Path) -> Path:
     validate_importance(doc, "importance result")
     plot_importance(doc, out)
     path = out / IMPORTANCE_FILE
-    _atomic_write(path, json.dumps(doc, indent=2))
+    atomic_write_json(path, doc, indent=2, default=None)
     return path
 
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from transformers import PreTrainedModel
 
 from compressor.modeling import decoder_parts
@@ -40,17 +40,36 @@ class LayerScores:
                 "samples": self.samples, "detail": self.detail}
 
 
+# Old field names of FisherOptions. The paper calls these β, δ and γ, but `distill.beta` and
+# `distill.gamma` are loss weights and `distill.depth_bias` a strength: the same names meant
+# different things, so the importance side now says what each one is.
+RENAMED_FISHER_OPTIONS = {"depth_bias": "use_depth_bias", "beta": "depth_beta", "delta": "depth_delta",
+                          "gamma": "weight_scale"}
+
+
 class FisherOptions(BaseModel):
-    """FISHER-LD eq. 3-6: diagonal empirical Fisher, w_l = tr(F_l)/sum tr(F) * gamma, and the
-    optional depth bias w_l * (1 + beta * l/L)^delta (l counted from 1)."""
+    """FISHER-LD eq. 3-6: diagonal empirical Fisher, w_l = tr(F_l)/sum tr(F) * weight_scale, and
+    the optional depth bias w_l * (1 + depth_beta * l/L)^depth_delta (l counted from 1)."""
 
     model_config = ConfigDict(extra="forbid")
     batch_size: int = Field(32, ge=1, description="histories whose per-sample gradients are computed at once "
                             "(capped by memory); the result does not depend on it")
-    depth_bias: bool = Field(False, description="multiply by (1 + beta*l/L)^delta (the paper's upper-layer emphasis)")
-    beta: float = Field(0.3, ge=0, description="depth-bias strength (paper's best: 0.3)")
-    delta: float = Field(1.0, ge=0, description="depth-bias growth rate")
-    gamma: float = Field(1.0, gt=0, description="scale of the weights (eq. 5); reported in detail as w_final")
+    use_depth_bias: bool = Field(False, description="multiply layer l's score by (1 + depth_beta*l/L)^depth_delta "
+                                 "(the paper's upper-layer emphasis, eq. 6)")
+    depth_beta: float = Field(0.3, ge=0, description="depth-bias strength, the paper's β of eq. 6 (its best: 0.3); "
+                              "not distill.beta, which weighs the KL term")
+    depth_delta: float = Field(1.0, ge=0, description="depth-bias growth rate, the paper's δ of eq. 6")
+    weight_scale: float = Field(1.0, gt=0, description="scale of the layer weights, the paper's γ of eq. 5 "
+                                "(reported in detail as w_final); not distill.gamma, which weighs the layer term")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, v):
+        """An old name is a one-line error that gives the new one (extra="forbid" alone would not)."""
+        if isinstance(v, dict) and (old := next((k for k in v if k in RENAMED_FISHER_OPTIONS), None)):
+            raise ValueError(f"{old!r} was renamed {RENAMED_FISHER_OPTIONS[old]!r} (distill.beta, distill.gamma "
+                             "and distill.depth_bias are other settings)")
+        return v
 
 
 class ImportanceConfig(BaseModel):

@@ -31,15 +31,16 @@ def fisher(model: PreTrainedModel, probe: ProbeSet, cfg: ImportanceConfig) -> La
     opts = cfg.fisher
     lf = layer_traces(model, probe, opts.batch_size)
     traces = lf.traces
-    bias = (depth_bias_factors(range(len(traces)), len(traces), opts.beta, opts.delta) if opts.depth_bias
-            else np.ones(len(traces)))
+    bias = (depth_bias_factors(range(len(traces)), len(traces), opts.depth_beta, opts.depth_delta)
+            if opts.use_depth_bias else np.ones(len(traces)))
     scores = (np.asarray(traces) * bias).tolist()
     detail = {
         "score": "trace of the diagonal empirical Fisher per layer (per-sample gradients)"
-                 + (" times the depth bias (1 + beta*l/L)^delta" if opts.depth_bias else ""),
+                 + (" times the depth bias (1 + depth_beta*l/L)^depth_delta" if opts.use_depth_bias else ""),
         "trace": traces,
         "groups": lf.groups,
-        "w_final": fisher_layer_weights(traces, opts.gamma, opts.depth_bias, opts.beta, opts.delta),
+        "w_final": fisher_layer_weights(traces, opts.weight_scale, opts.use_depth_bias, opts.depth_beta,
+                                        opts.depth_delta),
         "options": opts.model_dump(),
     }
     return LayerScores("fisher", scores, normalise(scores).tolist(), time.perf_counter() - t0, len(probe), detail)

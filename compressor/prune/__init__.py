@@ -21,6 +21,7 @@ from compressor.fisher import ProbeSet, parameter_fisher
 from compressor.modeling import (
     count_parameters,
     load_model,
+    model_max_len,
     pick_device,
     recsys_meta,
     save_model,
@@ -38,9 +39,6 @@ from compressor.prune.structured import apply_structured, config_accepts, plan_c
 from compressor.prune.unstructured import SCOPES, measure_sparsity, prunable_weights, sparsify
 
 REPORT_FILE = "prune_report.json"
-
-# The pruning kinds a config can ask for, each with the field that sets its ratio.
-PRUNE_KINDS = {"heads": "attention heads", "mlp": "MLP intermediate channels", "sparsity": "single weights (unstructured)"}
 
 
 class PruneConfig(BaseModel):
@@ -90,7 +88,7 @@ def prune_model(model: PreTrainedModel, data: RecData | None, cfg: PruneConfig, 
     if cfg.needs_data() and data is None:
         raise CompressorError("Fisher scoring needs data (--data); or use --scorer magnitude "
                               "and unstructured_criterion=magnitude")
-    if recsys_meta(model).get("lowrank"):  # its linears are U·V pairs the slicing rules do not know
+    if recsys_meta(model).lowrank:  # its linears are U·V pairs the slicing rules do not know
         raise CompressorError("this model is low-rank factorized: prune first, then factorize")
     start = time.time()
     report: dict = {"config": cfg.model_dump(), "params_before": count_parameters(model)}
@@ -150,20 +148,20 @@ def _structured(model: PreTrainedModel, probe: ProbeSet | None, cfg: PruneConfig
 
 
 def prune_dir(model_dir: str | Path, out_dir: str | Path, cfg: PruneConfig,
-              data: RecData | str | Path | None = None, progress: bool = True) -> Path:
+              data: RecData | str | Path | None = None, progress: bool = True) -> tuple[Path, dict]:
     """Load a model directory, prune it, and save a new one (item vocabulary, recsys metadata
-    and `prune_report.json` beside the checkpoint). `data` may be a name or path; it is read
-    only when the config needs Fisher scores."""
+    and `prune_report.json` beside the checkpoint); returns its path and that report. `data` may
+    be a name or path; it is read only when the config needs Fisher scores."""
     model, vocab = load_model(model_dir)
-    max_len = recsys_meta(model).get("max_len", 50)
+    max_len = model_max_len(model)
     if cfg.needs_data() and data is not None and not isinstance(data, RecData):
         data = prepare(data, vocab=vocab)
     pruned, report = prune_model(model, data if isinstance(data, RecData) else None, cfg, max_len, progress)
     report["source"] = str(model_dir)
-    return save_model(pruned.cpu(), vocab, out_dir, {REPORT_FILE: report})
+    return save_model(pruned.cpu(), vocab, out_dir, {REPORT_FILE: report}), report
 
 
 __all__ = [
-    "ADAPTERS", "PRUNE_KINDS", "PRUNE_SCORERS", "SCOPES", "WEIGHT_CRITERIA", "PruneConfig", "find_adapter",
+    "ADAPTERS", "PRUNE_SCORERS", "SCOPES", "WEIGHT_CRITERIA", "PruneConfig", "find_adapter",
     "measure_sparsity", "prune_dir", "prune_model",
 ]
