@@ -26,9 +26,9 @@ from benchmarks.common import (
     md_table,
     run_guarded,
     save_figure,
-    write_atomic,
     write_json,
 )
+from compressor.atomic import atomic_write
 
 
 def _teacher(data, tcfg, out: Path):
@@ -81,7 +81,7 @@ def run(config: str, seeds: list[int], out: str | Path, work: str | Path, overri
     }
     out = Path(out)
     write_json(out / "teacher_seeds.json", doc)
-    write_atomic(out / "teacher_seeds.md", _markdown(doc))
+    atomic_write(out / "teacher_seeds.md", _markdown(doc))
     _plot(doc, out / "teacher_seeds.png")
     return doc
 
