@@ -65,7 +65,8 @@ def cmd_train_teacher(args: argparse.Namespace) -> None:
     if problem := teacher_shape_problem(cfg):
         raise CompressorError(f"config: {problem}")
     data = prepare(args.data, args.format)
-    _, summary = train_teacher(data, cfg, args.out)
+    # per-epoch checkpoints beside OUT: a killed command, run again, resumes from the last epoch
+    _, summary = train_teacher(data, cfg, args.out, checkpoint_dir=f"{Path(args.out)}.checkpoint")
     best = summary["best_valid"]
     log.info(f"teacher saved to {args.out}: {summary['parameters']:,} parameters, "
           f"{summary['epochs_run']} epochs ({summary['stop_reason']}), valid NDCG@10 {best.get('ndcg@10', 0):.4f}")
