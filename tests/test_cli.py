@@ -204,3 +204,10 @@ def test_python_dash_m_compressor_and_quiet_flag(tiny_csv_dir, tmp_path):
     assert loud.returncode == quiet.returncode == 0, loud.stderr
     assert json.loads(loud.stdout) == json.loads(quiet.stdout)
     assert "NDCG@10" in loud.stderr and quiet.stderr.strip() == ""
+
+
+def test_distill_help_names_every_registered_method():
+    from compressor.cli import DISTILL_METHODS_HELP
+    from compressor.distill.losses import LOSSES
+
+    assert DISTILL_METHODS_HELP.split(", ") == list(LOSSES)
