@@ -31,7 +31,7 @@ from compressor.evaluate import evaluate_model
 from compressor.fisher import estimate_layer_fisher
 from compressor.modeling import model_max_len, pick_device, save_model, set_recsys_meta
 from compressor.teacher import next_item_loss
-from compressor.training import EarlyStopping, set_seed
+from compressor.training import EarlyStopping, read_checkpoint, set_seed
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "train_log.jsonl"
@@ -98,19 +98,8 @@ def teacher_fisher(teacher, cfg: DistillConfig, importance: dict | None, windows
 
 
 def load_checkpoint(path: Path, device) -> dict:
-    """Read a resume checkpoint without executing anything it contains.
-
-    `weights_only=True` restricts unpickling to tensors, numbers, strings and containers, so a
-    crafted `checkpoint.pt` (a pickle `__reduce__` payload) is refused instead of run."""
-    try:
-        ck = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # UnpicklingError, RuntimeError (corrupt zip), EOFError, ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CompressorError(f"{path}: not a checkpoint this tool wrote, refused ({first[:160]}); "
-                              "delete it or use another --out") from e
-    if not isinstance(ck, dict) or not {"config", "distiller", "loop"} <= ck.keys():
-        raise CompressorError(f"{path}: not a distillation checkpoint (missing config/distiller/loop)")
-    return ck
+    """Read a distillation resume checkpoint without executing anything it contains."""
+    return read_checkpoint(path, device, {"config", "distiller", "loop"}, "distillation")
 
 
 def _atomic_save(obj, path: Path) -> None:
