@@ -50,6 +50,8 @@ class LowRankBenchConfig(BaseModel):
     scopes: list[Literal["per_matrix", "global"]] = ["per_matrix"]
     recovery_epochs: int = Field(1, ge=0, description="FISHER-LD epochs after factorizing; 0 = no recovery")
     recovery_minutes: float = Field(4.0, gt=0, description="wall-clock cap of each recovery run")
+    recovery_recent_windows: int | None = Field(
+        None, ge=1, description="recovery on each user's newest N windows only (None = all): an LLM student's epoch on a CPU")
     int8: bool = Field(True, description="also measure the int8 graph of the float model and of each recovered one")
     fisher_samples: int = Field(512, ge=1)
     users: int | None = Field(None, ge=1, description="test users evaluated; None = all")
@@ -66,11 +68,12 @@ class LowRankBenchConfig(BaseModel):
 
 def valid_loss(model, data, max_len: int, users: int = 10_000) -> np.ndarray:
     """Per-user next-item cross-entropy on the validation split (the split the Fisher reads)."""
-    from compressor.prune.scoring import ProbeBatches, per_sample_loss
+    from compressor.fisher import ProbeSet, last_item_loss
 
-    probe = ProbeBatches.from_data(data, max_len, users, 128)
+    probe = ProbeSet.from_data(data, max_len, users)
     with torch.no_grad():
-        return torch.cat([per_sample_loss(model.eval(), *b) for b in probe]).double().numpy()
+        return torch.cat([last_item_loss(model.eval(), *b, reduction="none")
+                          for b in probe.batches(128)]).double().numpy()
 
 
 def run(cfg: LowRankBenchConfig, model_dir: str | Path, data_name: str, out: str | Path,
@@ -95,7 +98,7 @@ def run(cfg: LowRankBenchConfig, model_dir: str | Path, data_name: str, out: str
     test = test.subset(cfg.users, cfg.seed) if cfg.users else test
     key = {"model": str(Path(model_dir).resolve()), "data": data_name, "users": cfg.users, "seed": cfg.seed,
            "fisher_samples": cfg.fisher_samples, "recovery_epochs": cfg.recovery_epochs,
-           "recovery_minutes": cfg.recovery_minutes}
+           "recovery_minutes": cfg.recovery_minutes, "recovery_recent_windows": cfg.recovery_recent_windows}
     rows: list[dict] = []
     per_user: dict[str, np.ndarray] = {}
     base_loss = valid_loss(teacher, data, max_len)
@@ -146,7 +149,8 @@ def run(cfg: LowRankBenchConfig, model_dir: str | Path, data_name: str, out: str
     if cfg.int8:
         int8("float", base, Path(model_dir))
     recovery = PruningBenchConfig(recovery="distill", recovery_epochs=max(1, cfg.recovery_epochs),
-                                  recovery_minutes=cfg.recovery_minutes, seed=cfg.seed)
+                                  recovery_minutes=cfg.recovery_minutes,
+                                  recovery_recent_windows=cfg.recovery_recent_windows, seed=cfg.seed)
     # First every factorization (cheap), then the recovery runs (the expensive part), so a run
     # stopped midway has the whole before-recovery table.
     grid = [(scope, ratio, scorer) for scope in cfg.scopes for ratio in cfg.ratios for scorer in cfg.scorers]
@@ -263,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scopes", nargs="+", choices=["per_matrix", "global"])
     ap.add_argument("--recovery-epochs", type=int)
     ap.add_argument("--recovery-minutes", type=float)
+    ap.add_argument("--recovery-recent-windows", type=int)
     ap.add_argument("--no-int8", dest="int8", action="store_false", default=None)
     ap.add_argument("--fisher-samples", type=int)
     ap.add_argument("--users", type=int)

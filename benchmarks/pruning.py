@@ -52,6 +52,8 @@ class PruningBenchConfig(BaseModel):
         "distill", description="after pruning: FISHER-LD distillation from the unpruned model, fine-tune, or none")
     recovery_epochs: int = Field(2, ge=1)
     recovery_minutes: float = Field(3.0, gt=0, description="wall-clock budget of each recovery run")
+    recovery_recent_windows: int | None = Field(
+        None, ge=1, description="recovery on each user's newest N windows only (None = all; as train.recent_windows)")
     sparsity: float = Field(0.5, ge=0, lt=1, description="one unstructured (Fisher-weighted, global) model; 0 = skip")
     quantize: list[Literal["int8", "int8_per_channel", "fp16"]] = ["int8", "int8_per_channel", "fp16"]
     fisher_samples: int = Field(512, ge=1, description="validation users for the Fisher scores")
@@ -89,7 +91,7 @@ def _recover(teacher, student, data, max_len: int, cfg: PruningBenchConfig, out:
         from compressor.distill import DISTILL_TRAIN, DistillConfig, distill
 
         train = DISTILL_TRAIN.model_copy(update={"epochs": cfg.recovery_epochs, "max_minutes": cfg.recovery_minutes,
-                                                 "seed": cfg.seed})
+                                                 "recent_windows": cfg.recovery_recent_windows, "seed": cfg.seed})
         r = distill(teacher, student, data, DistillConfig(train=train), out, max_len=max_len)
         info = {"method": "fisher_ld", "steps": r.steps, "stop_reason": r.stop_reason,
                 "best_valid_ndcg@10": r.best_valid.get("ndcg@10")}

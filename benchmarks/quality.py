@@ -24,9 +24,10 @@ Budget: every method gets the same number of epochs (the same optimisation steps
 batches); --budget-minutes only caps a cell's wall clock. A cell's cost is about epochs x (student
 step + KD over the catalogue + teacher forward in the first epoch only, cached after) + one
 validation per epoch. On ml-latest-small (2,277 windows of 50, 9.7k items, batch 64) the full
-softmax KL is the largest single cost of a step; 9 methods + scratch x 2 depths x 3 seeds is 60
-trained cells, so plan about 40 s per cell for a 40-minute grid (3 epochs on a quiet 2-core
-machine), or drop seeds/methods. On a machine shared with other jobs use --threads 1: with two
+softmax KL is the largest single cost of a step (dkd and ranking_kd do about the same softmax work
+over the catalogue, rkd none); 12 methods + scratch x 2 depths x 3 seeds is 78 trained cells, so
+plan about 40 s per cell for a 52-minute grid (3 epochs on a quiet 2-core machine), or drop
+seeds/methods. On a machine shared with other jobs use --threads 1: with two
 OpenMP threads per process under oversubscription a step was measured ~18x slower.
 
 Resumable: each (method, depth, seed) cell writes cells/<method>_d<k>_s<seed>.json and is
@@ -57,7 +58,8 @@ from compressor.modeling import load_model, model_max_len, set_recsys_meta
 from compressor.select import DEFAULT_STRATEGY, parse_layers, select_layers
 from compressor.truncate import truncate
 
-METHODS = ("fisher_ld", "uniform_ld", "finetune", "logit_kd", "fitnets", "attention_transfer", "minilm", "pkd", "tinybert")
+METHODS = ("fisher_ld", "uniform_ld", "finetune", "logit_kd", "fitnets", "attention_transfer", "minilm", "pkd", "tinybert",
+           "rkd", "dkd", "ranking_kd")
 FLOORS = ("truncated", "scratch")
 METRIC_COLS = ("hr@10", "ndcg@5", "ndcg@10", "mrr")
 TARGETS = {0.25: 0.99, 0.125: 0.95}  # depth share -> retention target (the issue's)

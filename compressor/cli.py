@@ -21,6 +21,9 @@ from compressor import __version__
 from compressor.atomic import atomic_write
 from compressor.errors import CompressorError
 
+DISTILL_METHODS_HELP = ("fisher_ld, fisher_ld_static, uniform_ld, finetune, logit_kd, fitnets, attention_transfer, "
+                        "minilm, pkd, tinybert, rkd, dkd, ranking_kd")
+
 log = logging.getLogger("compressor")
 
 DESCRIPTION = """Compress a transformer recommender and export it for serving.
@@ -65,7 +68,8 @@ def cmd_train_teacher(args: argparse.Namespace) -> None:
     if problem := teacher_shape_problem(cfg):
         raise CompressorError(f"config: {problem}")
     data = prepare(args.data, args.format)
-    _, summary = train_teacher(data, cfg, args.out)
+    # per-epoch checkpoints beside OUT: a killed command, run again, resumes from the last epoch
+    _, summary = train_teacher(data, cfg, args.out, checkpoint_dir=f"{Path(args.out)}.checkpoint")
     best = summary["best_valid"]
     log.info(f"teacher saved to {args.out}: {summary['parameters']:,} parameters, "
           f"{summary['epochs_run']} epochs ({summary['stop_reason']}), valid NDCG@10 {best.get('ndcg@10', 0):.4f}")
@@ -408,8 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", required=True, help="teacher model directory")
     p.add_argument("--student", required=True, help="student model directory (e.g. from `compressor truncate`)")
     data_args(p)
-    p.add_argument("--method", help="fisher_ld (default), uniform_ld, finetune, logit_kd, fitnets, "
-                   "attention_transfer, minilm, pkd, tinybert, fisher_ld_static")
+    # spelled out rather than read from LOSSES so that `--help` does not import torch (tested against LOSSES)
+    p.add_argument("--method", help=f"{DISTILL_METHODS_HELP} (fisher_ld by default)")
     p.add_argument("--importance", help="importance.json with Fisher scores (else estimated from the data)")
     p.add_argument("--out", required=True, help="directory for student/, train_log.jsonl, checkpoint.pt")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")

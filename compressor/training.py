@@ -1,13 +1,17 @@
-"""Pieces shared by every training loop (teacher, distillation): optimiser, schedule, seeding."""
+"""Pieces shared by every training loop (teacher, distillation): optimiser, schedule, seeding,
+resume checkpoints."""
 
 from __future__ import annotations
 
 import math
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+
+from compressor.errors import CompressorError
 
 
 def set_seed(seed: int) -> None:
@@ -46,7 +50,8 @@ def device_description(device: torch.device) -> str:
     """What trained: `cuda (NVIDIA H200)` or `cpu (2 threads)`, for summaries and the report."""
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"{device.type} ({torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    return f"{device.type} ({n} thread{'' if n == 1 else 's'})"
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -87,3 +92,42 @@ class EarlyStopping:
 
     def load_state_dict(self, state: dict) -> None:
         self.best, self.bad_rounds = state["best"], state["bad_rounds"]
+
+
+# ---------------------------------------------------------------------------- resume checkpoints
+
+
+def save_checkpoint(obj: dict, path: Path) -> None:
+    """Write atomically (temp file, then rename): a kill mid-write leaves the previous checkpoint."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def read_checkpoint(path: Path, device, required: set[str], what: str) -> dict:
+    """Read a resume checkpoint without executing anything it contains.
+
+    `weights_only=True` restricts unpickling to tensors, numbers, strings and containers, so a
+    crafted checkpoint (a pickle `__reduce__` payload) is refused instead of run. That is why
+    checkpoints hold RNG states as tensors and plain dicts, never generator objects."""
+    try:
+        ck = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # UnpicklingError, RuntimeError (corrupt zip), EOFError, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CompressorError(f"{path}: not a checkpoint this tool wrote, refused ({first[:160]}); "
+                              "delete it or use another --out") from e
+    if not isinstance(ck, dict) or not required <= ck.keys():
+        raise CompressorError(f"{path}: not a {what} checkpoint (missing {'/'.join(sorted(required))})")
+    return ck
+
+
+def rng_state() -> dict:
+    """The torch generators' states (CPU, and every CUDA device's), as tensors a checkpoint keeps."""
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"].cpu())
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])

@@ -135,8 +135,8 @@ def test_damaged_model_directories_are_one_line_errors(tiny_teacher_dir, tmp_pat
     (b"evaluate:\n  baselines: [mostpop, eaze]\n", "unknown baseline 'eaze'"),
     (b"teacher:\n  hidden_size: 30\n  num_heads: 4\n", "not divisible by num_heads"),
     (b"teacher:\n  num_heads: 4\n  num_kv_heads: 3\n", "not a multiple of num_kv_heads"),
-    (b"selection:\n  keep: 16\n", "selection.keep 16"),
-    (b"selection:\n  layers: [0, 99]\n", "out of range: the teacher has layers 0..15"),
+    (b"selection:\n  keep: 8\n", "selection.keep 8"),
+    (b"selection:\n  layers: [0, 99]\n", "out of range: the teacher has layers 0..7"),
     (b"selection:\n  layers: [3, 1]\n", "not in increasing order"),
     (b"teacher:\n  architecture: gpt2\nprune:\n  heads: 0.5\n", "GPT-2"),
     (b"data:\n  name: no-such-data\n", "no such dataset or path: no-such-data"),
@@ -177,7 +177,7 @@ def test_bundled_config_names_resolve_and_the_version_prints(capsys):
     from compressor.pipeline import RunConfig
 
     assert resolve_config_path("smoke").name == "smoke.yaml"
-    assert load_config(RunConfig, "default").teacher.num_layers == 16
+    assert load_config(RunConfig, "default").teacher.num_layers == 8
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.startswith("compressor ")
@@ -204,3 +204,10 @@ def test_python_dash_m_compressor_and_quiet_flag(tiny_csv_dir, tmp_path):
     assert loud.returncode == quiet.returncode == 0, loud.stderr
     assert json.loads(loud.stdout) == json.loads(quiet.stdout)
     assert "NDCG@10" in loud.stderr and quiet.stderr.strip() == ""
+
+
+def test_distill_help_names_every_registered_method():
+    from compressor.cli import DISTILL_METHODS_HELP
+    from compressor.distill.losses import LOSSES
+
+    assert DISTILL_METHODS_HELP.split(", ") == list(LOSSES)

@@ -131,3 +131,34 @@ def test_prepare_with_a_model_vocab_drops_unknown_items(tiny_data):
     data = prepare(inter, vocab=vocab)
     assert data.vocab is vocab
     assert all(t < vocab.size for s in data.sequences.values() for t in s)
+
+
+def test_length_grouped_batches_keep_every_window_and_pad_only_to_the_longest():
+    rng = np.random.default_rng(0)
+    seqs = [np.arange(1, n) for n in rng.integers(3, 60, size=40)]
+    windows = training_windows(seqs, max_len=8, rng=np.random.default_rng(1))
+    plain = list(window_batches(windows, 8, 4, np.random.default_rng(2)))
+    grouped = list(window_batches(windows, 8, 4, np.random.default_rng(2), group_by_length=True))
+    assert len(grouped) == len(plain)
+    targets = sorted(t for _, _, labels in grouped for t in labels[labels != -100].tolist())
+    assert targets == sorted(t for _, _, labels in plain for t in labels[labels != -100].tolist())
+    for ids, mask, labels in grouped:
+        assert mask[:, 0].any()  # no all-padding column is kept
+        assert (labels[mask == 0] == -100).all() and (ids[mask == 0] == 0).all()
+    # sorting inside groups gathers the short windows: less padding than random batches
+    assert sum(m.size for _, m, _ in grouped) < 0.9 * sum(m.size for _, m, _ in plain)
+
+
+def test_trimming_padding_columns_does_not_change_the_model_output(tiny_data):
+    import torch
+
+    from compressor.modeling import hidden_states
+    from compressor.teacher import TeacherConfig, build_teacher
+
+    model = build_teacher(TeacherConfig(hidden_size=16, num_layers=2, intermediate_size=32, max_len=12),
+                          tiny_data.vocab).eval()
+    hist = [np.array([5, 6, 7]), np.array([8, 9])]
+    with torch.no_grad():
+        outs = [hidden_states(model, *map(torch.from_numpy, left_pad(hist, width))).last_hidden_state[:, -3:]
+                for width in (12, 3)]
+    torch.testing.assert_close(outs[0][:, -2:], outs[1][:, -2:], rtol=1e-5, atol=1e-6)

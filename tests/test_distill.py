@@ -239,6 +239,42 @@ def test_hidden_size_mismatch_uses_trained_adapters(teacher, tiny_data, tmp_path
     assert not any("adapter" in k for k in saved.state_dict())
 
 
+@pytest.mark.parametrize("method", ["rkd", "dkd", "ranking_kd"])
+def test_output_methods_distil_a_tiny_student(teacher, tiny_data, tmp_path, method):
+    """A short real run of each output-level method: finite loss and terms at every step, the
+    method's own terms logged, the student changed and saved."""
+    student = truncate(teacher, [0, 3])
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    r = distill(teacher, student, tiny_data, DistillConfig(method=method, train=FAST), tmp_path / method,
+                progress=False, max_steps=4)
+    rows = [json.loads(x) for x in r.log_path.read_text().splitlines() if "loss" in x]
+    own = {"rkd": {"rkd_distance", "rkd_angle"}, "dkd": {"tckd", "nckd"}, "ranking_kd": {"ranking"}}[method]
+    assert r.steps == len(rows) == 4 and all(own | {"task"} <= set(x) for x in rows)
+    assert all(np.isfinite(x[k]) for x in rows for k in own | {"task", "loss"})
+    assert any(x[k] > 0 for x in rows for k in own)
+    ck = torch.load(tmp_path / method / "checkpoint.pt", weights_only=True)
+    assert any(not torch.equal(v, before[k]) for k, v in ck["distiller"]["student"].items())
+    assert load_model(r.model_dir)[0].config.recsys["distilled_with"] == method
+
+
+def test_rkd_needs_no_projection_for_a_narrower_student(teacher, tiny_data, tmp_path):
+    """RKD compares distances and angles inside each model's own space: a 16-wide student learns
+    from the 32-wide teacher with no Adapt layer in its loss."""
+    cfg = copy.deepcopy(teacher.config)
+    cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers = 16, 32, 2
+    torch.manual_seed(0)
+    student = AutoModelForCausalLM.from_config(cfg)
+    d = make_distiller(teacher, student, "rkd", training_windows(tiny_data.train_sequences(), MAX_LEN))
+    teacher.eval().requires_grad_(False)
+    try:
+        total, terms, _ = d.compute(*batch(training_windows(tiny_data.train_sequences(), MAX_LEN), n=32))
+        total.backward()
+    finally:
+        teacher.requires_grad_(True)
+    assert terms["rkd_distance"] > 0 and terms["rkd_angle"] > 0 and torch.isfinite(total)
+    assert all(p.grad is None for p in d.adapters.parameters())  # the loss never used them
+
+
 def test_distill_end_to_end_writes_student_log_and_checkpoint(teacher, tiny_data, tmp_path):
     t_before = {k: v.clone() for k, v in teacher.state_dict().items()}
     student = truncate(teacher, [0, 3])

@@ -83,9 +83,9 @@ def test_model_dir_without_vocab_is_rejected(tiny_teacher_dir, tmp_path):
 
 def test_same_config_and_seed_give_the_same_teacher(tiny_data, tmp_path):
     """Training length comes from epochs and early stopping, never the clock, and everything random
-    (initialisation, window cuts, batch order, dropout) is seeded: two runs agree exactly."""
+    (initialisation, window cuts, length-grouped batch order, dropout) is seeded: two runs agree exactly."""
     cfg = tiny_teacher_config(num_layers=2)
-    cfg.train.epochs, cfg.train.random_windows = 2, True
+    cfg.train.epochs, cfg.train.random_windows, cfg.train.group_by_length = 2, True, True
     runs = [train_teacher(tiny_data, cfg, tmp_path / f"t{i}")[1] for i in range(2)]
     assert runs[0]["stop_reason"] == "epochs" and runs[0]["epochs_run"] == 2
     assert [h["loss"] for h in runs[0]["history"]] == [h["loss"] for h in runs[1]["history"]]
@@ -102,3 +102,77 @@ def test_time_cap_is_off_by_default_and_loud_when_it_cuts(tiny_data, tmp_path):
     with pytest.warns(UserWarning, match="time cap .* after 1 of 3 epochs: results depend on machine speed"):
         _, summary = train_teacher(tiny_data, cfg, tmp_path / "t")
     assert summary["stop_reason"] == "time cap" and summary["epochs_run"] == 1 and summary["epochs_planned"] == 3
+
+
+def _ratings_dir(path, n_users: int = 40):
+    from tests.conftest import tiny_interactions
+
+    inter = tiny_interactions(n_users)
+    path.mkdir(parents=True, exist_ok=True)
+    inter.events.rename(columns={"user": "userId", "item": "movieId"}).to_csv(path / "ratings.csv", index=False)
+    return path
+
+
+# a 2-layer teacher with dropout and windows re-cut every epoch: every RNG the loop uses is in play
+RESUME_OVERRIDES = ["hidden_size=32", "num_layers=2", "num_heads=2", "intermediate_size=64", "max_len=20",
+                    "train.epochs=4", "train.batch_size=64", "train.warmup_steps=5", "train.hidden_dropout=0.1"]
+
+
+def test_a_killed_train_teacher_resumes_and_ends_as_an_uninterrupted_run(tmp_path):
+    """SIGKILL after the first epoch's checkpoint; the rerun resumes there and ends with the same
+    weights and metrics as a run never interrupted (CPU: the same operations in the same order)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    from compressor.cli import main
+    from compressor.teacher import CHECKPOINT_FILE
+
+    data = _ratings_dir(tmp_path / "data")
+    assert main(["train-teacher", "-q", "--data", str(data), "--out", str(tmp_path / "ref"), *RESUME_OVERRIDES]) == 0
+    out = tmp_path / "killed"
+    ckpt = tmp_path / "killed.checkpoint" / CHECKPOINT_FILE
+    cmd = [sys.executable, "-m", "compressor", "train-teacher", "-q", "--data", str(data), "--out", str(out),
+           *RESUME_OVERRIDES]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not ckpt.exists():
+            assert proc.poll() is None, f"ended before a checkpoint appeared: {proc.stderr.read()[-2000:]}"
+            assert time.time() < deadline
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    saved = torch.load(ckpt, weights_only=True)
+    assert 1 <= saved["loop"]["epoch"] < 4 and not out.exists()  # killed mid-training
+    assert main(["train-teacher", "-q", "--data", str(data), "--out", str(out), *RESUME_OVERRIDES]) == 0
+    ref, resumed = (json.loads((tmp_path / d / SUMMARY_FILE).read_text()) for d in ("ref", "killed"))
+    assert resumed["resumed_from_epoch"] == saved["loop"]["epoch"] and ref["resumed_from_epoch"] is None
+    assert resumed["best_valid"] == ref["best_valid"]
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in ref["history"]]
+    a, b = load_file(tmp_path / "ref" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not ckpt.parent.exists()  # the finished model replaces its checkpoint
+
+
+def test_a_checkpoint_of_another_config_is_refused_and_a_crafted_one_runs_nothing(tmp_path, capsys):
+    from compressor.cli import main
+    from compressor.teacher import CHECKPOINT_FILE
+    from tests.test_distill import _Payload
+
+    data = _ratings_dir(tmp_path / "data")
+    ck_dir = tmp_path / "t.checkpoint"
+    ck_dir.mkdir()
+    base = ["train-teacher", "-q", "--data", str(data), "--out", str(tmp_path / "t"), *RESUME_OVERRIDES]
+    torch.save({"fingerprint": "0" * 16, "model": {}, "optimizer": {}, "loop": {}}, ck_dir / CHECKPOINT_FILE)
+    assert main(base) == 2
+    assert "another configuration or data" in capsys.readouterr().err
+    marker = tmp_path / "pwned"
+    torch.save({"fingerprint": _Payload(marker), "model": {}, "optimizer": {}, "loop": {}}, ck_dir / CHECKPOINT_FILE)
+    assert main(base) == 2
+    assert "refused" in capsys.readouterr().err and not marker.exists()
+    assert not (tmp_path / "t").exists()

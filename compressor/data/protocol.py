@@ -117,6 +117,11 @@ def pd_unique(series) -> list:
     return pd.unique(series).tolist()
 
 
+# batches sorted together by `window_batches(group_by_length=True)`: large enough to gather the
+# short windows, small enough that batch composition stays random
+GROUP_BATCHES = 32
+
+
 def left_pad(seqs: list[np.ndarray], max_len: int) -> tuple[np.ndarray, np.ndarray]:
     """Keep the newest `max_len` tokens of each sequence and left-pad: (input_ids, attention_mask)."""
     out = np.full((len(seqs), max_len), PAD_ID, dtype=np.int64)
@@ -157,12 +162,33 @@ def training_windows(
     return windows
 
 
-def window_batches(windows: list[np.ndarray], max_len: int, batch_size: int, rng: np.random.Generator | None):
-    """Yield (input_ids, attention_mask, labels) numpy batches; labels are -100 at padding."""
+def window_batches(
+    windows: list[np.ndarray], max_len: int, batch_size: int, rng: np.random.Generator | None,
+    group_by_length: bool = False,
+):
+    """Yield (input_ids, attention_mask, labels) numpy batches; labels are -100 at padding.
+
+    With `group_by_length`, windows are sorted by length inside groups of `GROUP_BATCHES` batches
+    (the batch order is then shuffled again) and each batch is padded only to its own longest
+    window: short windows (each user's newest cut, short histories) stop costing a full `max_len`
+    of decoder compute. Dropping all-padding columns changes nothing else, since position ids
+    are derived from the attention mask (`modeling.position_ids`)."""
     order = rng.permutation(len(windows)) if rng is not None else np.arange(len(windows))
-    for a in range(0, len(order), batch_size):
-        chunk = [windows[i] for i in order[a : a + batch_size]]
-        ids, mask = left_pad([w[:-1] for w in chunk], max_len)
-        labels, lmask = left_pad([w[1:] for w in chunk], max_len)
+    if group_by_length:
+        group = batch_size * GROUP_BATCHES
+        batches = []
+        for a in range(0, len(order), group):
+            chunk = order[a : a + group]
+            chunk = chunk[np.argsort([-len(windows[i]) for i in chunk], kind="stable")]
+            batches += [chunk[b : b + batch_size] for b in range(0, len(chunk), batch_size)]
+        if rng is not None:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+    else:
+        batches = [order[a : a + batch_size] for a in range(0, len(order), batch_size)]
+    for idx in batches:
+        chunk = [windows[i] for i in idx]
+        width = min(max_len, max(len(w) for w in chunk) - 1) if group_by_length else max_len
+        ids, mask = left_pad([w[:-1] for w in chunk], width)
+        labels, lmask = left_pad([w[1:] for w in chunk], width)
         labels[lmask == 0] = -100
         yield ids, mask, labels

@@ -26,7 +26,8 @@ class DistillConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     method: str = Field("fisher_ld", description="a key of compressor.distill.LOSSES")
     alpha: float = Field(0.3, ge=0, description="weight of the task loss (full-softmax next-item CE)")
-    beta: float = Field(0.4, ge=0, description="weight of T²·KL(teacher ‖ student) on the item logits")
+    beta: float = Field(0.4, ge=0, description="weight of T²·KL(teacher ‖ student) on the item logits (and of "
+                        "the terms dkd and ranking_kd put in its place)")
     gamma: float = Field(0.25, ge=0, description="weight of the intermediate (layer/attention) term")
     lam: float = Field(0.05, ge=0, description="weight of the L2 term (see `l2`)")
     l2: Literal["drift", "weights", "none"] = Field(
@@ -42,6 +43,24 @@ class DistillConfig(BaseModel):
         "student's loss fell 0.7% in 10 steps instead of 17%)",
     )
     temperature: float = Field(4.0, gt=0)
+    rkd_distance: float = Field(
+        7.5, ge=0, description="rkd: weight of the distance-wise term (Huber on mean-normalised pairwise "
+        "distances of the query vectors); the paper's λ_D = 25 beside a task weight of 1, times alpha "
+        "(0.3) so the ratio to the task loss is the paper's")
+    rkd_angle: float = Field(
+        15.0, ge=0, description="rkd: weight of the angle-wise term (Huber on triplet-angle cosines); "
+        "the paper's λ_A = 50 times alpha, as rkd_distance")
+    dkd_alpha: float = Field(
+        1.0, ge=0, description="dkd: weight of target-class KD (target vs rest), times beta; the paper's α")
+    dkd_beta: float = Field(
+        8.0, ge=0, description="dkd: weight of non-target-class KD (the distribution over the other items), "
+        "times beta; the paper's β for CIFAR-100 (with T = 4, our `temperature`)")
+    rank_k: int = Field(
+        10, ge=1, description="ranking_kd: how many of the teacher's top items the student learns to rank "
+        "(10 = the list NDCG@10 and HR@10 score)")
+    rank_temperature: float = Field(
+        1.0, gt=0, description="ranking_kd: softmax temperature τ of the listwise term (× τ²); 1 keeps "
+        "the margins between the teacher's top items, which a higher τ flattens")
     layer_loss: Literal["mse", "relative"] = Field(
         "mse", description="the layer term of fisher_ld / fisher_ld_static / uniform_ld: mse = mean "
         "(h_T − Adapt(h_S))² (the paper's form); relative = ‖h_T − Adapt(h_S)‖² / ‖h_T‖² per position, "
@@ -89,6 +108,9 @@ class DistillConfig(BaseModel):
         if v.random_windows:
             raise ValueError("train.random_windows is for teacher training: distillation caches the "
                              "teacher's outputs per fixed window")
+        if v.parallel == "fsdp":
+            raise ValueError("train.parallel=fsdp is for teacher training: distillation runs DDP (the "
+                             "student is the small model; the frozen teacher is replicated on every rank)")
         return v
 
     @field_validator("method")

@@ -14,12 +14,18 @@ same thing everywhere, so methods differ only in the knowledge they transfer:
     minilm              α·CE + β·KD + γ·(attention KL + value-relation KL), last layers only
     pkd                 α·CE + β·KD + γ·‖h/‖h‖ − h'/‖h'‖‖² over mapped layers but the last
     tinybert            α·CE + β·KD + γ·(embedding MSE + hidden MSE + attention MSE)
+    rkd                 α·CE + λ_D·RKD-D + λ_A·RKD-A on the query vectors  (Park et al. 2019)
+    dkd                 α·CE + β·(a·TCKD + b·NCKD)                         (Zhao et al. 2022)
+    ranking_kd          α·CE + β·τ²·KL of top-k ListNet probabilities      (after Tang & Wang 2018)
 
 CE is the full-softmax next-item cross-entropy at every real position; KD = T²·KL(teacher ‖
 student) of the item distributions at temperature T at the same positions; MSE_i is the mean
 over real positions and hidden units of (h^T_{map[i]} − Adapt_i(h^S_i))², hidden states being
 the raw layer outputs (before the final norm); L2 is set by `DistillConfig.l2` and, by
-default, applied decoupled from Adam (`DistillConfig.l2_mode`).
+default, applied decoupled from Adam (`DistillConfig.l2_mode`). The query vector is each
+history's final hidden state (after the final norm) at its last position: what the item head
+scores and what serving searches with. The terms of the last three methods are in
+`output_terms.py`; DKD and ranking_kd rewrite the logit term, so they take KD's weight β.
 """
 
 from __future__ import annotations
@@ -31,6 +37,13 @@ import torch.nn.functional as F
 
 from compressor.distill.features import Features, Request
 from compressor.distill.mapping import Adapters
+from compressor.distill.output_terms import (
+    dkd_terms,
+    last_positions,
+    rkd_angle,
+    rkd_distance,
+    topk_listnet,
+)
 from compressor.errors import CompressorError
 
 
@@ -44,6 +57,7 @@ class Batch:
     t_logits: torch.Tensor | None  # (N, items) teacher logits, same rows
     s: Features
     t: Features | None
+    target: torch.Tensor | None = None  # (N,) the true next item of each row, an index into the logits
 
 
 @dataclass
@@ -279,6 +293,51 @@ class TinyBERT(DistillLoss):
                 "attention": (ctx.cfg.gamma, att)}
 
 
+class RKD(DistillLoss):
+    """Relational KD (Park et al., CVPR 2019), RKD-DA: the student's query vectors of the histories
+    in a batch keep the teacher's pairwise distances (normalised by their mean) and triplet angles;
+    no KD term, as the paper's RKD-DA. Relations, not coordinates, are matched, so a narrower
+    student needs no Adapt projection."""
+
+    def terms(self, b, ctx):
+        t, s = last_positions(b.t.last, b.mask), last_positions(b.s.last, b.mask)
+        return {"task": (ctx.cfg.alpha, b.task), "rkd_distance": (ctx.cfg.rkd_distance, rkd_distance(t, s)),
+                "rkd_angle": (ctx.cfg.rkd_angle, rkd_angle(t, s))}
+
+
+class DKD(DistillLoss):
+    """Decoupled KD (Zhao et al., CVPR 2022) over the catalogue softmax at every label position,
+    target = the true next item: KD split into its target-vs-rest part (TCKD) and its
+    distribution over the other items (NCKD), weighted separately (`dkd_alpha`, `dkd_beta`)."""
+
+    def terms(self, b, ctx):
+        if b.target is None:
+            raise CompressorError("dkd needs the true next item of each row (Batch.target)")
+        tckd, nckd = dkd_terms(b.s_logits, b.t_logits, b.target, ctx.cfg.temperature)
+        c = ctx.cfg
+        return {"task": (c.alpha, b.task), "tckd": (c.beta * c.dkd_alpha, tckd), "nckd": (c.beta * c.dkd_beta, nckd)}
+
+
+class RankingKD(DistillLoss):
+    """Listwise ranking distillation: at every label position the student learns the teacher's
+    top-k items, their order and margins, and their total against the rest of the catalogue
+    (ListNet top-one probabilities over those k items plus one "rest" class; `topk_listnet`).
+
+    Why this variant. Tang & Wang (KDD 2018) treat the teacher's top-k as extra, rank-weighted
+    positives; listwise successors (e.g. DE-RRD's Plackett-Luce, Kang et al. 2020) keep the order.
+    A Plackett-Luce (ListMLE) likelihood of the teacher's order has no minimum at the teacher: it
+    keeps rewarding a student that is ever more confident in the order of a teacher whose own top
+    10 is mostly wrong (test NDCG@10 ≈ 0.05 here). ListNet's KL has its minimum exactly at the
+    teacher's scores, so the student copies the teacher's confidence, not more. Plain ListNet over
+    the k items alone is shift-invariant, so all k could sink below the rest of the catalogue at
+    no cost; the "rest" class is what makes the k items positives, as in Tang & Wang."""
+
+    def terms(self, b, ctx):
+        c = ctx.cfg
+        rank = topk_listnet(b.s_logits, b.t_logits, c.rank_k, c.rank_temperature)
+        return {"task": (c.alpha, b.task), "ranking": (c.beta, rank)}
+
+
 LOSSES: dict[str, DistillLoss] = {
     "fisher_ld": FisherLD(),
     "fisher_ld_static": FisherLDStatic(),
@@ -290,6 +349,9 @@ LOSSES: dict[str, DistillLoss] = {
     "minilm": MiniLM(),
     "pkd": PKD(),
     "tinybert": TinyBERT(),
+    "rkd": RKD(),
+    "dkd": DKD(),
+    "ranking_kd": RankingKD(),
 }
 
 

@@ -122,12 +122,13 @@ class Distiller:
         tf = self.teacher_features(idx, ids, mask) if self.loss.uses_teacher else None
         sf = extract(self.student, ids, mask, self.s_req)
         s_logits = self.student.get_output_embeddings()(sf.last[keep])[:, ns:]  # padding is never a target
-        task = F.cross_entropy(s_logits, labels[keep] - ns)
+        target = labels[keep] - ns  # the true next item of each row, an index into the logits
+        task = F.cross_entropy(s_logits, target)
         t_logits = None
         if tf is not None:
             with torch.no_grad():
                 t_logits = self.teacher.get_output_embeddings()(tf.last[keep])[:, ns:]
-        total, terms = self.loss(Batch(keep, task, s_logits, t_logits, sf, tf), self.ctx)
+        total, terms = self.loss(Batch(keep, task, s_logits, t_logits, sf, tf, target), self.ctx)
         return total, terms, task
 
     def step(self, idx: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> dict:

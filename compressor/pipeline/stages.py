@@ -149,8 +149,10 @@ def stage_teacher(ctx: Context) -> TrainedTeacher:
         return TrainedTeacher(model=src, max_len=model_max_len(model), num_layers=model.config.num_hidden_layers,
                               training={"given": True, "seconds_per_epoch": summary.get("seconds_per_epoch")})
     ctx.data = ctx.cfg.data.load()
-    model, summary = train_teacher(ctx.data, tcfg, ctx.path("models/teacher"))
-    keep = ("epochs_run", "stop_reason", "best_valid", "train_seconds", "seconds_per_epoch", "parameters")
+    model, summary = train_teacher(ctx.data, tcfg, ctx.path("models/teacher"),
+                                   checkpoint_dir=ctx.work_dir("checkpoints/teacher"))  # resumable
+    keep = ("epochs_run", "stop_reason", "best_valid", "train_seconds", "seconds_per_epoch", "parameters",
+            "world_size", "parallel", "resumed_from_epoch")
     return TrainedTeacher(model=Path("models/teacher"), max_len=tcfg.max_len,
                           num_layers=model.config.num_hidden_layers,
                           training={"device": summary["device"], **{k: summary[k] for k in keep}})
