@@ -101,4 +101,5 @@ def test_cpu_trains_in_fp32_and_says_so():
     cpu = torch.device("cpu")
     with autocast(cpu, "bf16"):  # bf16 is for CUDA devices that support it; never on the CPU
         assert not torch.is_autocast_enabled("cpu") and (torch.ones(2) @ torch.ones(2)).dtype == torch.float32
-    assert device_description(cpu) == f"cpu ({torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    assert device_description(cpu) == f"cpu ({n} thread{'' if n == 1 else 's'})"
