@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from compressor.atomic import atomic_path
 from compressor.errors import CompressorError
 
 
@@ -99,9 +100,8 @@ class EarlyStopping:
 
 def save_checkpoint(obj: dict, path: Path) -> None:
     """Write atomically (temp file, then rename): a kill mid-write leaves the previous checkpoint."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def read_checkpoint(path: Path, device, required: set[str], what: str) -> dict:

@@ -39,7 +39,7 @@ def test_smoke_run_writes_verified_artifacts_and_a_measured_report(smoke_run):
     # every served graph timed at every batch size, the ratios computed from those medians (the
     # speedup itself depends on the machine's load, so it is not asserted here)
     timing = report["speed"]["timing"]
-    assert set(timing) == {"teacher", "student", "student (int8)"}
+    assert set(timing) == {"teacher", "teacher (int8)", "student", "student (int8)"}  # export.quantize: int8
     assert all(set(t) == {"batch_1", "batch_64"} for t in timing.values())
     for name, batches in report["speed"]["vs_teacher"].items():
         for b, ratio in batches.items():

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from compressor.atomic import atomic_path, atomic_write, atomic_write_json
+from compressor.atomic import atomic_write, atomic_write_json
 from compressor.config import dump_config
 from compressor.data.protocol import RecData, left_pad, training_windows
 from compressor.distill.config import DistillConfig
@@ -31,7 +31,7 @@ from compressor.evaluate import evaluate_model
 from compressor.fisher import estimate_layer_fisher
 from compressor.modeling import model_max_len, pick_device, save_model, set_recsys_meta
 from compressor.teacher import next_item_loss
-from compressor.training import EarlyStopping, read_checkpoint, set_seed
+from compressor.training import EarlyStopping, read_checkpoint, save_checkpoint, set_seed
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "train_log.jsonl"
@@ -97,16 +97,6 @@ def teacher_fisher(teacher, cfg: DistillConfig, importance: dict | None, windows
     return estimate_layer_fisher(teacher, batches, next_item_loss), f"estimated ({len(batches)} batches)"
 
 
-def load_checkpoint(path: Path, device) -> dict:
-    """Read a distillation resume checkpoint without executing anything it contains."""
-    return read_checkpoint(path, device, {"config", "distiller", "loop"}, "distillation")
-
-
-def _atomic_save(obj, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
 def _resume_log(path: Path, step: int) -> None:
     """Keep the log rows up to the checkpoint's step (a resumed run rewrites what came after)."""
     if not path.exists():
@@ -148,7 +138,8 @@ def distill(teacher: PreTrainedModel, student: PreTrainedModel, data: RecData, c
         raise CompressorError(f"{data.name}: no training windows")
     steps_per_epoch = math.ceil(len(windows) / t.batch_size)
     ckpt_path, log_path = out / CHECKPOINT, out / LOG
-    ck = load_checkpoint(ckpt_path, device) if resume and ckpt_path.exists() else None
+    ck = (read_checkpoint(ckpt_path, device, {"config", "distiller", "loop"}, "distillation")
+          if resume and ckpt_path.exists() else None)
     if ck is not None and (diff := _config_diff(ck["config"], cfg)):
         raise CompressorError(f"{ckpt_path}: written with a different config ({', '.join(diff)}); "
                               "use another --out or drop --resume")
@@ -201,7 +192,7 @@ def distill(teacher: PreTrainedModel, student: PreTrainedModel, data: RecData, c
         def checkpoint() -> None:
             nonlocal last_checkpoint
             last_checkpoint = time.time()
-            _atomic_save({"config": cfg.model_dump(mode="json"), "method": cfg.method, "distiller": d.state_dict(),
+            save_checkpoint({"config": cfg.model_dump(mode="json"), "method": cfg.method, "distiller": d.state_dict(),
                           "stopper": stopper.state_dict(), "torch_rng": torch.get_rng_state(), "loop": dict(st),
                           "layer_map": d.layer_map, "fisher_source": fisher_source,
                           "fisher_scores": None if scores is None else scores.tolist()},

@@ -1,0 +1,105 @@
+"""compressor.training: the schedule's values, early stopping, the optimiser's parameter groups,
+seeding. Worked by hand on tiny models."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from compressor.teacher import build_teacher
+from compressor.training import (
+    EarlyStopping,
+    autocast,
+    cosine_schedule,
+    device_description,
+    make_optimizer,
+    set_seed,
+)
+from tests.conftest import tiny_teacher_config
+
+
+def _rates(total: int, warmup: int) -> list[float]:
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = cosine_schedule(opt, total, warmup)
+    rates = []
+    for _ in range(total + 2):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return rates
+
+
+def test_cosine_schedule_warms_up_linearly_then_decays_to_a_tenth():
+    rates = _rates(total=14, warmup=4)
+    assert rates[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])  # (step + 1) / warmup
+    # after warm-up: 0.1 + 0.9 * (1 + cos(pi * progress)) / 2, progress = (step - 4) / 10
+    assert rates[4] == pytest.approx(1.0) and rates[9] == pytest.approx(0.55)
+    assert rates[14] == pytest.approx(0.1) and rates[15] == pytest.approx(0.1)  # held at the floor
+    for step in range(4, 15):
+        assert rates[step] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * (step - 4) / 10)))
+
+
+def test_cosine_schedule_without_warmup_starts_at_the_peak():
+    assert _rates(total=4, warmup=0)[:5] == pytest.approx([1.0, 0.8682, 0.55, 0.2318, 0.1], abs=1e-4)
+
+
+def test_early_stopping_counts_rounds_without_gain():
+    stop = EarlyStopping(patience=1)
+    verdicts = [(stop.step(v), stop.improved) for v in (0.1, 0.2, 0.2, 0.3, 0.25, 0.25)]
+    # equal is not better; stop when patience (1) is exceeded: the second round without gain
+    assert verdicts == [(False, True), (False, True), (False, False), (False, True), (False, False), (True, False)]
+    assert stop.best == 0.3
+
+
+def test_early_stopping_on_a_loss_and_its_state_round_trip():
+    stop = EarlyStopping(patience=0, higher_is_better=False)
+    assert not stop.step(2.0) and not stop.step(1.5) and stop.improved
+    saved = stop.state_dict()
+    again = EarlyStopping(patience=0, higher_is_better=False)
+    again.load_state_dict(saved)
+    assert again.step(1.7) and not again.improved  # a higher loss: no gain, patience 0 is out
+
+
+def test_optimizer_decays_matrices_only_and_gives_the_item_table_its_own_rate(tiny_data):
+    model = build_teacher(tiny_teacher_config(), tiny_data.vocab)  # tied head: one table
+    frozen = model.model.layers[0].mlp.up_proj.weight
+    frozen.requires_grad_(False)
+    opt = make_optimizer(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.98), embedding_lr=1e-2)
+    table, decay, no_decay = opt.param_groups
+    assert table["params"] == [model.get_input_embeddings().weight] and table["lr"] == 1e-2
+    assert decay["lr"] == no_decay["lr"] == 1e-3 and (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    grouped = [id(p) for g in opt.param_groups for p in g["params"]]
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert len(grouped) == len(set(grouped)) and set(grouped) == trainable and id(frozen) not in grouped
+    plain = make_optimizer(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.98))
+    assert len(plain.param_groups) == 2  # without embedding_lr the table decays with the matrices
+    assert any(p is model.get_input_embeddings().weight for p in plain.param_groups[0]["params"])
+    assert plain.defaults["betas"] == (0.9, 0.98)
+
+
+def test_the_same_seed_gives_the_same_draws_and_the_same_model(tiny_data):
+    def draws():
+        return random.random(), float(np.random.rand()), float(torch.rand(1))
+
+    set_seed(7)
+    first = draws()
+    set_seed(7)
+    assert draws() == first
+    set_seed(8)
+    assert draws() != first
+    a, b = (build_teacher(tiny_teacher_config(), tiny_data.vocab, seed=3) for _ in range(2))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+def test_cpu_trains_in_fp32_and_says_so():
+    cpu = torch.device("cpu")
+    with autocast(cpu, "bf16"):  # bf16 is for CUDA devices that support it; never on the CPU
+        assert not torch.is_autocast_enabled("cpu") and (torch.ones(2) @ torch.ones(2)).dtype == torch.float32
+    n = torch.get_num_threads()
+    assert device_description(cpu) == f"cpu ({n} thread{'' if n == 1 else 's'})"
