@@ -36,6 +36,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from compressor import distributed as dist
 from compressor import stages
 from compressor.config import dump_config
 from compressor.data.protocol import RecData, prepare
@@ -51,6 +52,8 @@ from compressor.teacher import TeacherConfig
 
 LOG = logging.getLogger("compressor").info
 STAGES = ("teacher", "importance", "truncate", "prune", "lowrank", "distill", "export", "evaluate", "speed", "report")
+# Under torchrun these stages run on every rank (data-parallel inside); the others on rank 0 alone.
+DATA_PARALLEL_STAGES = ("teacher", "importance", "distill")
 
 
 class DataConfig(BaseModel):
@@ -230,12 +233,16 @@ class Context:
         so a checkpoint in it resumes), emptied when the fingerprint changed, since partial work
         there then belongs to another configuration or another input."""
         d = self.path(rel)
-        marker = d / ".stage_fingerprint"
-        if d.exists() and (not marker.exists() or marker.read_text() != self.fingerprint):
-            self.log(f"{d}: partial work from another configuration or input, starting over")
-            shutil.rmtree(d)
-        d.mkdir(parents=True, exist_ok=True)
-        marker.write_text(self.fingerprint or "")
+
+        def prepare() -> None:
+            marker = d / ".stage_fingerprint"
+            if d.exists() and (not marker.exists() or marker.read_text() != self.fingerprint):
+                self.log(f"{d}: partial work from another configuration or input, starting over")
+                shutil.rmtree(d)
+            d.mkdir(parents=True, exist_ok=True)
+            marker.write_text(self.fingerprint or "")
+
+        dist.on_main(prepare)  # under torchrun: rank 0 prepares it while the others wait
         return d
 
     def output(self, stage: str, key: str) -> Path:
@@ -308,16 +315,21 @@ def run_stage(ctx: Context, name: str, config: BaseModel | dict | None, upstream
     ctx.log(f"[{name}] running")
     ctx.fingerprint = fp
     t0 = time.time()
-    outputs, summary = fn(ctx)
+    outputs, summary = fn(ctx) if name in DATA_PARALLEL_STAGES else dist.on_main(fn, ctx)
     rec = StageRecord(name, fp, round(time.time() - t0, 2), outputs, summary,
                       finished_at=datetime.now(UTC).isoformat(timespec="seconds"))
-    p = _record_path(ctx.run_dir, name)
+    rec = dist.on_main(_save_record, ctx.run_dir, rec)  # every rank holds rank 0's record
+    ctx.records[name] = rec
+    ctx.log(f"[{name}] done in {rec.seconds:.1f} s")
+    return rec
+
+
+def _save_record(run_dir: Path, rec: StageRecord) -> StageRecord:
+    p = _record_path(run_dir, rec.name)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(rec.to_json(), indent=2, default=str))
     tmp.replace(p)
-    ctx.records[name] = rec
-    ctx.log(f"[{name}] done in {rec.seconds:.1f} s")
     return rec
 
 
@@ -332,6 +344,7 @@ def run(cfg: RunConfig, run_dir: str | Path, log: Callable[[str], None] = LOG,
         if name not in STAGES:
             raise CompressorError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
     created = not run_dir.exists()
+    dist.barrier()  # every rank has looked before any creates it
     run_dir.mkdir(parents=True, exist_ok=True)
     ctx = Context(cfg, run_dir, log=log)
     try:
@@ -344,9 +357,13 @@ def run(cfg: RunConfig, run_dir: str | Path, log: Callable[[str], None] = LOG,
 
 def _run_stages(ctx: Context, force: list[str] | None) -> dict[str, StageRecord]:
     cfg, run_dir = ctx.cfg, ctx.run_dir
-    for name in force or []:
-        _record_path(run_dir, name).unlink(missing_ok=True)
-    dump_config(cfg, run_dir / "config.yaml")
+
+    def prepare() -> None:
+        for name in force or []:
+            _record_path(run_dir, name).unlink(missing_ok=True)
+        dump_config(cfg, run_dir / "config.yaml")
+
+    dist.on_main(prepare)  # under torchrun: rank 0 writes, the others wait
     run_stage(ctx, "teacher", cfg.teacher.model_dump(mode="json") | {"data": cfg.data.model_dump()}, [], stages.stage_teacher)
     needs_importance = cfg.selection.layers is None
     if needs_importance:

@@ -45,6 +45,7 @@ def stage_teacher(ctx: Context) -> tuple[dict, dict]:
 
 
 def stage_importance(ctx: Context) -> tuple[dict, dict]:
+    from compressor.distributed import world_size
     from compressor.importance import run_importance, write_importance
     from compressor.modeling import load_model
 
@@ -57,6 +58,7 @@ def stage_importance(ctx: Context) -> tuple[dict, dict]:
     return {"importance": "importance/importance.json"}, {
         "spearman_vs_ablation": result.spearman,
         "seconds": {n: s.seconds for n, s in result.methods.items()},
+        "world_size": world_size(),  # torchrun ranks the Fisher sums were split over
     }
 
 

@@ -246,8 +246,10 @@ def train_recommender(
     resumed_from = first_epoch or None
 
     def checkpoint(state: dict | None) -> None:
-        """Everything a resume needs; the states are gathered on every rank, written by rank 0."""
-        state = state if state is not None else par.full_state()
+        """Everything a resume needs; the states are gathered on every rank, written by rank 0.
+        `state`: the model's, gathered already under FSDP (None on ranks other than 0)."""
+        if not sharded:
+            state = par.full_state()
         optimizer = par.optimizer_state(opt)
         rngs = dist.all_gather_object(rng_state())
         if dist.is_main():

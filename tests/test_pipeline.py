@@ -99,6 +99,31 @@ def test_killed_run_resumes_and_finishes(tmp_path):
     verify_artifact(run_dir / "student")
 
 
+def test_two_torchrun_processes_write_the_same_layout_and_record_their_world_size(smoke_run, tmp_path):
+    """`torchrun --nproc_per_node 2 -m compressor run` (gloo on CPU): teacher, importance and
+    distillation data-parallel, the other stages on rank 0; the same files as one process."""
+    from tests.test_distributed import torchrun
+
+    run_dir = tmp_path / "two"
+    proc = torchrun("-m", "compressor", "run", "--config", str(SMOKE), "--out", str(run_dir), *FAST)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def layout(d: Path) -> list[str]:
+        return sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())
+
+    assert layout(run_dir) == layout(smoke_run[0])
+    records = {n: json.loads((run_dir / "stages" / f"{n}.json").read_text()) for n in STAGES}
+    assert {n: records[n]["summary"].get("world_size") for n in ("teacher", "importance", "distill")} == \
+        {"teacher": 2, "importance": 2, "distill": 2}
+    assert records["teacher"]["summary"]["parallel"] == "ddp"
+    assert json.loads((run_dir / "importance" / "importance.json").read_text())["methods"]["fisher"]["detail"]["processes"] == 2
+    verify_artifact(run_dir / "teacher")
+    verify_artifact(run_dir / "student")
+    md = (run_dir / "report.md").read_text()
+    assert "2 data-parallel processes (ddp)" in md and "2 data-parallel processes, stop" in md
+    assert proc.stderr.count("[teacher] running") == 1  # rank 0 reports; rank 1 only warns
+
+
 def test_bad_configs_are_one_line_errors(tmp_path):
     with pytest.raises(CompressorError, match="teacher.num_layerz"):
         load_config(RunConfig, SMOKE, ["teacher.num_layerz=3"])

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
+from compressor import distributed as dist
 from compressor.fisher import (
     ProbeSet,
     depth_bias_factors,
@@ -41,6 +42,7 @@ def fisher(model: PreTrainedModel, probe: ProbeSet, cfg: ImportanceConfig) -> La
         "groups": lf.groups,
         "w_final": fisher_layer_weights(traces, opts.gamma, opts.depth_bias, opts.beta, opts.delta),
         "options": opts.model_dump(),
+        "processes": dist.world_size(),  # torchrun ranks the samples were split over
     }
     return LayerScores("fisher", scores, normalise(scores).tolist(), time.perf_counter() - t0, len(probe), detail)
 
