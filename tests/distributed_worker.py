@@ -20,7 +20,7 @@ from compressor.data.protocol import training_windows, window_batches
 from compressor.errors import CompressorError
 from compressor.fisher import ProbeSet, estimate_layer_fisher, layer_traces, parameter_fisher
 from compressor.modeling import decoder_parts, load_model
-from compressor.teacher import NextItemLoss, build_teacher, next_item_loss
+from compressor.teacher import NextItemLoss, build_teacher
 from compressor.training import make_optimizer
 from tests.conftest import tiny_interactions, tiny_teacher_config
 
