@@ -161,7 +161,11 @@ def squared_gradients(model: PreTrainedModel, probe: ProbeSet, params: dict[str,
     output head is applied as it is, so a tied item table's head path would be missed.
 
     Under torchrun each rank takes every world-size-th batch and the sums and counts are
-    all-reduced: N ranks on S samples give what one process gives on the same S samples."""
+    all-reduced: N ranks on S samples give what one process gives on the same S samples.
+
+    Always fp32, also on a GPU with bf16: autocast under `vmap(grad(...))` is where functorch
+    has known dtype bugs (pytorch#184890: normalization layers), and these scores rank layers
+    against each other, where bf16's 8-bit mantissa would blur close ones."""
     device = next(model.parameters()).device
     sums = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()}
     chunk = _per_sample_chunk(batch_size, params) if per_sample else batch_size

@@ -38,7 +38,7 @@ def stage_teacher(ctx: Context) -> tuple[dict, dict]:
     model, summary = train_teacher(data, TeacherConfig(**tcfg.model_dump(exclude={"path"})), out,
                                    checkpoint_dir=ctx.work_dir("checkpoints/teacher"))  # resumable
     keep = ("epochs_run", "stop_reason", "best_valid", "train_seconds", "seconds_per_epoch", "parameters",
-            "world_size", "parallel", "resumed_from_epoch")
+            "precision", "world_size", "parallel", "resumed_from_epoch")
     # the model's own depth: a pretrained LLM's is its own, not the config's num_layers
     return {"model": "models/teacher"}, {"max_len": tcfg.max_len, "num_layers": model.config.num_hidden_layers,
                                          "device": summary["device"], **{k: summary[k] for k in keep}}

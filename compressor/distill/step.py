@@ -22,7 +22,7 @@ from compressor.distill.fisher_weights import LayerWeights, mapped_weights
 from compressor.distill.losses import Batch, Context, get_loss
 from compressor.distill.mapping import Adapters, resolve_layer_map
 from compressor.fisher import grad_traces, layer_params
-from compressor.training import cosine_schedule, make_optimizer
+from compressor.training import autocast, cosine_schedule, make_optimizer
 
 
 @contextmanager
@@ -154,7 +154,8 @@ class Distiller:
         t0 = time.perf_counter()
         self.student.train()
         self.adapters.train()
-        total, terms, task = self.net(idx, ids, mask, labels)
+        with autocast(self.device, self.cfg.train.precision):  # bf16 on a CUDA device that has it
+            total, terms, task = self.net(idx, ids, mask, labels)
         row: dict = {}
         if self.dynamic and (self.step_n + 1) % self.cfg.ema_every == 0:
             # eq. 9: Fisher trace of each student layer from the task loss alone (extra backward).

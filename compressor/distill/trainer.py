@@ -32,7 +32,14 @@ from compressor.evaluate import evaluate_model
 from compressor.fisher import estimate_layer_fisher
 from compressor.modeling import pick_device, recsys_meta, save_model, set_recsys_meta
 from compressor.teacher import next_item_loss
-from compressor.training import EarlyStopping, read_checkpoint, save_checkpoint, set_seed
+from compressor.training import (
+    EarlyStopping,
+    autocast,
+    effective_precision,
+    read_checkpoint,
+    save_checkpoint,
+    set_seed,
+)
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "train_log.jsonl"
@@ -60,6 +67,7 @@ class DistillResult:
     log_path: Path
     model_dir: Path
     world_size: int = 1  # torchrun processes that trained it (data parallel)
+    precision: str = "fp32"  # what the steps computed in (bf16 autocast on a CUDA device that has it)
     model: PreTrainedModel | None = field(default=None, repr=False)
 
     def to_json(self) -> dict:
@@ -96,7 +104,9 @@ def teacher_fisher(teacher, cfg: DistillConfig, importance: dict | None, windows
     bs = cfg.train.batch_size
     batches = [batch_tensors(windows, order[a : a + bs], max_len, device)[1:]
                for a in range(0, min(len(order), cfg.fisher_batches * bs), bs)]
-    return estimate_layer_fisher(teacher, batches, next_item_loss), f"estimated ({len(batches)} batches)"
+    with autocast(device, cfg.train.precision):  # gradients of the fp32 parameters stay fp32
+        scores = estimate_layer_fisher(teacher, batches, next_item_loss)
+    return scores, f"estimated ({len(batches)} batches)"
 
 
 def load_checkpoint(path: Path, device) -> dict:
@@ -286,7 +296,8 @@ def distill(teacher: PreTrainedModel, student: PreTrainedModel, data: RecData, c
         seconds_per_step=st["step_time"] / max(1, steps), stop_reason=st["stop_reason"], layer_map=d.layer_map,
         layer_weights=d.weights.w.tolist(), fisher_source=fisher_source, fisher_seconds=fisher_seconds,
         log_path=log_path,
-        model_dir=out / STUDENT_DIR, world_size=dist.world_size(), model=student,
+        model_dir=out / STUDENT_DIR, world_size=dist.world_size(),
+        precision=effective_precision(device, t.precision), model=student,
     )
     summary = {**result.to_json(), "config": cfg.model_dump(mode="json"),
                "fisher_scores": None if scores is None else scores.tolist(),
