@@ -9,6 +9,7 @@ stdout. Config-taking commands accept `key=value` overrides anywhere after the c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import logging
@@ -458,6 +459,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _process_group(args: argparse.Namespace) -> contextlib.AbstractContextManager:
+    """Under torchrun (WORLD_SIZE > 1): its process group, for the commands that shard their work
+    (the others are refused there). Alone: nothing, and no torch import for commands without it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return contextlib.nullcontext()
+    from compressor.distributed import session
+
+    return session(args.command, getattr(args, "distributed", False))
+
+
 def _setup_logging(args: argparse.Namespace) -> None:
     level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
     if int(os.environ.get("RANK", "0")) > 0:  # under torchrun rank 0 reports; the others warn only
@@ -483,9 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     _setup_logging(args)
     try:
-        from compressor.distributed import session
-
-        with session(args.command, getattr(args, "distributed", False)):  # torchrun's process group
+        with _process_group(args):
             args.func(args)
     except CompressorError as e:
         print(f"compressor {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)

@@ -80,20 +80,33 @@ def test_damaged_artifact_is_a_clear_error_not_a_silent_reuse(smoke_run, tmp_pat
     verify_artifact(run_dir / "student")
 
 
-def test_killed_run_resumes_and_finishes(tmp_path):
-    run_dir = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "compressor.cli", "run", "--config", str(SMOKE), "--out", str(run_dir), *FAST]
+def _run_until(run_dir: Path, overrides: list[str], marker: Path) -> None:
+    """Start `compressor run` and SIGKILL it as soon as `marker` exists."""
+    cmd = [sys.executable, "-m", "compressor.cli", "run", "--config", str(SMOKE), "--out", str(run_dir), *overrides]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 300
-        while not (run_dir / "stages" / "truncate.json").exists():
+        while not marker.exists():
             assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
-            time.sleep(0.2)
+            time.sleep(0.05)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+
+
+def test_killed_run_resumes_and_finishes(tmp_path):
+    run_dir = tmp_path / "killed"
+    epochs = ["teacher.train.epochs=3", "teacher.train.max_minutes=null"]  # 3 epochs whatever the load
+    # killed while the teacher trains, after its first epoch's checkpoint
+    _run_until(run_dir, [*FAST, *epochs], run_dir / "checkpoints" / "teacher" / "checkpoint.pt")
+    assert not (run_dir / "stages" / "teacher.json").exists()
+    # killed again after truncation: the teacher went on from its checkpoint, not from scratch
+    _run_until(run_dir, [*FAST, *epochs], run_dir / "stages" / "truncate.json")
+    teacher = json.loads((run_dir / "stages" / "teacher.json").read_text())["summary"]
+    assert teacher["resumed_from_epoch"] >= 1 and teacher["epochs_run"] == 3
+    assert not (run_dir / "checkpoints" / "teacher" / "checkpoint.pt").exists()
     assert not (run_dir / "report.md").exists()
-    records = run(_cfg(), run_dir, log=lambda m: None)
+    records = run(_cfg(*epochs), run_dir, log=lambda m: None)
     assert records["teacher"].skipped and records["truncate"].skipped
     assert not records["report"].skipped
     verify_artifact(run_dir / "student")
