@@ -109,3 +109,13 @@ def test_an_fsdp_teacher_trains_on_two_ranks_and_saves_its_best_state(tmp_path):
     valid = prepare(str(data), vocab=vocab).split("valid")
     # the saved weights are the gathered best validation state
     assert evaluate_model(model, valid, 20).metrics["ndcg@10"] == pytest.approx(summary["best_valid"]["ndcg@10"], abs=1e-9)
+
+
+def test_the_cli_refuses_commands_that_do_not_shard_under_torchrun(monkeypatch, tmp_path, capsys):
+    from compressor.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["quantize", str(tmp_path / "m.onnx"), "--out", str(tmp_path / "q.onnx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "`compressor quantize` does not run under torchrun" in err
+    assert not list(tmp_path.iterdir())
