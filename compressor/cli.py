@@ -9,6 +9,7 @@ stdout. Config-taking commands accept `key=value` overrides anywhere after the c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import logging
@@ -32,7 +33,8 @@ DESCRIPTION = """Compress a transformer recommender and export it for serving.
   compressor run --config smoke selection.keep=1           a quick run, one field overridden
   compressor evaluate runs/default/distill/student --data ml-latest-small --against ease
 
-Steps one at a time: train-teacher, analyze, truncate, prune, distill, export, quantize.
+Steps one at a time: train-teacher, analyze, truncate, prune, distill, export, quantize;
+batch scoring: recommend. run, train-teacher and recommend also run under torchrun.
 `compressor COMMAND --help` lists a command's options. Configs: YAML files or the bundled
 names (default, smoke, pretrained_llm); override any field with key=value (e.g. distill.lam=0.1).
 Bad input prints one line and exits with code 2. TQDM_DISABLE=1 hides progress bars.
@@ -299,6 +301,20 @@ def cmd_distill(args: argparse.Namespace) -> None:
           f"NDCG@10 {r.best_valid.get('ndcg@10', 0):.4f} at step {r.best_step}, {r.seconds:.0f} s")
 
 
+def cmd_recommend(args: argparse.Namespace) -> None:
+    from compressor.artifact import load_manifest
+    from compressor.data import prepare
+    from compressor.data.vocab import ItemVocab
+    from compressor.recommend import check_options, recommend_all
+
+    check_options(args.out, args.k, args.batch_size)  # before any data is read
+    load_manifest(args.model_dir)  # an artifact directory (`compressor export`), not a checkpoint
+    data = prepare(args.data, args.format, vocab=ItemVocab.load(args.model_dir))
+    r = recommend_all(args.model_dir, data, args.k, args.out, args.batch_size, args.onnx, args.threads)
+    part = f" (part {r.rank + 1} of {r.world_size}; every rank wrote its own)" if r.world_size > 1 else ""
+    log.info(f"top-{args.k} items of {r.users:,} users written to {r.path}{part}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from compressor.select import DEFAULT_STRATEGY, SELECTION  # numpy only: --help stays quick
 
@@ -328,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_args(p)
     p.add_argument("--out", required=True, help="model directory to write")
     config_args(p, "TeacherConfig", "num_layers=4 train.epochs=2")
-    p.set_defaults(func=cmd_train_teacher)
+    p.set_defaults(func=cmd_train_teacher, distributed=True)
 
     p = command("evaluate", help="full-ranking metrics of a model directory or a baseline")
     p.add_argument("model_dir", nargs="?")
@@ -375,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (default runs/<config name>)")
     p.add_argument("--force", help="comma-separated stages to rerun even if up to date")
     config_args(p, "RunConfig (configs/default.yaml shows every field)", "distill.train.epochs=2")
-    p.set_defaults(func=cmd_run)
+    p.set_defaults(func=cmd_run, distributed=True)
 
     p = command("export", help="ONNX export + parity check -> an artifact directory serving loads")
     p.add_argument("model_dir")
@@ -408,6 +424,18 @@ def build_parser() -> argparse.ArgumentParser:
     data_args(p, required=False)
     p.set_defaults(func=cmd_truncate)
 
+    p = command("recommend", help="every user's top-k through an exported artifact (ONNX Runtime) -> Parquet")
+    p.add_argument("model_dir", help="artifact directory (from `compressor export` or a run's teacher/ or student/)")
+    data_args(p)
+    p.add_argument("--k", type=int, default=10, help="items per user (default 10), seen items excluded")
+    p.add_argument("--out", required=True, help="Parquet file to write; under torchrun each rank writes "
+                   "OUT_STEM-RRRRR-of-NNNNN.parquet beside it")
+    p.add_argument("--batch-size", type=int, default=256, help="users per ONNX Runtime call (memory: "
+                   "batch x catalogue x 4 bytes)")
+    p.add_argument("--onnx", help="graph of the artifact to run (default: its serve_model), e.g. model.int8.onnx")
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: the runtime's)")
+    p.set_defaults(func=cmd_recommend, distributed=True)
+
     p = command("distill", help="distil a teacher into a student (FISHER-LD or a baseline)")
     p.add_argument("--teacher", required=True, help="teacher model directory")
     p.add_argument("--student", required=True, help="student model directory (e.g. from `compressor truncate`)")
@@ -422,8 +450,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _process_group(args: argparse.Namespace) -> contextlib.AbstractContextManager:
+    """Under torchrun (WORLD_SIZE > 1): its process group, for the commands that shard their work
+    (the others are refused there). Alone: nothing, and no torch import for commands without it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return contextlib.nullcontext()
+    from compressor.distributed import session
+
+    return session(args.command, getattr(args, "distributed", False))
+
+
 def _setup_logging(args: argparse.Namespace) -> None:
     level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun rank 0 reports; the others warn only
+        level = max(level, logging.WARNING)
     if args.quiet:
         os.environ.setdefault("TQDM_DISABLE", "1")  # read when tqdm is first imported
     handler = logging.StreamHandler(sys.stderr)
@@ -445,7 +485,8 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     _setup_logging(args)
     try:
-        args.func(args)
+        with _process_group(args):
+            args.func(args)
     except CompressorError as e:
         print(f"compressor {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

@@ -43,8 +43,13 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+# True while rank 0 runs something alone inside `on_main`: the helpers then act as in a single
+# process, so code that shards its work (Fisher) does not wait for ranks that are not running it.
+_alone = False
+
+
 def active() -> bool:
-    return dist.is_available() and dist.is_initialized()
+    return dist.is_available() and dist.is_initialized() and not _alone
 
 
 def rank() -> int:
@@ -151,17 +156,22 @@ def broadcast_module(module: nn.Module, src: int = 0) -> None:
 
 def on_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run `fn` on rank 0 only and hand its result to every rank; the others wait (the barrier).
+    Inside `fn` this process acts alone (`active()` is False), whatever `fn` calls.
 
     When rank 0 fails, the other ranks raise a CompressorError with its message instead of
     waiting for a broadcast that never comes; rank 0 raises its own exception."""
+    global _alone
     if not active():
         return fn(*args, **kwargs)
     if is_main():
+        _alone = True
         try:
             result = fn(*args, **kwargs)
         except BaseException as e:
+            _alone = False
             broadcast_object(("error", f"{type(e).__name__}: {e}"))
             raise
+        _alone = False
         return broadcast_object(("ok", result))[1]
     status, value = broadcast_object(None)
     if status == "error":
@@ -281,7 +291,11 @@ class Parallel:
         for g in full["param_groups"]:
             groups.append({**g, "params": list(range(start, start + len(g["params"])))})
             start += len(g["params"])
-        return {"state": {position[n]: s for n, s in full["state"].items()}, "param_groups": groups}
+        # each parameter gets tensors of its own: the gathered dict may share one `step` tensor
+        # among parameters, which AdamW would then advance once per parameter sharing it
+        state = {position[n]: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
+                 for n, s in full["state"].items()}
+        return {"state": state, "param_groups": groups}
 
     def load_optimizer_state(self, opt: torch.optim.Optimizer, state: dict) -> None:
         if not self.sharded:
@@ -298,7 +312,9 @@ class Parallel:
         for g, saved in zip(opt.param_groups, state["param_groups"], strict=True):
             groups.append({**saved, "params": order[start : start + len(g["params"])]})
             start += len(g["params"])
-        named = {"state": {order[int(i)]: s for i, s in state["state"].items()}, "param_groups": groups}
+        # own tensors per parameter here too (a checkpoint written elsewhere may share them)
+        named = {"state": {order[int(i)]: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
+                           for i, s in state["state"].items()}, "param_groups": groups}
         set_optimizer_state_dict(self.module, opt, named, options=StateDictOptions(full_state_dict=True))
 
 

@@ -27,6 +27,7 @@ from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from compressor import distributed as dist
 from compressor.data.protocol import RecData, Split, left_pad
 from compressor.data.vocab import PAD_ID
 from compressor.errors import CompressorError
@@ -63,8 +64,15 @@ class ProbeSet:
     def __len__(self) -> int:
         return len(self.targets)
 
-    def batches(self, batch_size: int, device: torch.device | str = "cpu") -> Iterator[tuple[torch.Tensor, ...]]:
-        for a in range(0, len(self), batch_size):
+    def batch_starts(self, batch_size: int, sharded: bool = False) -> range:
+        """Where each batch starts; `sharded`: this rank's batches only under torchrun (every
+        world-size-th batch from its rank), so N ranks together read each batch exactly once."""
+        starts = range(0, len(self), batch_size)
+        return starts[dist.rank() :: dist.world_size()] if sharded else starts
+
+    def batches(self, batch_size: int, device: torch.device | str = "cpu",
+                sharded: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
+        for a in self.batch_starts(batch_size, sharded):
             yield (self.ids[a : a + batch_size].to(device), self.mask[a : a + batch_size].to(device),
                    self.targets[a : a + batch_size].to(device))
 
@@ -150,7 +158,14 @@ def squared_gradients(model: PreTrainedModel, probe: ProbeSet, params: dict[str,
     memory). `per_sample=False`: mean over mini-batches of the squared gradient of the batch-mean
     loss, a cheaper and noisier estimate (what Fisher-weighted unstructured pruning has used).
     Per-sample mode differentiates parameters of the decoder body (`model.base_model`): the
-    output head is applied as it is, so a tied item table's head path would be missed."""
+    output head is applied as it is, so a tied item table's head path would be missed.
+
+    Under torchrun each rank takes every world-size-th batch and the sums and counts are
+    all-reduced: N ranks on S samples give what one process gives on the same S samples.
+
+    Always fp32, also on a GPU with bf16: autocast under `vmap(grad(...))` is where functorch
+    has known dtype bugs (pytorch#184890: normalization layers), and these scores rank layers
+    against each other, where bf16's 8-bit mantissa would blur close ones."""
     device = next(model.parameters()).device
     sums = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()}
     chunk = _per_sample_chunk(batch_size, params) if per_sample else batch_size
@@ -171,8 +186,9 @@ def squared_gradients(model: PreTrainedModel, probe: ProbeSet, params: dict[str,
     n, rounds = 0, 0
     with gradients_only(model, params.values()):
         theta = {k: p.detach() for k, p in params.items()}
-        for ids, mask, targets in tqdm(probe.batches(chunk, device), desc=desc, disable=not progress,
-                                       leave=False, total=-(-len(probe) // chunk)):
+        for ids, mask, targets in tqdm(probe.batches(chunk, device, sharded=True), desc=desc,
+                                       disable=not progress or not dist.is_main(), leave=False,
+                                       total=len(probe.batch_starts(chunk, sharded=True))):
             if per_sample:
                 mask4d = attention_mask_4d(mask, next(iter(theta.values())).dtype)
                 grads = per_sample_grads(theta, ids, mask4d, position_ids(mask), targets)
@@ -185,6 +201,9 @@ def squared_gradients(model: PreTrainedModel, probe: ProbeSet, params: dict[str,
                     sums[k] += g.float().pow(2)
             n += len(targets)
             rounds += 1
+    for s in sums.values():
+        dist.all_reduce_sum(s)
+    n, rounds = (int(x) for x in dist.sum_array(np.array([n, rounds])))
     denominator = n if per_sample else rounds
     return {k: s / max(1, denominator) for k, s in sums.items()}
 
@@ -244,13 +263,16 @@ def grad_traces(loss: torch.Tensor, groups: list[list[torch.nn.Parameter]], reta
 
 def estimate_layer_fisher(model: PreTrainedModel, batches: Iterable, loss_fn: Callable) -> np.ndarray:
     """Mean per-layer trace of squared batch gradients of `loss_fn(model, *batch)` over `batches`
-    (distillation's starting weights when no importance file is given)."""
+    (distillation's starting weights when no importance file is given). Under torchrun each rank
+    takes every world-size-th batch; the sums are all-reduced (same result as one process)."""
     groups = layer_params(model)
     total, n = np.zeros(len(groups)), 0
     with gradients_only(model, [p for g in groups for p in g]):
-        for batch in batches:
+        for batch in list(batches)[dist.rank() :: dist.world_size()]:
             total += grad_traces(loss_fn(model, *batch), groups)
             n += 1
+    total = dist.sum_array(total)
+    n = int(dist.sum_array(np.array([n]))[0])
     if n == 0:
         raise CompressorError("no batches to estimate the Fisher information from")
     return total / n

@@ -211,7 +211,7 @@ def render_markdown(doc: dict) -> str:
     d = doc["distillation"]
     if d.get("method"):
         out += ["## Distillation", "", f"Method `{d['method']}`, {d.get('steps')} steps ({_fmt(d.get('epochs'), 1)} epochs, "
-                f"{_fmt(d.get('seconds'), 0)} s, stop: {d.get('stop_reason')}), best validation NDCG@10 "
+                f"{_fmt(d.get('seconds'), 0)} s{_processes(d)}, stop: {d.get('stop_reason')}), best validation NDCG@10 "
                 f"{_fmt((d.get('best_valid') or {}).get('ndcg@10'))} at step {d.get('best_step')}; layer map "
                 f"{d.get('layer_map')}, final layer weights {[round(w, 3) for w in d.get('layer_weights') or []]}.", ""]
     out += ["## Export parity (ONNX Runtime vs PyTorch, real validation histories)", ""]
@@ -239,11 +239,23 @@ def render_markdown(doc: dict) -> str:
 def _teacher_training_line(tt: dict) -> str:
     """How the teacher was trained, on what device, and whether the clock cut it short (loudly)."""
     line = (f"Teacher training: {tt.get('epochs_run')} epochs ({tt.get('stop_reason')}), "
-            f"{_fmt(tt.get('seconds_per_epoch'), 1)} s per epoch on {tt.get('device', 'an unrecorded device')}.")
+            f"{_fmt(tt.get('seconds_per_epoch'), 1)} s per epoch on {tt.get('device', 'an unrecorded device')}"
+            f"{_processes(tt)}" + (f", {tt['precision']}" if tt.get("precision") else "") + ".")
+    if tt.get("resumed_from_epoch"):
+        line += f" Resumed from its checkpoint after epoch {tt['resumed_from_epoch']}."
     if tt.get("stop_reason") == "time cap":
         line += (" **Stopped by the wall-clock cap, not by epochs or early stopping: this teacher depends on "
                  "the machine's speed.**")
     return line
+
+
+def _processes(summary: dict) -> str:
+    """`, 2 data-parallel processes (ddp)` for a torchrun stage; nothing for one process."""
+    n = summary.get("world_size") or 1
+    if n == 1:
+        return ""
+    mode = summary.get("parallel")
+    return f", {n} data-parallel processes" + (f" ({mode})" if mode else "")
 
 
 def _ratio(a, b) -> float | None:

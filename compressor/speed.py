@@ -26,8 +26,14 @@ def ort_session(path: str | Path, threads: int | None = None):
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-    return ort.InferenceSession(str(path), opts, providers=providers)
+    available = ort.get_available_providers()
+    providers: list = ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in available:
+        # under torchrun each process takes its own GPU (LOCAL_RANK); alone, GPU 0
+        gpu = {"device_id": int(os.environ.get("LOCAL_RANK", "0"))}
+        providers.insert(0, ("CUDAExecutionProvider", gpu))
+    return ort.InferenceSession(str(path), opts, providers=[p for p in providers
+                                                          if (p[0] if isinstance(p, tuple) else p) in available])
 
 
 def machine_info() -> dict:

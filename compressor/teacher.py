@@ -44,6 +44,7 @@ from compressor.training import (
     autocast,
     cosine_schedule,
     device_description,
+    effective_precision,
     make_optimizer,
     read_checkpoint,
     rng_state,
@@ -251,8 +252,10 @@ def train_recommender(
     resumed_from = first_epoch or None
 
     def checkpoint(state: dict | None) -> None:
-        """Everything a resume needs; the states are gathered on every rank, written by rank 0."""
-        state = state if state is not None else par.full_state()
+        """Everything a resume needs; the states are gathered on every rank, written by rank 0.
+        `state`: the model's, gathered already under FSDP (None on ranks other than 0)."""
+        if not sharded:
+            state = par.full_state()
         optimizer = par.optimizer_state(opt)
         rngs = dist.all_gather_object(rng_state())
         if dist.is_main():
@@ -348,6 +351,7 @@ def train_recommender(
         "train_windows": len(windows),
         "epochs_planned": train.epochs,
         "device": device_description(device),
+        "precision": effective_precision(device, train.precision),
         "world_size": dist.world_size(),
         "parallel": par.mode,
         "resumed_from_epoch": resumed_from,

@@ -39,12 +39,21 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tupl
     return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
 
-def autocast(device: torch.device, precision: str):
-    """bf16 autocast on a CUDA device that supports it (`precision` auto or bf16); fp32 elsewhere."""
+def effective_precision(device: torch.device | str, precision: str) -> str:
+    """What `autocast` gives: "bf16" on a CUDA device that supports it (`precision` auto or
+    bf16), "fp32" elsewhere (a CPU always computes in fp32 here)."""
+    use = torch.device(device).type == "cuda" and precision in ("auto", "bf16") and torch.cuda.is_bf16_supported()
+    return "bf16" if use else "fp32"
+
+
+def autocast(device: torch.device | str, precision: str):
+    """bf16 autocast on a CUDA device that supports it (`precision` auto or bf16); fp32 elsewhere.
+    Parameters, optimizer state and saved checkpoints stay fp32 either way (export reads those)."""
     import contextlib
 
-    use = device.type == "cuda" and precision in ("auto", "bf16") and torch.cuda.is_bf16_supported()
-    return torch.autocast("cuda", dtype=torch.bfloat16) if use else contextlib.nullcontext()
+    if effective_precision(device, precision) == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def device_description(device: torch.device) -> str:

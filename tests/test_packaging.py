@@ -35,7 +35,7 @@ def test_cpu_and_gpu_runtimes_are_separate_extras_and_dev_takes_the_cpu_one():
     assert _names(extras["llm"]) == {"gguf", "accelerate"}
     dev = next(r for r in extras["dev"] if r.startswith("recsys-compressor["))
     included = set(dev[dev.index("[") + 1 : dev.index("]")].split(","))
-    assert {"cpu", "serve", "bench", "llm"} <= included and "gpu" not in included
+    assert {"cpu", "serve", "bench", "llm", "parquet"} <= included and "gpu" not in included
     assert project["requires-python"] == ">=3.11"
 
 

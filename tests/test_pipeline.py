@@ -77,23 +77,61 @@ def test_damaged_artifact_is_a_clear_error_not_a_silent_reuse(smoke_run, tmp_pat
     verify_artifact(run_dir / "student")
 
 
-def test_killed_run_resumes_and_finishes(tmp_path):
-    run_dir = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "compressor.cli", "run", "--config", str(SMOKE), "--out", str(run_dir), *FAST]
+def _run_until(run_dir: Path, overrides: list[str], marker: Path) -> None:
+    """Start `compressor run` and SIGKILL it as soon as `marker` exists."""
+    cmd = [sys.executable, "-m", "compressor.cli", "run", "--config", str(SMOKE), "--out", str(run_dir), *overrides]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 300
-        while not (run_dir / "stages" / "truncate.json").exists():
+        while not marker.exists():
             assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
-            time.sleep(0.2)
+            time.sleep(0.05)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+
+
+def test_killed_run_resumes_and_finishes(tmp_path):
+    run_dir = tmp_path / "killed"
+    epochs = ["teacher.train.epochs=3", "teacher.train.max_minutes=null"]  # 3 epochs whatever the load
+    # killed while the teacher trains, after its first epoch's checkpoint
+    _run_until(run_dir, [*FAST, *epochs], run_dir / "checkpoints" / "teacher" / "checkpoint.pt")
+    assert not (run_dir / "stages" / "teacher.json").exists()
+    # killed again after truncation: the teacher went on from its checkpoint, not from scratch
+    _run_until(run_dir, [*FAST, *epochs], run_dir / "stages" / "truncate.json")
+    teacher = json.loads((run_dir / "stages" / "teacher.json").read_text())["summary"]
+    assert teacher["resumed_from_epoch"] >= 1 and teacher["epochs_run"] == 3
+    assert not (run_dir / "checkpoints" / "teacher" / "checkpoint.pt").exists()
     assert not (run_dir / "report.md").exists()
-    records = run(_cfg(), run_dir, log=lambda m: None)
+    records = run(_cfg(*epochs), run_dir, log=lambda m: None)
     assert records["teacher"].skipped and records["truncate"].skipped
     assert not records["report"].skipped
     verify_artifact(run_dir / "student")
+
+
+def test_two_torchrun_processes_write_the_same_layout_and_record_their_world_size(smoke_run, tmp_path):
+    """`torchrun --nproc_per_node 2 -m compressor run` (gloo on CPU): teacher, importance and
+    distillation data-parallel, the other stages on rank 0; the same files as one process."""
+    from tests.test_distributed import torchrun
+
+    run_dir = tmp_path / "two"
+    proc = torchrun("-m", "compressor", "run", "--config", str(SMOKE), "--out", str(run_dir), *FAST)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def layout(d: Path) -> list[str]:
+        return sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())
+
+    assert layout(run_dir) == layout(smoke_run[0])
+    records = {n: json.loads((run_dir / "stages" / f"{n}.json").read_text()) for n in STAGES}
+    assert {n: records[n]["summary"].get("world_size") for n in ("teacher", "importance", "distill")} == \
+        {"teacher": 2, "importance": 2, "distill": 2}
+    assert records["teacher"]["summary"]["parallel"] == "ddp"
+    assert json.loads((run_dir / "importance" / "importance.json").read_text())["methods"]["fisher"]["detail"]["processes"] == 2
+    verify_artifact(run_dir / "teacher")
+    verify_artifact(run_dir / "student")
+    md = (run_dir / "report.md").read_text()
+    assert "2 data-parallel processes (ddp)" in md and "2 data-parallel processes, stop" in md
+    assert proc.stderr.count("[teacher] running") == 1  # rank 0 reports; rank 1 only warns
 
 
 def test_bad_configs_are_one_line_errors(tmp_path):

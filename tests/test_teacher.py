@@ -182,3 +182,27 @@ def test_a_checkpoint_of_another_config_is_refused_and_a_crafted_one_runs_nothin
     assert main(base) == 2
     assert "refused" in capsys.readouterr().err and not marker.exists()
     assert not (tmp_path / "t").exists()
+
+
+def test_precision_is_fp32_on_a_cpu_and_bf16_autocast_on_a_cuda_device_that_has_it():
+    from compressor.training import autocast, effective_precision
+
+    cpu = torch.device("cpu")
+    assert [effective_precision(cpu, p) for p in ("auto", "bf16", "fp32")] == ["fp32"] * 3
+    with autocast(cpu, "bf16"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        gpu = torch.device("cuda")
+        assert effective_precision(gpu, "auto") == "bf16" and effective_precision(gpu, "fp32") == "fp32"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bf16_training_on_cuda_records_bf16_and_saves_fp32_weights(tiny_data, tmp_path):
+    cfg = tiny_teacher_config(num_layers=2)
+    cfg.train.epochs, cfg.train.device = 1, "cuda"
+    _, summary = train_teacher(tiny_data, cfg, tmp_path / "t")
+    expected = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    assert summary["precision"] == expected
+    model, _ = load_model(tmp_path / "t")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # what export reads: fp32

@@ -15,13 +15,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
+from compressor import distributed as dist
 from compressor.distill.config import DistillConfig
 from compressor.distill.features import TeacherCache, extract
 from compressor.distill.fisher_weights import LayerWeights, mapped_weights
 from compressor.distill.losses import Batch, Context, get_loss
 from compressor.distill.mapping import Adapters, resolve_layer_map
 from compressor.fisher import grad_traces, layer_params
-from compressor.training import cosine_schedule, make_optimizer
+from compressor.training import autocast, cosine_schedule, make_optimizer
 
 
 @contextmanager
@@ -58,6 +59,20 @@ def unique_params(model: nn.Module) -> list[nn.Parameter]:
     return list({id(p): p for p in model.parameters()}.values())
 
 
+class _Forward(nn.Module):
+    """The step's forward (both models and the loss) as one module over student and adapters:
+    DDP acts through a module's `__call__`. The frozen teacher is not a submodule, so DDP neither
+    broadcasts nor synchronises it."""
+
+    def __init__(self, trained: nn.Module, compute):
+        super().__init__()
+        self.trained = trained
+        self.compute = compute
+
+    def forward(self, *batch: torch.Tensor):
+        return self.compute(*batch)
+
+
 class Distiller:
     """Student + frozen teacher + adapters + optimiser + layer weights for one method."""
 
@@ -71,6 +86,10 @@ class Distiller:
         k = student.config.num_hidden_layers
         self.adapters = Adapters(student, teacher).to(self.device)
         self.modules = nn.ModuleDict({"student": student, "adapters": self.adapters})
+        # under torchrun: gradients all-reduced by DDP. Learnable adapters (student and teacher
+        # widths differ) may go unused by a method, which DDP must then be told to look for.
+        unused = any(p.requires_grad for p in self.adapters.parameters())
+        self.net = dist.wrap_ddp(_Forward(self.modules, self.compute), find_unused_parameters=unused)
         t = cfg.train
         self.opt = make_optimizer(self.modules, t.lr, t.weight_decay, t.betas)
         self.sched = cosine_schedule(self.opt, total_steps, t.warmup_steps)
@@ -136,11 +155,14 @@ class Distiller:
         t0 = time.perf_counter()
         self.student.train()
         self.adapters.train()
-        total, terms, task = self.compute(idx, ids, mask, labels)
+        with autocast(self.device, self.cfg.train.precision):  # bf16 on a CUDA device that has it
+            total, terms, task = self.net(idx, ids, mask, labels)
         row: dict = {}
         if self.dynamic and (self.step_n + 1) % self.cfg.ema_every == 0:
             # eq. 9: Fisher trace of each student layer from the task loss alone (extra backward).
             current = grad_traces(task, self.layer_groups, retain_graph=True)
+            # the mean over ranks (autograd.grad bypasses DDP): every rank keeps the same weights
+            current = dist.sum_array(current) / dist.world_size()
             row["weights"] = self.weights.update(current).tolist()
             self.ctx.weights = self.weights.tensor(self.device)
         self.opt.zero_grad(set_to_none=True)

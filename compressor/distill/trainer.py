@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from compressor import distributed as dist
 from compressor.atomic import atomic_write, atomic_write_json
 from compressor.config import dump_config
 from compressor.data.protocol import RecData, left_pad, training_windows
@@ -31,7 +33,14 @@ from compressor.evaluate import evaluate_model
 from compressor.fisher import estimate_layer_fisher
 from compressor.modeling import model_max_len, pick_device, save_model, set_recsys_meta
 from compressor.teacher import next_item_loss
-from compressor.training import EarlyStopping, read_checkpoint, save_checkpoint, set_seed
+from compressor.training import (
+    EarlyStopping,
+    autocast,
+    effective_precision,
+    read_checkpoint,
+    save_checkpoint,
+    set_seed,
+)
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "train_log.jsonl"
@@ -58,6 +67,8 @@ class DistillResult:
     fisher_seconds: float  # estimating the teacher's Fisher here (0 when read from importance.json)
     log_path: Path
     model_dir: Path
+    world_size: int = 1  # torchrun processes that trained it (data parallel)
+    precision: str = "fp32"  # what the steps computed in (bf16 autocast on a CUDA device that has it)
     model: PreTrainedModel | None = field(default=None, repr=False)
 
     def to_json(self) -> dict:
@@ -94,7 +105,9 @@ def teacher_fisher(teacher, cfg: DistillConfig, importance: dict | None, windows
     bs = cfg.train.batch_size
     batches = [batch_tensors(windows, order[a : a + bs], max_len, device)[1:]
                for a in range(0, min(len(order), cfg.fisher_batches * bs), bs)]
-    return estimate_layer_fisher(teacher, batches, next_item_loss), f"estimated ({len(batches)} batches)"
+    with autocast(device, cfg.train.precision):  # gradients of the fp32 parameters stay fp32
+        scores = estimate_layer_fisher(teacher, batches, next_item_loss)
+    return scores, f"estimated ({len(batches)} batches)"
 
 
 def _resume_log(path: Path, step: int) -> None:
@@ -122,7 +135,11 @@ def distill(teacher: PreTrainedModel, student: PreTrainedModel, data: RecData, c
 
     `importance`: parsed importance.json (else `cfg.importance_file`, else estimated);
     `resume`: continue from `out_dir/checkpoint.pt` if there is one; `max_steps`: stop after this
-    many optimisation steps in total (a checkpoint is written there, as at the time budget)."""
+    many optimisation steps in total (a checkpoint is written there, as at the time budget).
+
+    Under torchrun every rank trains on its share of each epoch's windows (DDP all-reduces the
+    gradients; the teacher's starting Fisher and the EMA traces are averaged over ranks); rank 0
+    validates, decides (early stopping, budgets, checkpoint times) and writes every file."""
     loss = get_loss(cfg.method)
     check_compatible(teacher, student, data)
     out = Path(out_dir)
@@ -131,12 +148,15 @@ def distill(teacher: PreTrainedModel, student: PreTrainedModel, data: RecData, c
     t = cfg.train
     device = pick_device(t.device)
     set_seed(t.seed)
+    if dist.world_size() > 1:
+        torch.manual_seed(t.seed + dist.rank())  # own dropout masks per rank
     teacher.to(device)
     student.to(device)
     windows = training_windows(data.train_sequences(), max_len, per_sequence=t.recent_windows)
     if not windows:
         raise CompressorError(f"{data.name}: no training windows")
-    steps_per_epoch = math.ceil(len(windows) / t.batch_size)
+    # each rank runs ceil(windows / ranks) windows an epoch (DistributedSampler's split)
+    steps_per_epoch = math.ceil(math.ceil(len(windows) / dist.world_size()) / t.batch_size)
     ckpt_path, log_path = out / CHECKPOINT, out / LOG
     ck = (read_checkpoint(ckpt_path, device, {"config", "distiller", "loop"}, "distillation")
           if resume and ckpt_path.exists() else None)
@@ -161,17 +181,26 @@ def distill(teacher: PreTrainedModel, student: PreTrainedModel, data: RecData, c
         if ck is not None:
             d.load_state_dict(ck["distiller"])
             stopper.load_state_dict(ck["stopper"])
-            torch.set_rng_state(ck["torch_rng"].cpu())
+            rngs = ck["torch_rng"] if isinstance(ck["torch_rng"], list) else [ck["torch_rng"]]  # one per rank
+            torch.set_rng_state(rngs[dist.rank() % len(rngs)].cpu())
             st.update(ck["loop"])
             if not st["finished"]:
                 st["stop_reason"] = "epochs"  # a budget stop is lifted by resuming
-            _resume_log(log_path, d.step_n)
-        else:
+            dist.on_main(_resume_log, log_path, d.step_n)
+        elif dist.is_main():
             log_path.write_text("")
-        dump_config(cfg, out / "distill_config.yaml")
-        log = log_path.open("a")
+        dist.on_main(dump_config, cfg, out / "distill_config.yaml")
+        # rank 0 keeps the log; the other ranks' rows (their own batches) go nowhere
+        log = log_path.open("a") if dist.is_main() else open(os.devnull, "w")  # noqa: SIM115
 
         def validate(final: bool = False) -> None:
+            """Rank 0 validates and decides; every rank learns whether training is over."""
+            if dist.is_main():
+                _validate(final)
+            st["finished"], st["stop_reason"] = dist.broadcast_object((st["finished"], st["stop_reason"]))
+            st["last_eval_step"] = d.step_n
+
+        def _validate(final: bool) -> None:
             m = evaluate_model(student, valid, max_len).metrics
             done = stopper.step(m["ndcg@10"]) if not final else False
             better = stopper.improved if not final else m["ndcg@10"] > stopper.best
@@ -190,28 +219,40 @@ def distill(teacher: PreTrainedModel, student: PreTrainedModel, data: RecData, c
         last_checkpoint = time.time()
 
         def checkpoint() -> None:
+            """Every rank calls it at the same step (its RNG state is gathered); rank 0 writes."""
             nonlocal last_checkpoint
             last_checkpoint = time.time()
-            save_checkpoint({"config": cfg.model_dump(mode="json"), "method": cfg.method, "distiller": d.state_dict(),
-                          "stopper": stopper.state_dict(), "torch_rng": torch.get_rng_state(), "loop": dict(st),
-                          "layer_map": d.layer_map, "fisher_source": fisher_source,
-                          "fisher_scores": None if scores is None else scores.tolist()},
-                         ckpt_path)
+            rngs = dist.all_gather_object(torch.get_rng_state())
+            if dist.is_main():
+                save_checkpoint({"config": cfg.model_dump(mode="json"), "method": cfg.method,
+                                 "distiller": d.state_dict(), "stopper": stopper.state_dict(), "torch_rng": rngs,
+                                 "loop": dict(st), "layer_map": d.layer_map, "fisher_source": fisher_source,
+                                 "fisher_scores": None if scores is None else scores.tolist()}, ckpt_path)
+
+        def control() -> tuple[str | None, bool]:
+            """(budget stop or None, checkpoint due by the clock), decided by rank 0's clock: ranks
+            that stopped or checkpointed at different steps would wait for each other forever."""
+            stop = None
+            if t.max_minutes is not None and (time.time() - start) / 60 > t.max_minutes:
+                stop = "time budget"
+            elif max_steps is not None and d.step_n >= max_steps:
+                stop = "step limit"
+            due = bool(cfg.checkpoint_minutes) and time.time() - last_checkpoint >= 60 * cfg.checkpoint_minutes
+            return dist.broadcast_object((stop, due)) if dist.world_size() > 1 else (stop, due)
 
         start = time.time() - st["elapsed"]
         if d.step_n == 0 and st["last_eval_step"] < 0 and cfg.eval_at_start:
             validate()
         bar = tqdm(total=steps_per_epoch * t.epochs, initial=d.step_n, desc=f"distill {cfg.method}",
-                   unit="step", disable=not progress)
+                   unit="step", disable=not progress or not dist.is_main())
         while not st["finished"] and st["epoch"] < t.epochs:
             rng.bit_generator.state = st["epoch_rng"]
-            order = rng.permutation(len(windows))
+            # every rank draws the same permutation and keeps its share of it (alone: all of it)
+            order = dist.shard(rng.permutation(len(windows)))
             for b in range(st["batch"], steps_per_epoch):
-                if t.max_minutes is not None and (time.time() - start) / 60 > t.max_minutes:
-                    st["stop_reason"] = "time budget"
-                    break
-                if max_steps is not None and d.step_n >= max_steps:
-                    st["stop_reason"] = "step limit"
+                stop, clock_due = control()
+                if stop is not None:
+                    st["stop_reason"] = stop
                     break
                 row = d.step(*batch_tensors(windows, order[b * t.batch_size : (b + 1) * t.batch_size], max_len, device))
                 st["step_time"] += row["step_seconds"]
@@ -220,7 +261,7 @@ def distill(teacher: PreTrainedModel, student: PreTrainedModel, data: RecData, c
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", best=f"{stopper.best:.4f}")
                 due = cfg.checkpoint_every and d.step_n % cfg.checkpoint_every == 0
-                if due or (cfg.checkpoint_minutes and time.time() - last_checkpoint >= 60 * cfg.checkpoint_minutes):
+                if due or clock_due:
                     st["elapsed"] = time.time() - start
                     log.flush()  # the log rows up to this step, as the checkpoint's resume keeps them
                     checkpoint()
@@ -243,6 +284,7 @@ def distill(teacher: PreTrainedModel, student: PreTrainedModel, data: RecData, c
         log.close()
     if st["best_state"] is not None:
         student.load_state_dict(st["best_state"])
+    dist.broadcast_module(student)  # rank 0 alone kept the best state
     student.eval()
     steps = d.step_n
     result = DistillResult(
@@ -251,12 +293,17 @@ def distill(teacher: PreTrainedModel, student: PreTrainedModel, data: RecData, c
         seconds_per_step=st["step_time"] / max(1, steps), stop_reason=st["stop_reason"], layer_map=d.layer_map,
         layer_weights=d.weights.w.tolist(), fisher_source=fisher_source, fisher_seconds=fisher_seconds,
         log_path=log_path,
-        model_dir=out / STUDENT_DIR, model=student,
+        model_dir=out / STUDENT_DIR, world_size=dist.world_size(),
+        precision=effective_precision(device, t.precision), model=student,
     )
     summary = {**result.to_json(), "config": cfg.model_dump(mode="json"),
                "fisher_scores": None if scores is None else scores.tolist(),
                "weights_history": d.weights.history, "train_windows": len(windows), "max_len": max_len}
     set_recsys_meta(student, kind="student", max_len=max_len, distilled_with=cfg.method)
-    save_model(student, data.vocab, out / STUDENT_DIR, {"distill_summary.json": summary})
-    atomic_write_json(out / RESULT, summary)
+
+    def save() -> None:
+        save_model(student, data.vocab, out / STUDENT_DIR, {"distill_summary.json": summary})
+        atomic_write_json(out / RESULT, summary)
+
+    dist.on_main(save)  # the other ranks wait until the student is on disk
     return result

@@ -18,6 +18,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from compressor import distributed as dist
 from compressor.atomic import atomic_write_json
 from compressor.data.protocol import RecData
 from compressor.errors import ArtifactError, CompressorError
@@ -38,6 +39,9 @@ from compressor.modeling import decoder_parts, pick_device
 from compressor.select import SELECTION, top_k
 
 IMPORTANCE_FILE = "importance.json"
+# Estimators whose sums are split over the ranks under torchrun; the others run on rank 0 alone
+# and every rank receives its result.
+DATA_PARALLEL_METHODS = ("fisher",)
 # The estimator `truncate --keep` uses when none is named. Fisher is the method under test; the
 # measurement in benchmarks/layer_selection.py says whether another one should replace it.
 DEFAULT_METHOD = "fisher"
@@ -152,8 +156,9 @@ def run_importance(model: PreTrainedModel, data: RecData, cfg: ImportanceConfig,
     todo = [m for m in cfg.methods if m != "hybrid"]
     if "hybrid" in cfg.methods:
         todo += [m for m in cfg.hybrid if m not in todo]
-    for name in tqdm(todo, desc="importance", unit="method", disable=not progress):
-        res = IMPORTANCE[name](model, ground if name == "ablation" else probe, cfg)
+    for name in tqdm(todo, desc="importance", unit="method", disable=not progress or not dist.is_main()):
+        args = (model, ground if name == "ablation" else probe, cfg)
+        res = IMPORTANCE[name](*args) if name in DATA_PARALLEL_METHODS else dist.on_main(IMPORTANCE[name], *args)
         (results if name in cfg.methods else helpers)[name] = res
     if "hybrid" in cfg.methods:
         results["hybrid"] = combine({**helpers, **results}, cfg.hybrid)
@@ -169,7 +174,12 @@ def run_importance(model: PreTrainedModel, data: RecData, cfg: ImportanceConfig,
 
 
 def write_importance(result: ImportanceResult, out_dir: str | Path) -> Path:
-    """Write `importance.json` and the PNG plots into `out_dir`; returns the JSON path."""
+    """Write `importance.json` and the PNG plots into `out_dir`; returns the JSON path.
+    Under torchrun rank 0 writes while the others wait."""
+    return dist.on_main(_write_importance, result, out_dir)
+
+
+def _write_importance(result: ImportanceResult, out_dir: str | Path) -> Path:
     from compressor.importance.plots import plot_importance
 
     out = Path(out_dir)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
+from compressor import distributed as dist
 from compressor.fisher import (
     ProbeSet,
     depth_bias_factors,
@@ -42,6 +43,7 @@ def fisher(model: PreTrainedModel, probe: ProbeSet, cfg: ImportanceConfig) -> La
         "w_final": fisher_layer_weights(traces, opts.weight_scale, opts.use_depth_bias, opts.depth_beta,
                                         opts.depth_delta),
         "options": opts.model_dump(),
+        "processes": dist.world_size(),  # torchrun ranks the samples were split over
     }
     return LayerScores("fisher", scores, normalise(scores).tolist(), time.perf_counter() - t0, len(probe), detail)
 

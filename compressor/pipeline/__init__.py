@@ -31,6 +31,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from compressor import distributed as dist
 from compressor.config import dump_config
 from compressor.errors import CompressorError
 from compressor.pipeline import stages
@@ -67,6 +68,7 @@ def run(cfg: RunConfig, run_dir: str | Path, log: Callable[[str], None] = LOG,
         if name not in STAGES:
             raise CompressorError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
     created = not run_dir.exists()
+    dist.barrier()  # every rank has looked before any creates it
     run_dir.mkdir(parents=True, exist_ok=True)
     ctx = Context(cfg, run_dir, log=log)
     try:
@@ -79,9 +81,13 @@ def run(cfg: RunConfig, run_dir: str | Path, log: Callable[[str], None] = LOG,
 
 def _run_stages(ctx: Context, force: list[str] | None) -> dict[str, StageRecord]:
     cfg, run_dir = ctx.cfg, ctx.run_dir
-    for name in force or []:
-        record_path(run_dir, name).unlink(missing_ok=True)
-    dump_config(cfg, run_dir / "config.yaml")
+
+    def prepare() -> None:
+        for name in force or []:
+            record_path(run_dir, name).unlink(missing_ok=True)
+        dump_config(cfg, run_dir / "config.yaml")
+
+    dist.on_main(prepare)  # under torchrun: rank 0 writes, the others wait
     run_stage(ctx, "teacher", cfg.teacher.model_dump(mode="json") | {"data": cfg.data.model_dump()}, [], stages.stage_teacher)
     needs_importance = cfg.selection.layers is None
     if needs_importance:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 from pydantic import BaseModel
 
+from compressor import distributed as dist
 from compressor.atomic import atomic_write_json
 from compressor.errors import ArtifactError
 
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
     from compressor.pipeline.config import RunConfig
 
 LOG = logging.getLogger("compressor").info
+# Under torchrun these stages run on every rank (data-parallel inside); the others on rank 0 alone.
+DATA_PARALLEL_STAGES = ("teacher", "importance", "distill")
 R = TypeVar("R", bound="StageResult")
 
 
@@ -113,12 +116,16 @@ class Context:
         so a checkpoint in it resumes), emptied when the fingerprint changed, since partial work
         there then belongs to another configuration or another input."""
         d = self.path(rel)
-        marker = d / ".stage_fingerprint"
-        if d.exists() and (not marker.exists() or marker.read_text() != self.fingerprint):
-            self.log(f"{d}: partial work from another configuration or input, starting over")
-            shutil.rmtree(d)
-        d.mkdir(parents=True, exist_ok=True)
-        marker.write_text(self.fingerprint or "")
+
+        def prepare() -> None:
+            marker = d / ".stage_fingerprint"
+            if d.exists() and (not marker.exists() or marker.read_text() != self.fingerprint):
+                self.log(f"{d}: partial work from another configuration or input, starting over")
+                shutil.rmtree(d)
+            d.mkdir(parents=True, exist_ok=True)
+            marker.write_text(self.fingerprint or "")
+
+        dist.on_main(prepare)  # under torchrun: rank 0 prepares it while the others wait
         return d
 
     def has(self, result_type: type[StageResult]) -> bool:
@@ -163,6 +170,11 @@ def _outputs_intact(ctx: Context, rec: StageRecord) -> None:
             raise ArtifactError(f"{p}: model directory of stage {rec.name!r} lacks its item vocabulary")
 
 
+def _save_record(run_dir: Path, rec: StageRecord) -> StageRecord:
+    atomic_write_json(record_path(run_dir, rec.name), rec.to_json())
+    return rec
+
+
 def run_stage(ctx: Context, name: str, config: BaseModel | dict | None, upstream: list[str],
               fn: Callable[[Context], StageResult]) -> StageRecord:
     """Run `fn` unless a record with the same fingerprint exists and its outputs are intact."""
@@ -183,12 +195,13 @@ def run_stage(ctx: Context, name: str, config: BaseModel | dict | None, upstream
     ctx.log(f"[{name}] running")
     ctx.fingerprint = fp
     t0 = time.time()
-    result = fn(ctx)
+    # under torchrun the data-parallel stages run on every rank, the others on rank 0 alone
+    result = fn(ctx) if name in DATA_PARALLEL_STAGES else dist.on_main(fn, ctx)
     if result.stage != name:
         raise TypeError(f"stage {name!r} returned the result of stage {result.stage!r}")
     rec = StageRecord(name, fp, round(time.time() - t0, 2), result.outputs(), result.summary(),
                       finished_at=datetime.now(UTC).isoformat(timespec="seconds"))
-    atomic_write_json(record_path(ctx.run_dir, name), rec.to_json())
+    rec = dist.on_main(_save_record, ctx.run_dir, rec)  # every rank holds rank 0's record
     ctx.records[name] = rec
     ctx.log(f"[{name}] done in {rec.seconds:.1f} s")
     return rec

@@ -35,6 +35,7 @@ class LayerImportance(StageResult):
     importance: Path = output()  # importance.json: every estimator's per-layer scores
     spearman_vs_ablation: dict
     seconds: dict
+    world_size: int = 1  # torchrun ranks the Fisher sums were split over
 
 
 @dataclass(kw_only=True)
@@ -152,13 +153,14 @@ def stage_teacher(ctx: Context) -> TrainedTeacher:
     model, summary = train_teacher(ctx.data, tcfg, ctx.path("models/teacher"),
                                    checkpoint_dir=ctx.work_dir("checkpoints/teacher"))  # resumable
     keep = ("epochs_run", "stop_reason", "best_valid", "train_seconds", "seconds_per_epoch", "parameters",
-            "world_size", "parallel", "resumed_from_epoch")
+            "precision", "world_size", "parallel", "resumed_from_epoch")
     return TrainedTeacher(model=Path("models/teacher"), max_len=tcfg.max_len,
                           num_layers=model.config.num_hidden_layers,
                           training={"device": summary["device"], **{k: summary[k] for k in keep}})
 
 
 def stage_importance(ctx: Context) -> LayerImportance:
+    from compressor.distributed import world_size
     from compressor.importance import IMPORTANCE_FILE, run_importance, write_importance
     from compressor.modeling import load_model
 
@@ -169,7 +171,7 @@ def stage_importance(ctx: Context) -> LayerImportance:
     result = run_importance(model, run_data(ctx), cfg, run_max_len(ctx))
     write_importance(result, ctx.path("importance"))
     return LayerImportance(importance=Path("importance") / IMPORTANCE_FILE, spearman_vs_ablation=result.spearman,
-                           seconds={n: s.seconds for n, s in result.methods.items()})
+                           seconds={n: s.seconds for n, s in result.methods.items()}, world_size=world_size())
 
 
 def stage_truncate(ctx: Context) -> TruncatedStudent:
