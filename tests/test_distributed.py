@@ -119,3 +119,10 @@ def test_the_cli_refuses_commands_that_do_not_shard_under_torchrun(monkeypatch, 
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "`compressor quantize` does not run under torchrun" in err
     assert not list(tmp_path.iterdir())
+
+
+def test_fsdp_is_for_teacher_training_only():
+    from compressor.distill import DistillConfig
+
+    with pytest.raises(ValueError, match="parallel=fsdp is for teacher training"):
+        DistillConfig(train={"parallel": "fsdp"})
