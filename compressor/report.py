@@ -18,6 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from compressor.atomic import atomic_write  # noqa: E402
+from compressor.importance import depth_bands, depth_shares  # noqa: E402
 
 QUALITY_KEYS = ("hr@5", "hr@10", "ndcg@5", "ndcg@10", "mrr", "coverage@10")
 
@@ -196,6 +197,12 @@ def render_markdown(doc: dict) -> str:
                 for n, v in imp["methods"].items()]
         out += [_table(["method", "Spearman vs ablation", *[f"top-{k[2:]} overlap with ablation" for k in ks],
                         "seconds", "samples", "normalised weight per layer"], rows), ""]
+        n_layers = len(next(iter(imp["methods"].values()))["weights"])
+        bands = [f"layers {b[0]}-{b[-1]}" for b in depth_bands(n_layers)]
+        out += ["Share of each method's weight by depth (do the upper layers matter more than the lower?):", "",
+                "![importance by depth](importance_by_depth.png)", "",
+                _table(["method", *bands], [[n, *[f"{v:.0%}" for v in depth_shares(m["weights"])]]
+                                            for n, m in imp["methods"].items()]), ""]
     if doc.get("pruning"):
         p = doc["pruning"]
         out += ["## Pruning", "", f"Parameters {_fmt(p.get('params_before'))} → {_fmt(p.get('params_after'))}; "
@@ -269,7 +276,7 @@ def write_report(run_dir: str | Path, cfg, records: dict) -> list[str]:
              plot_latency_vs_size(doc, run_dir / "latency_vs_size.png").name,
              plot_stage_times(doc, run_dir / "stage_times.png").name]
     importance = _output(run_dir, records, "importance", "importance")
-    for png in ("importance_by_method.png", "selected_layers.png"):
+    for png in ("importance_by_method.png", "importance_by_depth.png", "selected_layers.png"):
         src = importance.parent / png if importance is not None else None
         if src is not None and src.exists():
             shutil.copyfile(src, run_dir / png)

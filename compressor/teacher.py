@@ -123,7 +123,19 @@ class TeacherConfig(BaseModel):
     pretrained: str | None = Field(
         None, description="a local pretrained HF causal LM to adapt to the item vocabulary and fine-tune "
         "(its own sizes replace architecture/hidden_size/num_layers/...; see configs/pretrained_llm.yaml)")
+    item_init: str = Field(
+        "text", description="with `pretrained`: how the new item table starts (compressor.pretrained.ITEM_INITS): "
+        "the LLM's mean embedding of each item's text, the same centred and rescaled, or random")
     train: TrainConfig = TEACHER_TRAIN
+
+    @field_validator("item_init")
+    @classmethod
+    def _known_item_init(cls, v: str) -> str:
+        from compressor.pretrained import ITEM_INITS
+
+        if v not in ITEM_INITS:
+            raise ValueError(f"unknown item_init {v!r}; choose from {', '.join(ITEM_INITS)}")
+        return v
 
     @field_validator("train", mode="before")
     @classmethod
@@ -388,7 +400,7 @@ def train_teacher(data: RecData, cfg: TeacherConfig, out: str | Path,
         from compressor.pretrained import adapt_llm
 
         set_seed(cfg.train.seed)
-        model = adapt_llm(cfg.pretrained, data, cfg.max_len)
+        model = adapt_llm(cfg.pretrained, data, cfg.max_len, cfg.item_init)
     else:
         model = build_teacher(cfg, data.vocab, cfg.train.seed)
     summary = train_recommender(model, data, cfg.max_len, cfg.train, desc="teacher",

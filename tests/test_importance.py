@@ -22,6 +22,8 @@ from compressor.importance import (
     LayerScores,
     ProbeSet,
     combine,
+    depth_bands,
+    depth_shares,
     fisher_layer_weights,
     load_importance,
     run_importance,
@@ -240,6 +242,16 @@ def test_skipping_a_layer_equals_removing_it_for_gpt2(tiny_data):
         assert len(s.scores) == 3 and all(math.isfinite(x) for x in s.scores), name
 
 
+def test_depth_shares_split_the_weight_bottom_to_top():
+    assert [list(r) for r in depth_bands(7)] == [[0, 1, 2], [3, 4], [5, 6]]
+    assert [(r[0], r[-1]) for r in depth_bands(30)] == [(0, 9), (10, 19), (20, 29)]
+    shares = depth_shares([0.5, 0.0, 0.0, 0.1, 0.1, 0.3, 0.0])
+    assert shares == pytest.approx([0.5, 0.2, 0.3])
+    # negative scores count as no weight, as in the normalised weights
+    assert depth_shares([-1.0, 1.0, 1.0]) == pytest.approx([0.0, 0.5, 0.5])
+    assert depth_shares([0.0, 0.0, 0.0]) == [0.0, 0.0, 0.0]
+
+
 def test_config_rejects_bad_input():
     with pytest.raises(ValidationError, match="unknown importance method"):
         ImportanceConfig(methods=["fisher", "magic"])
@@ -252,7 +264,7 @@ def test_config_rejects_bad_input():
 def test_write_and_load_importance(result, tmp_path):
     path = write_importance(result, tmp_path / "imp")
     assert path.name == "importance.json"
-    for png in ("importance_by_method.png", "selected_layers.png"):
+    for png in ("importance_by_method.png", "importance_by_depth.png", "selected_layers.png"):
         assert (path.parent / png).stat().st_size > 1000
     doc = load_importance(path.parent)
     assert doc["num_layers"] == 4 and set(doc["methods"]) == set(DEFAULT_METHODS)

@@ -21,6 +21,7 @@ from compressor.cli import main
 from compressor.errors import ArtifactError
 from compressor.modeling import decoder_parts, load_model, recsys_meta
 from compressor.pretrained import (
+    ITEM_INITS,
     PACKAGED_LLMS,
     PackagedLLM,
     adapt_llm,
@@ -29,7 +30,7 @@ from compressor.pretrained import (
     resolve_pretrained,
     text_embeddings,
 )
-from compressor.teacher import train_teacher
+from compressor.teacher import TeacherConfig, train_teacher
 from tests.conftest import tiny_teacher_config
 
 
@@ -58,6 +59,31 @@ def test_llm_is_revocabularised_with_item_text_embeddings(tiny_data, tmp_path):
     original = Qwen2ForCausalLM.from_pretrained(tmp_path / "llm")
     first = text_embeddings(original, tok, [item_texts(tiny_data)[0]])[0]
     assert torch.allclose(model.get_input_embeddings().weight[tiny_data.vocab.num_special], first, atol=1e-6)
+
+
+def test_centered_item_init_removes_the_common_direction_at_the_llms_scale(tiny_data, tmp_path):
+    _fake_llm(tmp_path / "llm", tiny_data)
+    text = adapt_llm(tmp_path / "llm", tiny_data, max_len=20, item_init="text")
+    centered = adapt_llm(tmp_path / "llm", tiny_data, max_len=20, item_init="centered")
+    n = tiny_data.vocab.num_special
+    t, c = (m.get_input_embeddings().weight.detach()[n:] for m in (text, centered))
+    original = Qwen2ForCausalLM.from_pretrained(tmp_path / "llm").get_input_embeddings().weight.detach()
+    # the same rows less their mean, one scale for the table: the LLM's mean token-row norm
+    assert torch.allclose(c.mean(0), torch.zeros(c.shape[1]), atol=1e-5)
+    assert torch.isclose(c.norm(dim=1).mean(), original.norm(dim=1).mean(), rtol=1e-4)
+    scale = c.norm(dim=1).mean() / (t - t.mean(0)).norm(dim=1).mean()
+    assert torch.allclose(c, (t - t.mean(0)) * scale, atol=1e-5)
+    # mean-pooled rows share a direction; centring takes it away
+    cos = lambda x: torch.nn.functional.cosine_similarity(x[:, None], x[None], dim=-1).mean()  # noqa: E731
+    assert cos(c) < cos(t)
+    assert set(ITEM_INITS) == {"text", "centered", "random"}
+
+
+def test_unknown_item_init_is_refused(tiny_data, tmp_path):
+    with pytest.raises(ValueError, match="unknown item_init 'words'; choose from text, centered, random"):
+        TeacherConfig(item_init="words")
+    with pytest.raises(ValueError, match="unknown item_init"):
+        adapt_llm(tmp_path / "nowhere", tiny_data, max_len=20, item_init="words")
 
 
 def test_pretrained_teacher_trains_through_the_same_path(tiny_data, tmp_path):

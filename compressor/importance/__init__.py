@@ -104,6 +104,19 @@ def top_k_overlap(a, b, k: int) -> float:
     return len(set(top_k(a, k)) & set(top_k(b, k))) / k
 
 
+def depth_bands(num_layers: int, bands: int = 3) -> list[range]:
+    """Contiguous layer ranges from the bottom up, as equal as possible (30 layers: 0-9, 10-19, 20-29)."""
+    return [range(int(c[0]), int(c[-1]) + 1) for c in np.array_split(np.arange(num_layers), bands) if len(c)]
+
+
+def depth_shares(weights, bands: int = 3) -> list[float]:
+    """Share of a method's importance weight in each `depth_bands` range: whether the lower or the
+    upper layers matter more (the FISHER-LD paper's RQ2) in one number per band."""
+    w = np.clip(np.asarray(weights, dtype=np.float64), 0, None)
+    total = w.sum()
+    return [float(w[list(r)].sum() / total) if total > 0 else 0.0 for r in depth_bands(len(w), bands)]
+
+
 def default_keep(num_layers: int) -> list[int]:
     """A 25%-depth student (at least one layer, fewer than all)."""
     return [min(max(1, round(num_layers / 4)), max(1, num_layers - 1))]
@@ -249,6 +262,6 @@ def estimate(model: PreTrainedModel, data: RecData, method: str, max_len: int,
 __all__ = [
     "IMPORTANCE", "IMPORTANCE_FILE", "DEFAULT_METHOD", "ALL_METHODS", "DEFAULT_METHODS", "ImportanceConfig",
     "FisherOptions", "LayerScores", "ImportanceResult", "ProbeSet", "fisher_layer_weights",
-    "combine", "spearman", "top_k_overlap", "run_importance", "write_importance", "load_importance", "validate_importance",
+    "combine", "spearman", "top_k_overlap", "depth_bands", "depth_shares", "run_importance", "write_importance", "load_importance", "validate_importance",
     "method_scores", "estimate", "check_method", "capture_layer_io", "skip_layers", "loss_and_ndcg",
 ]

@@ -18,7 +18,8 @@ def _minmax(v) -> np.ndarray:
 
 
 def plot_importance(doc: dict, out_dir: str | Path) -> list[Path]:
-    """importance_by_method.png and selected_layers.png from an importance document (to_json shape)."""
+    """importance_by_method.png, importance_by_depth.png and selected_layers.png from an importance
+    document (to_json shape)."""
     out = Path(out_dir)
     L = doc["num_layers"]
     layers = np.arange(L)
@@ -38,6 +39,28 @@ def plot_importance(doc: dict, out_dir: str | Path) -> list[Path]:
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     paths.append(out / "importance_by_method.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    from compressor.importance import depth_bands, depth_shares
+
+    names = list(doc["methods"])
+    shares = np.array([depth_shares(doc["methods"][n]["weights"]) for n in names])
+    fig, ax = plt.subplots(figsize=(7, 0.4 * len(names) + 1.6))
+    left = np.zeros(len(names))
+    for b, band in enumerate(depth_bands(L)):
+        ax.barh(names, shares[:, b], left=left, label=f"layers {band[0]}-{band[-1]}", color=f"C{b}")
+        for i, v in enumerate(shares[:, b]):
+            if v >= 0.06:
+                ax.text(left[i] + v / 2, i, f"{v:.0%}", ha="center", va="center", fontsize=7, color="white")
+        left += shares[:, b]
+    ax.set_xlim(0, 1)
+    ax.invert_yaxis()
+    ax.set_xlabel("share of the method's importance weight")
+    ax.set_title("Where importance sits by depth (lower / middle / upper layers)")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    paths.append(out / "importance_by_depth.png")
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
 
