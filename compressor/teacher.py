@@ -89,7 +89,9 @@ class TrainConfig(BaseModel):
         False, description="batch windows of similar length together and pad each batch only to its "
         "longest window: less compute spent on padding (22% of a default teacher epoch's tokens)")
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto = bf16 autocast on a CUDA device that supports it, fp32 elsewhere")
+        "auto", description="auto = bf16 autocast on a CUDA device that supports it, fp32 elsewhere (so a "
+        "default config trains the same model on any CPU); bf16 = bf16 autocast on a CPU too (fast on CPUs with "
+        "AVX512-BF16 or AMX)")
     parallel: Literal["ddp", "fsdp"] = Field(
         "ddp", description="under torchrun: ddp = every rank holds the whole model, gradients all-reduced; "
         "fsdp = parameters, gradients and optimizer state sharded over the ranks (fully_shard per decoder "

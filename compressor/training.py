@@ -40,19 +40,27 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tupl
 
 
 def effective_precision(device: torch.device | str, precision: str) -> str:
-    """What `autocast` gives: "bf16" on a CUDA device that supports it (`precision` auto or
-    bf16), "fp32" elsewhere (a CPU always computes in fp32 here)."""
-    use = torch.device(device).type == "cuda" and precision in ("auto", "bf16") and torch.cuda.is_bf16_supported()
+    """What `autocast` gives: "bf16" on a CUDA device that supports it (`precision` auto or bf16)
+    and on a CPU when asked for explicitly (`precision: bf16`), "fp32" otherwise.
+
+    `auto` stays fp32 on a CPU so that a default config trains the same model on any CPU; a CPU
+    with native bf16 (AVX512-BF16 or AMX) runs an LLM's training step ~1.8x faster in bf16
+    (measured on SmolLM2-135M, README "The LLM teacher"), so an LLM config asks for it."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        use = precision in ("auto", "bf16") and torch.cuda.is_bf16_supported()
+    else:
+        use = kind == "cpu" and precision == "bf16"
     return "bf16" if use else "fp32"
 
 
 def autocast(device: torch.device | str, precision: str):
-    """bf16 autocast on a CUDA device that supports it (`precision` auto or bf16); fp32 elsewhere.
-    Parameters, optimizer state and saved checkpoints stay fp32 either way (export reads those)."""
+    """bf16 autocast where `effective_precision` says so; fp32 elsewhere. Parameters, optimizer
+    state and saved checkpoints stay fp32 either way (export reads those)."""
     import contextlib
 
     if effective_precision(device, precision) == "bf16":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -184,16 +185,28 @@ def test_a_checkpoint_of_another_config_is_refused_and_a_crafted_one_runs_nothin
     assert not (tmp_path / "t").exists()
 
 
-def test_precision_is_fp32_on_a_cpu_and_bf16_autocast_on_a_cuda_device_that_has_it():
+def test_precision_is_fp32_on_a_cpu_unless_asked_and_bf16_autocast_on_a_cuda_device_that_has_it():
     from compressor.training import autocast, effective_precision
 
     cpu = torch.device("cpu")
-    assert [effective_precision(cpu, p) for p in ("auto", "bf16", "fp32")] == ["fp32"] * 3
-    with autocast(cpu, "bf16"):
-        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    # auto stays fp32 on a CPU: a default config trains the same model on any CPU
+    assert [effective_precision(cpu, p) for p in ("auto", "bf16", "fp32")] == ["fp32", "bf16", "fp32"]
+    for precision, dtype in (("auto", torch.float32), ("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        with autocast(cpu, precision):
+            assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == dtype
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         gpu = torch.device("cuda")
         assert effective_precision(gpu, "auto") == "bf16" and effective_precision(gpu, "fp32") == "fp32"
+
+
+def test_bf16_on_a_cpu_trains_records_bf16_and_saves_fp32_weights(tiny_data, tmp_path):
+    cfg = tiny_teacher_config(num_layers=2)
+    cfg.train.epochs, cfg.train.precision = 1, "bf16"
+    _, summary = train_teacher(tiny_data, cfg, tmp_path / "t")
+    assert summary["precision"] == "bf16" and summary["device"].startswith("cpu")
+    assert np.isfinite(summary["history"][0]["loss"]) and summary["best_valid"]["ndcg@10"] >= 0
+    model, _ = load_model(tmp_path / "t")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # what export reads: fp32
 
 
 @pytest.mark.gpu
