@@ -136,6 +136,7 @@ def _plot(doc: dict, path: Path) -> None:
     for r in doc["recipes"]:
         ax.plot(range(1, len(r["curve"]) + 1), r["curve"], marker="o", label=r["recipe"])
     ax.axhline(doc["ease"]["valid_ndcg@10"], color="grey", ls="--", label="EASE")
+    ax.set_xticks(range(1, max(len(r["curve"]) for r in doc["recipes"]) + 1))
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation NDCG@10")
     ax.legend(fontsize=7)

