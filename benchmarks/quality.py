@@ -25,8 +25,8 @@ batches); --budget-minutes only caps a cell's wall clock. A cell's cost is about
 step + KD over the catalogue + teacher forward in the first epoch only, cached after) + one
 validation per epoch. On ml-latest-small (2,277 windows of 50, 9.7k items, batch 64) the full
 softmax KL is the largest single cost of a step (dkd and ranking_kd do about the same softmax work
-over the catalogue, rkd none); 12 methods + scratch x 2 depths x 3 seeds is 78 trained cells, so
-plan about 40 s per cell for a 52-minute grid (3 epochs on a quiet 2-core machine), or drop
+over the catalogue, rkd none); 13 methods + scratch x 2 depths x 3 seeds is 84 trained cells, so
+plan about 40 s per cell for a 56-minute grid (3 epochs on a quiet 2-core machine), or drop
 seeds/methods. On a machine shared with other jobs use --threads 1: with two
 OpenMP threads per process under oversubscription a step was measured ~18x slower.
 
@@ -58,7 +58,7 @@ from compressor.modeling import load_model, model_max_len, set_recsys_meta
 from compressor.select import DEFAULT_STRATEGY, parse_layers, select_layers
 from compressor.truncate import truncate
 
-METHODS = ("fisher_ld", "uniform_ld", "finetune", "logit_kd", "fitnets", "attention_transfer", "minilm", "pkd", "tinybert",
+METHODS = ("fisher_ld", "fisher_ld_static", "uniform_ld", "finetune", "logit_kd", "fitnets", "attention_transfer", "minilm", "pkd", "tinybert",
            "rkd", "dkd", "ranking_kd")
 FLOORS = ("truncated", "scratch")
 METRIC_COLS = ("hr@10", "ndcg@5", "ndcg@10", "mrr")
