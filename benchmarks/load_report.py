@@ -118,10 +118,10 @@ def report_md(payload: dict) -> str:
                    lv["p99_ms"], lv["mean_ms"], lv["peak_rss_bytes"] / MB]
                   for role, svc in services.items() for lv in svc["levels"]]), "",
         "## Models", "",
-        md_table(["model", "kind", "architecture", "layers", "hidden", "parameters", "model file MB",
+        md_table(["model", "kind", "architecture", "layers", "hidden", "parameters", "served file", "model file MB",
                   "item embeddings MB", "items", "server ready s", "idle RSS MB"],
                  [[role, svc["kind"], svc["architecture"], svc["num_layers"], svc["hidden_size"],
-                   svc["parameters"], svc["model_bytes"] / MB, (svc["embeddings_bytes"] or 0) / MB,
+                   svc["parameters"], svc.get("model_file", "?"), svc["model_bytes"] / MB, (svc["embeddings_bytes"] or 0) / MB,
                    svc["num_items"], svc["ready_s"], svc["idle_rss_bytes"] / MB]
                   for role, svc in services.items()]), "",
         "## Where the time goes (batch 1, one request at a time, p50 ms)", "",

@@ -79,6 +79,10 @@ class LoadTestConfig(BaseModel):
     ort_threads: int = Field(1, ge=1, description="RECSYS_ORT_INTRA_THREADS of both services")
     faiss_threads: int = Field(1, ge=1)
     env: dict[str, str] = Field({}, description="extra environment for both services (e.g. RECSYS_WORKERS)")
+    teacher_model_file: str | None = Field(
+        None, description="ONNX file the teacher serves (RECSYS_MODEL_FILE, e.g. model.int8.onnx); None = its default")
+    student_model_file: str | None = Field(
+        None, description="ONNX file the student serves: an int8 student against a float teacher in one run")
     payloads: Path | None = Field(None, description="payload file; None = built from the student artifact")
     user_weight: int = Field(1, ge=0)
     history_weight: int = Field(1, ge=0)
@@ -90,14 +94,16 @@ class LoadTestConfig(BaseModel):
     cooldown_s: float = Field(1.0, ge=0)
 
 
-def service_env(cfg: LoadTestConfig, artifact: Path) -> dict:
-    """Identical settings for teacher and student; only the artifact differs."""
+def service_env(cfg: LoadTestConfig, artifact: Path, role: str = "student") -> dict:
+    """Identical settings for teacher and student; only the artifact (and, when asked, the ONNX
+    file the role serves) differs."""
     home = Path(tempfile.gettempdir()) / "recsys-bench-bentoml-home"  # outside the project (NOTES.md)
+    model_file = getattr(cfg, f"{role}_model_file")
     return {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true",
             "RECSYS_ARTIFACT_DIR": str(artifact.resolve()),
             "RECSYS_ORT_INTRA_THREADS": str(cfg.ort_threads), "RECSYS_ORT_INTER_THREADS": "1",
             "RECSYS_FAISS_THREADS": str(cfg.faiss_threads), "OMP_NUM_THREADS": str(cfg.faiss_threads),
-            **cfg.env}
+            **cfg.env, **({"RECSYS_MODEL_FILE": model_file} if model_file else {})}
 
 
 def _bodies(payloads: dict, n: int, k: int) -> list[dict]:
@@ -161,10 +167,10 @@ def profile_artifact(artifact: str, env: dict, payloads: dict, n: int, k: int) -
             "process_rss_bytes": me.memory_info().rss}
 
 
-def run_profile(cfg: LoadTestConfig, artifact: Path, payloads: dict) -> dict:
+def run_profile(cfg: LoadTestConfig, artifact: Path, payloads: dict, role: str = "student") -> dict:
     """`profile_artifact` in a spawned process: clean RSS figures, no state shared with the runner."""
     with mp.get_context("spawn").Pool(1) as pool:
-        job = pool.apply_async(profile_artifact, (str(artifact), service_env(cfg, artifact), payloads,
+        job = pool.apply_async(profile_artifact, (str(artifact), service_env(cfg, artifact, role), payloads,
                                                    cfg.profile_requests, cfg.k))
         return job.get(timeout=cfg.ready_timeout_s + 120)
 
@@ -208,16 +214,17 @@ def run_service(cfg: LoadTestConfig, role: str, artifact: Path, payload_path: Pa
                 out: Path, bar: tqdm) -> dict:
     manifest = load_manifest(artifact)
     logs = out / "logs"
-    result = {"role": role, "artifact": str(artifact.resolve()), **_model_facts(manifest, artifact)}
+    served = service_env(cfg, artifact, role).get("RECSYS_MODEL_FILE")
+    result = {"role": role, "artifact": str(artifact.resolve()), **_model_facts(manifest, served)}
     bar.set_description(f"{role}: profile")
-    result["profile"] = run_profile(cfg, artifact, payloads)
+    result["profile"] = run_profile(cfg, artifact, payloads, role)
     with ProcessGroup() as group:
         port = free_port(cfg.host)
         url = f"http://{cfg.host}:{port}"
         log = logs / f"{role}_server.log"
         cmd = bentoml_cmd(port, cfg.host, cfg.service)
         bar.set_description(f"{role}: start server")
-        server = group.start(cmd, log, env=service_env(cfg, artifact), cwd=ROOT)
+        server = group.start(cmd, log, env=service_env(cfg, artifact, role), cwd=ROOT)
         result["ready_s"] = wait_ready(url + "/readyz", server, cfg.ready_timeout_s, log)
         result["serial_http"] = serial_http(url, payloads, cfg.warmup_requests, cfg.k)
         result["idle_rss_bytes"] = tree_rss(server.pid)
@@ -232,8 +239,9 @@ def run_service(cfg: LoadTestConfig, role: str, artifact: Path, payload_path: Pa
     return result
 
 
-def _model_facts(manifest: dict, artifact: Path) -> dict:
-    serve = manifest["serve_model"]
+def _model_facts(manifest: dict, model_file: str | None = None) -> dict:
+    """What is served: `model_file` (RECSYS_MODEL_FILE) when set, else the manifest's choice."""
+    serve = model_file or manifest["serve_model"]
     files = manifest["files"]
     model_bytes = sum(meta["bytes"] for name, meta in files.items() if name == serve or name == serve + ".data")
     return {"kind": manifest["kind"], "architecture": manifest["architecture"],
@@ -256,8 +264,11 @@ def check_payloads(payloads: dict, artifact: Path) -> None:
 def run(cfg: LoadTestConfig, out: str | Path) -> dict:
     """Run the whole comparison and write load_test.{json,md,png} under `out`; returns the JSON."""
     out = Path(out)
-    for role in ROLES:
-        load_manifest(getattr(cfg, role))  # fail before starting anything
+    for role in ROLES:  # fail before starting anything
+        onnx_files = load_manifest(getattr(cfg, role))["onnx_files"]
+        wanted = getattr(cfg, f"{role}_model_file")
+        if wanted and wanted not in onnx_files:
+            raise CompressorError(f"--{role}-model-file {wanted}: not in the {role} artifact (it has {sorted(onnx_files)})")
     if not cfg.users or min(cfg.users) < 1:
         raise CompressorError("--users needs positive concurrency levels")
     if cfg.payloads is not None:
@@ -327,7 +338,7 @@ def run_overload(cfg: LoadTestConfig, artifact: Path, limits: list[int], out: Pa
                     bar.update(1)
                     time.sleep(cfg.cooldown_s)
     payload = {"config": cfg.model_dump(mode="json"), "artifact": str(artifact.resolve()),
-               **_model_facts(load_manifest(artifact), artifact), "limits": limits,
+               **_model_facts(load_manifest(artifact), service_env(cfg, artifact).get("RECSYS_MODEL_FILE")), "limits": limits,
                "honor_retry_after": os.environ.get("RECSYS_HONOR_RETRY_AFTER", "1").lower() in ("1", "true", "yes"),
                "machine": machine_info(), "load_average_1m_end": round(os.getloadavg()[0], 2), "runs": rows}
     write_json(out / "overload.json", payload)
@@ -382,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--user-weight", type=int, default=1)
     p.add_argument("--history-weight", type=int, default=1)
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra server env, repeatable")
+    p.add_argument("--teacher-model-file", help="ONNX file the teacher serves, e.g. model.int8.onnx")
+    p.add_argument("--student-model-file", help="ONNX file the student serves, e.g. model.int8.onnx")
     p.add_argument("--ready-timeout", type=float, default=180.0)
     p.add_argument("--out", required=True, type=Path)
     args = p.parse_args(argv)
@@ -396,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = LoadTestConfig(teacher=args.teacher or args.student, student=args.student, users=users, duration_s=args.duration,
                              spawn_rate=args.spawn_rate, ort_threads=args.ort_threads, env=env,
                              payloads=args.payloads, user_weight=args.user_weight,
+                             teacher_model_file=args.teacher_model_file,
+                             student_model_file=args.student_model_file,
                              history_weight=args.history_weight, ready_timeout_s=args.ready_timeout)
         previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM cleans up like Ctrl-C
         try:

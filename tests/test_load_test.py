@@ -18,7 +18,14 @@ import psutil
 import pytest
 
 from benchmarks.load_report import compare, level_stats
-from benchmarks.load_test import LoadTestConfig, check_payloads, main, run
+from benchmarks.load_test import (
+    LoadTestConfig,
+    _model_facts,
+    check_payloads,
+    main,
+    run,
+    service_env,
+)
 from benchmarks.make_payloads import build_payloads, load_payloads, sequences_from_artifact
 from benchmarks.processes import ProcessGroup, RssSampler, free_port
 from compressor.errors import ArtifactError, CompressorError
@@ -62,6 +69,28 @@ def test_short_load_test_end_to_end(tiny_artifact, tmp_path):
     assert not [c for c in me.children(recursive=True) if "bentoml" in " ".join(c.cmdline())]
     md = (tmp_path / "load_test.md").read_text()
     assert "Student / teacher" in md and "Where the time goes" in md
+
+
+def test_each_role_can_serve_its_own_onnx_file(tmp_path):
+    """An int8 student against a float teacher in one run: RECSYS_MODEL_FILE for that role only."""
+    cfg = LoadTestConfig(teacher=tmp_path / "t", student=tmp_path / "s", student_model_file="model.int8.onnx",
+                         env={"RECSYS_MAX_CONCURRENCY": "64"})
+    student, teacher = service_env(cfg, cfg.student, "student"), service_env(cfg, cfg.teacher, "teacher")
+    assert student["RECSYS_MODEL_FILE"] == "model.int8.onnx" and "RECSYS_MODEL_FILE" not in teacher
+    assert student["RECSYS_MAX_CONCURRENCY"] == teacher["RECSYS_MAX_CONCURRENCY"] == "64"
+    manifest = {"serve_model": "model.onnx", "kind": "student", "architecture": "llama", "num_layers": 2,
+                "hidden_size": 8, "files": {"model.onnx": {"bytes": 400}, "model.int8.onnx": {"bytes": 100}}}
+    assert _model_facts(manifest)["model_bytes"] == 400
+    assert _model_facts(manifest, "model.int8.onnx")["model_bytes"] == 100
+
+
+def test_a_missing_model_file_fails_before_starting_anything(tiny_artifact, tmp_path, capsys):
+    code = main(["--teacher", str(tiny_artifact), "--student", str(tiny_artifact), "--student-model-file",
+                 "model.int8.onnx", "--users", "1", "--duration", "1s", "--out", str(tmp_path / "o")])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--student-model-file model.int8.onnx: not in the student artifact" in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_bad_artifact_fails_before_starting_anything(tmp_path, tiny_artifact):
