@@ -59,6 +59,15 @@ def save_figure(fig, path: str | Path) -> Path:
     return Path(path)
 
 
+def write_results(out: str | Path, name: str, doc: dict, markdown, plot) -> None:
+    """A benchmark's three outputs under `out`: NAME.json (`doc`), NAME.md (`markdown(doc)`) and
+    NAME.png (`plot(doc, path)`), each written atomically."""
+    out = Path(out)
+    write_json(out / f"{name}.json", doc)
+    atomic_write(out / f"{name}.md", markdown(doc))
+    plot(doc, out / f"{name}.png")
+
+
 def md_table(headers: list[str], rows: list[list]) -> str:
     def cell(v) -> str:
         if v is None:

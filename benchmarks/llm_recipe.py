@@ -27,8 +27,8 @@ from benchmarks.common import (
     run_guarded,
     save_figure,
     write_json,
+    write_results,
 )
-from compressor.atomic import atomic_write
 
 # The grid run for issue #14 (README, "The LLM teacher"), in two rounds. First: the recipe as
 # first shipped, the item table centred (its text rows are nearly parallel), higher rates, and no
@@ -103,10 +103,7 @@ def run(config: str, recipes: dict[str, list[str]], out: str | Path, work: str |
         })
     doc = {"config": str(config), "overrides": overrides, "machine": machine_info(), "users": len(data.split("valid")),
            "ease": {"valid_ndcg@10": ease.metrics["ndcg@10"], **ease_info}, "recipes": rows}
-    out = Path(out)
-    write_json(out / "llm_recipe.json", doc)
-    atomic_write(out / "llm_recipe.md", _markdown(doc))
-    _plot(doc, out / "llm_recipe.png")
+    write_results(out, "llm_recipe", doc, _markdown, _plot)
     return doc
 
 

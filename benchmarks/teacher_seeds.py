@@ -26,9 +26,8 @@ from benchmarks.common import (
     md_table,
     run_guarded,
     save_figure,
-    write_json,
+    write_results,
 )
-from compressor.atomic import atomic_write
 
 
 def _teacher(data, tcfg, out: Path):
@@ -79,10 +78,7 @@ def run(config: str, seeds: list[int], out: str | Path, work: str | Path, overri
         "machine": machine_info(), "users": len(test), "ease": {"test_ndcg@10": ease_ndcg, **ease_info},
         "seeds": rows, "mean_test_ndcg@10": test_mean, "mean_vs_ease": test_mean / ease_ndcg,
     }
-    out = Path(out)
-    write_json(out / "teacher_seeds.json", doc)
-    atomic_write(out / "teacher_seeds.md", _markdown(doc))
-    _plot(doc, out / "teacher_seeds.png")
+    write_results(out, "teacher_seeds", doc, _markdown, _plot)
     return doc
 
 
