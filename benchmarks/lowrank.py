@@ -37,7 +37,7 @@ from benchmarks.common import (
     save_figure,
     write_json,
 )
-from benchmarks.pruning import PruningBenchConfig, _onnx_scorer, _recover
+from benchmarks.pruning import PruningBenchConfig, _onnx_scorer, _recover, recovery_distill_config
 from compressor.atomic import atomic_write
 
 CELLS = "cells"
@@ -52,6 +52,9 @@ class LowRankBenchConfig(BaseModel):
     recovery_minutes: float = Field(4.0, gt=0, description="wall-clock cap of each recovery run")
     recovery_recent_windows: int | None = Field(
         None, ge=1, description="recovery on each user's newest N windows only (None = all): an LLM student's epoch on a CPU")
+    recovery_config: str | None = Field(
+        None, description="YAML of DistillConfig fields for the recovery distillation (e.g. "
+                          "benchmarks/configs/llm_distill.yaml for an LLM student); None = the distill defaults")
     int8: bool = Field(True, description="also measure the int8 graph of the float model and of each recovered one")
     fisher_samples: int = Field(512, ge=1)
     users: int | None = Field(None, ge=1, description="test users evaluated; None = all")
@@ -86,6 +89,10 @@ def run(cfg: LowRankBenchConfig, model_dir: str | Path, data_name: str, out: str
     from compressor.quantize import compare_onnx, quantize_onnx
     from compressor.speed import compare_latency
 
+    recovery = PruningBenchConfig(recovery="distill", recovery_epochs=max(1, cfg.recovery_epochs),
+                                  recovery_minutes=cfg.recovery_minutes, recovery_recent_windows=cfg.recovery_recent_windows,
+                                  recovery_config=cfg.recovery_config, seed=cfg.seed)
+    recovery_distill = recovery_distill_config(recovery)  # a bad recovery config fails before any work
     out = Path(out)
     work = Path(work).resolve() if work is not None else out.resolve()
     for d in (out, work / "onnx", work / CELLS):
@@ -99,6 +106,8 @@ def run(cfg: LowRankBenchConfig, model_dir: str | Path, data_name: str, out: str
     key = {"model": str(Path(model_dir).resolve()), "data": data_name, "users": cfg.users, "seed": cfg.seed,
            "fisher_samples": cfg.fisher_samples, "recovery_epochs": cfg.recovery_epochs,
            "recovery_minutes": cfg.recovery_minutes, "recovery_recent_windows": cfg.recovery_recent_windows}
+    if cfg.recovery_config is not None:
+        key["recovery_distill"] = recovery_distill.model_dump(mode="json")
     rows: list[dict] = []
     per_user: dict[str, np.ndarray] = {}
     base_loss = valid_loss(teacher, data, max_len)
@@ -148,9 +157,6 @@ def run(cfg: LowRankBenchConfig, model_dir: str | Path, data_name: str, out: str
     base = reuse("float") or measure("float", teacher, kind="float")
     if cfg.int8:
         int8("float", base, Path(model_dir))
-    recovery = PruningBenchConfig(recovery="distill", recovery_epochs=max(1, cfg.recovery_epochs),
-                                  recovery_minutes=cfg.recovery_minutes,
-                                  recovery_recent_windows=cfg.recovery_recent_windows, seed=cfg.seed)
     # First every factorization (cheap), then the recovery runs (the expensive part), so a run
     # stopped midway has the whole before-recovery table.
     grid = [(scope, ratio, scorer) for scope in cfg.scopes for ratio in cfg.ratios for scorer in cfg.scorers]
@@ -268,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recovery-epochs", type=int)
     ap.add_argument("--recovery-minutes", type=float)
     ap.add_argument("--recovery-recent-windows", type=int)
+    ap.add_argument("--recovery-config", help="YAML of DistillConfig fields for the recovery distillation")
     ap.add_argument("--no-int8", dest="int8", action="store_false", default=None)
     ap.add_argument("--fisher-samples", type=int)
     ap.add_argument("--users", type=int)

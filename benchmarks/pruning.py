@@ -54,6 +54,9 @@ class PruningBenchConfig(BaseModel):
     recovery_minutes: float = Field(3.0, gt=0, description="wall-clock budget of each recovery run")
     recovery_recent_windows: int | None = Field(
         None, ge=1, description="recovery on each user's newest N windows only (None = all; as train.recent_windows)")
+    recovery_config: str | None = Field(
+        None, description="YAML of DistillConfig fields for the recovery distillation (an LLM student needs "
+                          "layer_loss: relative, its batch size, rate and precision); None = the distill defaults")
     sparsity: float = Field(0.5, ge=0, lt=1, description="one unstructured (Fisher-weighted, global) model; 0 = skip")
     quantize: list[Literal["int8", "int8_per_channel", "fp16"]] = ["int8", "int8_per_channel", "fp16"]
     fisher_samples: int = Field(512, ge=1, description="validation users for the Fisher scores")
@@ -84,16 +87,28 @@ def _onnx_scorer(path: Path, emb: np.ndarray, max_len: int):
     return lambda hists: onnx_hidden(path, hists, max_len) @ emb.T
 
 
+def recovery_distill_config(cfg: PruningBenchConfig):
+    """The DistillConfig of a recovery run: `recovery_config`'s fields (or the defaults) with the
+    benchmark's epochs, clock cap, seed and, when given, recent windows."""
+    from compressor.config import load_config
+    from compressor.distill import DistillConfig
+
+    base = load_config(DistillConfig, cfg.recovery_config)
+    update = {"epochs": cfg.recovery_epochs, "max_minutes": cfg.recovery_minutes, "seed": cfg.seed}
+    if cfg.recovery_recent_windows is not None:
+        update["recent_windows"] = cfg.recovery_recent_windows
+    return base.model_copy(update={"train": base.train.model_copy(update=update)})
+
+
 def _recover(teacher, student, data, max_len: int, cfg: PruningBenchConfig, out: Path) -> tuple[object, dict]:
     """A short recovery run on `student` (in place); returns it and a summary."""
     t0 = time.time()
     if cfg.recovery == "distill":
-        from compressor.distill import DISTILL_TRAIN, DistillConfig, distill
+        from compressor.distill import distill
 
-        train = DISTILL_TRAIN.model_copy(update={"epochs": cfg.recovery_epochs, "max_minutes": cfg.recovery_minutes,
-                                                 "recent_windows": cfg.recovery_recent_windows, "seed": cfg.seed})
-        r = distill(teacher, student, data, DistillConfig(train=train), out, max_len=max_len)
-        info = {"method": "fisher_ld", "steps": r.steps, "stop_reason": r.stop_reason,
+        dcfg = recovery_distill_config(cfg)
+        r = distill(teacher, student, data, dcfg, out, max_len=max_len)
+        info = {"method": dcfg.method, "steps": r.steps, "stop_reason": r.stop_reason,
                 "best_valid_ndcg@10": r.best_valid.get("ndcg@10")}
         student = r.model if r.model is not None else student
     else:
@@ -117,6 +132,8 @@ def _cell_key(cfg: PruningBenchConfig, model_dir, data_name, recovered: bool) ->
            "fisher_samples": cfg.fisher_samples}
     if recovered:
         key.update(recovery=cfg.recovery, recovery_epochs=cfg.recovery_epochs, recovery_minutes=cfg.recovery_minutes)
+        if cfg.recovery_config is not None:
+            key["recovery_distill"] = recovery_distill_config(cfg).model_dump(mode="json")
     return key
 
 
@@ -134,6 +151,8 @@ def run(cfg: PruningBenchConfig, model_dir: str | Path, data_name: str | Path, o
     from compressor.quantize import compare_onnx, quantize_onnx
     from compressor.speed import compare_latency
 
+    if cfg.recovery == "distill":
+        recovery_distill_config(cfg)  # a bad recovery config fails now, not after the first model
     out = Path(out)
     work = Path(work).resolve() if work is not None else out
     out.mkdir(parents=True, exist_ok=True)
@@ -323,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recovery", choices=["distill", "finetune", "none"])
     ap.add_argument("--recovery-epochs", type=int)
     ap.add_argument("--recovery-minutes", type=float)
+    ap.add_argument("--recovery-config", help="YAML of DistillConfig fields for the recovery distillation")
     ap.add_argument("--sparsity", type=float)
     ap.add_argument("--quantize", nargs="*", choices=["int8", "int8_per_channel", "fp16"])
     ap.add_argument("--fisher-samples", type=int)
