@@ -128,6 +128,16 @@ def test_gpt2_family(tiny_data, windows, method):
     assert all(abs(v) < 1e-5 for k, v in copy_terms.items() if k != "task")
 
 
+def test_source_mapping_between_two_cuts_of_one_teacher(teacher):
+    """Recovering a changed student from the unchanged one (both cut from one original): the
+    source layers are read in the original's numbering, so the map is the teacher's positions."""
+    cut = truncate(teacher, [0, 2, 3])
+    assert resolve_layer_map("source", truncate(teacher, [0, 2, 3]), cut) == [0, 1, 2]
+    assert resolve_layer_map("source", truncate(teacher, [2, 3]), cut) == [1, 2]
+    with pytest.raises(CompressorError, match=r"original layer\(s\) \[1\]"):
+        resolve_layer_map("source", truncate(teacher, [0, 1]), cut)
+
+
 def test_layer_map_validation(teacher):
     student = truncate(teacher, [0, 3])
     assert uniform_map(4, 16) == [3, 7, 11, 15] and uniform_map(2, 16) == [7, 15]

@@ -38,6 +38,14 @@ def resolve_layer_map(spec: str | list[int], student: PreTrainedModel, teacher: 
         if src is None:
             # Not a truncated student (e.g. built from scratch): the fallback.
             return uniform_map(k, n)
+        if (cut := recsys_meta(teacher).teacher_layers) is not None:
+            # The teacher is itself cut from the same original (e.g. recovery of a factorized or
+            # pruned student from the unchanged one): both lists index the original's layers.
+            missing = [t for t in src if t not in cut]
+            if missing:
+                raise CompressorError(f"the student's layers come from original layer(s) {missing}, which the "
+                                      f"teacher (cut to original layers {cut}) does not have; give distill.layer_map")
+            return validate_map([cut.index(t) for t in src], k, n)
         return validate_map([int(t) for t in src], k, n)
     if spec == "uniform":
         return uniform_map(k, n)
