@@ -283,7 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--format", default="auto")
     ap.add_argument("--depths", default="4,2", help="student depths (layers kept)")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--methods", default=",".join(METHODS), help="distillation methods (floors are always added)")
+    ap.add_argument("--methods", default=",".join(METHODS), help="distillation methods")
+    ap.add_argument("--floors", default=",".join(FLOORS),
+                    help="floors run beside the methods (e.g. only 'truncated' when comparing layer sets: "
+                         "a scratch student does not depend on them)")
     ap.add_argument("--epochs", type=int, default=3, help="epochs per cell: the budget every method gets")
     ap.add_argument("--budget-minutes", type=float, default=2.0,
                     help="wall-clock cap per cell (training + validation), a safety net behind --epochs")
@@ -319,6 +322,9 @@ def run(args) -> dict:
     unknown = [m for m in methods if m not in LOSSES]
     if unknown:
         raise CompressorError(f"unknown method(s) {unknown}; choose from {', '.join(LOSSES)}")
+    floors = [f.strip() for f in args.floors.split(",") if f.strip()]
+    if bad := [f for f in floors if f not in FLOORS]:
+        raise CompressorError(f"unknown floor(s) {bad}; choose from {', '.join(FLOORS)}")
     base = load_config(DistillConfig, args.config)
     base = base.model_copy(update={"train": base.train.model_copy(update={"epochs": args.epochs,
                                                                            "max_minutes": args.budget_minutes})})
@@ -348,7 +354,7 @@ def run(args) -> dict:
     layers = {int(k): v for k, v in common["layers"].items()}
     for k in depths:
         layers.setdefault(k, parse_layer_spec(args.layers).get(k) or select_layers(args.strategy, scores, k))
-    all_methods = methods + [f for f in FLOORS]
+    all_methods = methods + floors
     cells = []
     t_start = time.time()
     for k in depths:

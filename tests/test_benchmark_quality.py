@@ -61,10 +61,14 @@ def test_quality_benchmark_end_to_end_and_resumable(tiny_teacher_dir, tmp_path, 
     assert main(argv) == 0
     assert "seed" not in capsys.readouterr().out
     assert mtimes == {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
+    # --floors picks the floors reported (comparing layer sets needs no scratch student)
+    assert main(argv + ["--floors", "truncated", "--report-only"]) == 0
+    assert set(json.loads((out / "quality.json").read_text())["aggregate"]["table"]["2"]) == {"fisher_ld", "truncated"}
 
 
 def test_layer_spec_and_bad_input(tiny_teacher_dir, tmp_path):
     assert parse_layer_spec("4=0,1,2,3; 2=0,1") == {4: [0, 1, 2, 3], 2: [0, 1]}
     base = ["--teacher", str(tiny_teacher_dir), "--out", str(tmp_path / "x"), "--quiet"]
     assert main(base + ["--methods", "nope"]) == 2
+    assert main(base + ["--floors", "truncated,nope"]) == 2
     assert main(base + ["--depths", "4"]) == 2  # a 4-layer teacher keeps 1..3 layers
