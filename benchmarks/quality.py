@@ -352,8 +352,11 @@ def run(args) -> dict:
         write_json(out / "common.json", common)
     scores = np.asarray(common["fisher_scores"])
     layers = {int(k): v for k, v in common["layers"].items()}
-    for k in depths:
-        layers.setdefault(k, parse_layer_spec(args.layers).get(k) or select_layers(args.strategy, scores, k))
+    new = [k for k in depths if k not in layers]
+    for k in new:
+        layers[k] = parse_layer_spec(args.layers).get(k) or select_layers(args.strategy, scores, k)
+    if new and not args.report_only:  # a run that adds depths records their layers beside the first ones
+        write_json(out / "common.json", {**common, "layers": {str(k): v for k, v in sorted(layers.items())}})
     all_methods = methods + floors
     cells = []
     t_start = time.time()
