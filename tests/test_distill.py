@@ -136,6 +136,8 @@ def test_source_mapping_between_two_cuts_of_one_teacher(teacher):
     assert resolve_layer_map("source", truncate(teacher, [2, 3]), cut) == [1, 2]
     with pytest.raises(CompressorError, match=r"original layer\(s\) \[1\]"):
         resolve_layer_map("source", truncate(teacher, [0, 1]), cut)
+    # a student cut from the cut itself indexes the cut directly
+    assert resolve_layer_map("source", truncate(cut, [0, 2]), cut) == [0, 2]
 
 
 def test_layer_map_validation(teacher):

@@ -38,9 +38,11 @@ def resolve_layer_map(spec: str | list[int], student: PreTrainedModel, teacher: 
         if src is None:
             # Not a truncated student (e.g. built from scratch): the fallback.
             return uniform_map(k, n)
-        if (cut := recsys_meta(teacher).teacher_layers) is not None:
-            # The teacher is itself cut from the same original (e.g. recovery of a factorized or
-            # pruned student from the unchanged one): both lists index the original's layers.
+        s_meta, t_meta = recsys_meta(student), recsys_meta(teacher)
+        cut = t_meta.teacher_layers
+        if cut is not None and s_meta.teacher_num_layers != n and s_meta.teacher_num_layers == t_meta.teacher_num_layers:
+            # The teacher is itself cut from the student's original (e.g. recovery of a factorized
+            # or pruned student from the unchanged one): both lists index the original's layers.
             missing = [t for t in src if t not in cut]
             if missing:
                 raise CompressorError(f"the student's layers come from original layer(s) {missing}, which the "
