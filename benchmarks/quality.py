@@ -31,7 +31,8 @@ seeds/methods. On a machine shared with other jobs use --threads 1: with two
 OpenMP threads per process under oversubscription a step was measured ~18x slower.
 
 Resumable: each (method, depth, seed) cell writes cells/<method>_d<k>_s<seed>.json and is
-skipped when it exists; an interrupted cell resumes from its distillation checkpoint.
+skipped when it exists; an interrupted cell resumes from its distillation checkpoint. A finished
+cell keeps its training log under OUT/runs/<cell>/, and its student only with --keep-students.
 Writes quality.md, quality.json and quality.png to --out.
 """
 
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -118,7 +120,9 @@ def run_cell(args, method: str, k: int, seed: int, teacher, student0, data, base
            "seconds_per_step": r.seconds_per_step, "steps": r.steps, "epochs": r.epochs, "best_step": r.best_step,
            "stop_reason": r.stop_reason, "valid": r.best_valid, "layer_weights": r.layer_weights,
            "layer_map": r.layer_map, **test_result(r.model, data, max_len)}
-    (run_dir / "checkpoint.pt").unlink(missing_ok=True)  # the cell is done; keep student/ and the log
+    (run_dir / "checkpoint.pt").unlink(missing_ok=True)  # the cell is done; keep the log
+    if not args.keep_students:  # an LLM student is ~130 MB a cell; the row holds what the report needs
+        shutil.rmtree(run_dir / "student", ignore_errors=True)
     return row
 
 
@@ -296,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", help="explicit layers per depth, e.g. '4=0,1,2,3;2=0,1' (overrides --strategy)")
     ap.add_argument("--config", help="YAML with DistillConfig fields shared by every cell")
     ap.add_argument("--overhead-steps", type=int, default=30, help="interleaved steps for the time ratio (0 = skip)")
+    ap.add_argument("--keep-students", action="store_true",
+                    help="keep each cell's distilled student under OUT/runs/ (default: only its log and result)")
     ap.add_argument("--threads", type=int, help="torch threads (1 is far faster on a machine shared with other jobs)")
     ap.add_argument("--report-only", action="store_true", help="rebuild the tables from finished cells")
     ap.add_argument("--quiet", action="store_true", help="no per-cell progress bars")

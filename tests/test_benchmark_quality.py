@@ -55,6 +55,7 @@ def test_quality_benchmark_end_to_end_and_resumable(tiny_teacher_dir, tmp_path, 
     assert (out / "quality.png").stat().st_size > 0 and "fisher_ld minus each method" in (out / "quality.md").read_text()
     assert len(list((out / "cells").glob("*.json"))) == 5  # fisher_ld and scratch x 2 seeds + truncated
     assert not list((out / "runs").glob("*/checkpoint.pt"))  # finished cells drop their checkpoint
+    assert not list((out / "runs").glob("*/student")) and list((out / "runs").glob("*/train_log.jsonl"))
     # a second run skips every finished cell (a run that trained would print its cells)
     capsys.readouterr()
     mtimes = {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
