@@ -195,6 +195,9 @@ def _cmdline(p: psutil.Process) -> list[str]:
         return []
 
 
+PORT_ATTEMPTS = 3  # starts of `bentoml serve` when a port was taken between choosing and binding it
+
+
 @contextmanager
 def bentoml_server(env: dict, log: Path, ready_timeout: float = 120.0, host: str = "127.0.0.1",
                    service: str = SERVICE) -> Iterator[Server]:
@@ -202,10 +205,19 @@ def bentoml_server(env: dict, log: Path, ready_timeout: float = 120.0, host: str
     group is stopped on exit, also on failure. Raises CompressorError if it exits or is not
     ready in time (with the log's tail)."""
     with ProcessGroup() as group:
-        port = free_port(host)
-        proc = group.start(bentoml_cmd(port, host, service), log, env=env, cwd=ROOT)
-        url = f"http://{host}:{port}"
-        wait_ready(url + "/readyz", proc, ready_timeout, log)
+        for attempt in range(PORT_ATTEMPTS):
+            port = free_port(host)
+            proc = group.start(bentoml_cmd(port, host, service), log, env=env, cwd=ROOT)
+            url = f"http://{host}:{port}"
+            try:
+                wait_ready(url + "/readyz", proc, ready_timeout, log)
+                break
+            except CompressorError:
+                # A port found free (ours, or the one circus picks for its own sockets) can be
+                # taken by another process before the bind: start again on fresh ports.
+                if attempt + 1 == PORT_ATTEMPTS or "Address already in use" not in log_tail(log, 200):
+                    raise
+                group.stop(proc)
         yield Server(url, proc, log)
 
 

@@ -19,6 +19,7 @@ import pytest
 import requests
 
 from benchmarks.processes import bentoml_cmd, bentoml_server, free_port, run_to_exit, server_env
+from compressor.errors import CompressorError
 from serving.runtime import OnnxEncoder
 from serving.settings import ServingSettings, SettingsError, env_name, load_settings, markdown_table
 
@@ -330,3 +331,31 @@ def test_model_store_versions_are_served_by_tag(tiny_artifact_dir, tmp_path):
     errors = [line for line in out.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1 and "not in the BentoML Model Store" in errors[0], out[-2000:]
     assert "Traceback" not in out
+
+
+def test_a_port_taken_before_the_bind_is_retried_on_a_fresh_one(tiny_artifact_dir, tmp_path, monkeypatch):
+    """`free_port` can hand out a port that another process takes before `bentoml serve` binds
+    it (seen on a loaded CI machine): the server is started again on fresh ports."""
+    import socket
+
+    import benchmarks.processes as processes
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    real = processes.free_port
+    env = server_env(tmp_path / "home", RECSYS_ARTIFACT_DIR=str(tiny_artifact_dir))
+    try:
+        monkeypatch.setattr(processes, "free_port", lambda host="127.0.0.1": busy.getsockname()[1])
+        monkeypatch.setattr(processes, "PORT_ATTEMPTS", 1)  # without a retry the start fails
+        with pytest.raises(CompressorError, match="Address already in use"):
+            with processes.bentoml_server(env, tmp_path / "once.log", ready_timeout=90):
+                pass
+        monkeypatch.undo()
+        ports = iter([busy.getsockname()[1]])
+        monkeypatch.setattr(processes, "free_port", lambda host="127.0.0.1": next(ports, None) or real(host))
+        with processes.bentoml_server(env, tmp_path / "serve.log", ready_timeout=90) as srv:
+            assert not srv.url.endswith(f":{busy.getsockname()[1]}")
+            assert requests.get(srv.url + "/readyz", timeout=10).status_code == 200
+    finally:
+        busy.close()
