@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import md_table, run_guarded, save_figure, write_results
+from benchmarks.quality import _mean_std
 from compressor.errors import CompressorError
 from compressor.evaluate import paired_bootstrap
 
@@ -55,8 +56,7 @@ def compare(runs: dict[str, Path], method: str) -> dict:
             test = [c["test"]["ndcg@10"] for c in cs]
             valid = [c["valid"]["ndcg@10"] for c in cs]
             row = {"layers": layers[name][k], "seeds": sorted(c["seed"] for c in cs),
-                   "test_ndcg@10": [float(np.mean(test)), float(np.std(test, ddof=1)) if len(test) > 1 else 0.0],
-                   "valid_ndcg@10": [float(np.mean(valid)), float(np.std(valid, ddof=1)) if len(valid) > 1 else 0.0],
+                   "test_ndcg@10": list(_mean_std(test)), "valid_ndcg@10": list(_mean_std(valid)),
                    "truncated_valid_ndcg@10": floor[0]["valid"]["ndcg@10"] if floor else None,
                    "truncated_test_ndcg@10": floor[0]["test"]["ndcg@10"] if floor else None}
             if ref is None:

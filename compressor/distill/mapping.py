@@ -34,12 +34,11 @@ def resolve_layer_map(spec: str | list[int], student: PreTrainedModel, teacher: 
     if isinstance(spec, list):
         return validate_map(spec, k, n)
     if spec == "source":
-        src = recsys_meta(student).teacher_layers
+        s_meta, t_meta = recsys_meta(student), recsys_meta(teacher)
+        src, cut = s_meta.teacher_layers, t_meta.teacher_layers
         if src is None:
             # Not a truncated student (e.g. built from scratch): the fallback.
             return uniform_map(k, n)
-        s_meta, t_meta = recsys_meta(student), recsys_meta(teacher)
-        cut = t_meta.teacher_layers
         if cut is not None and s_meta.teacher_num_layers != n and s_meta.teacher_num_layers == t_meta.teacher_num_layers:
             # The teacher is itself cut from the student's original (e.g. recovery of a factorized
             # or pruned student from the unchanged one): both lists index the original's layers.
