@@ -41,6 +41,7 @@ from compressor.modeling import (
 )
 from compressor.training import (
     EarlyStopping,
+    WeightAverage,
     autocast,
     cosine_schedule,
     device_description,
@@ -88,6 +89,11 @@ class TrainConfig(BaseModel):
     group_by_length: bool = Field(
         False, description="batch windows of similar length together and pad each batch only to its "
         "longest window: less compute spent on padding (22% of a default teacher epoch's tokens)")
+    ema_decay: float | None = Field(
+        None, gt=0, lt=1, description="keep an exponential moving average of the weights (decay per step; "
+        "0.998 averages about the last 500 steps): validation, early stopping and the saved model use the "
+        "average, and the history records the raw weights' validation beside it (None = off); teacher "
+        "training only")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto = bf16 autocast on a CUDA device that supports it, fp32 elsewhere (so a "
         "default config trains the same model on any CPU); bf16 = bf16 autocast on a CPU too (fast on CPUs with "
@@ -227,6 +233,10 @@ def train_recommender(
     sharded = dist.active() and train.parallel == "fsdp"
     # FSDP shards a copy, so `model` stays whole (on the CPU) for rank 0's validation and the result
     trained = copy.deepcopy(model) if sharded else model.to(device)
+    if sharded and train.ema_decay is not None:
+        raise CompressorError("train.ema_decay needs the whole model on every rank: use train.parallel=ddp")
+    # the average lives where validation runs (rank 0), next to the weights it follows
+    average = WeightAverage(trained, train.ema_decay) if train.ema_decay is not None and dist.is_main() else None
     seqs = data.train_sequences()
     windows = training_windows(seqs, max_len, per_sequence=train.recent_windows)
     # random cuts add at most one window per sequence; the schedule clamps at its end
@@ -257,6 +267,8 @@ def train_recommender(
         stopper.load_state_dict(ck["stopper"])
         rng.bit_generator.state = ck["numpy_rng"]
         set_rng_state(ck["torch_rng"][dist.rank() % len(ck["torch_rng"])])
+        if average is not None:
+            average.load_state_dict(ck["average"])
         best_state, loop = ck["best_state"], ck["loop"]
         history, best_metrics, stop_reason = loop["history"], loop["best_metrics"], loop["stop_reason"]
         first_epoch, elapsed = loop["epoch"], loop["elapsed"]
@@ -275,6 +287,7 @@ def train_recommender(
                 "fingerprint": fingerprint, "model": _unprefixed(state),
                 "optimizer": optimizer, "scheduler": sched.state_dict(), "stopper": stopper.state_dict(),
                 "numpy_rng": rng.bit_generator.state, "torch_rng": rngs, "best_state": best_state,
+                "average": average.state_dict() if average is not None else None,
                 "world_size": dist.world_size(),
                 "loop": {"epoch": len(history), "history": history, "best_metrics": best_metrics,
                          "stop_reason": stop_reason, "elapsed": time.time() - start},
@@ -309,6 +322,8 @@ def train_recommender(
             torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
             opt.step()
             sched.step()
+            if average is not None:
+                average.update(trained)
             losses.append(loss.item())
             steps.set_postfix(loss=f"{losses[-1]:.3f}")
         total, count = dist.sum_array(np.array([np.sum(losses), len(losses)]))
@@ -319,12 +334,16 @@ def train_recommender(
         if due and dist.is_main():
             if sharded:
                 model.load_state_dict(_unprefixed(state))
-            metrics = _validate(model, valid, max_len, device if sharded else None)
+            # with averaging, the average is the model: validated, kept, saved; the raw weights are logged
+            judged = average.model if average is not None else model
+            metrics = _validate(judged, valid, max_len, device if sharded else None)
             row["valid"] = metrics
+            if average is not None:
+                row["valid_raw"] = _validate(model, valid, max_len, None)
             if stopper.step(metrics["ndcg@10"]):
                 stop_reason = "early stopping"
             if stopper.improved:
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                best_state = {k: v.detach().clone() for k, v in judged.state_dict().items()}
                 best_metrics = {**metrics, "epoch": epoch + 1}
             bar.set_postfix(loss=f"{row['loss']:.3f}", ndcg10=f"{metrics['ndcg@10']:.4f}",
                             best=f"{stopper.best:.4f}")
@@ -350,6 +369,8 @@ def train_recommender(
         state = par.full_state()
         if dist.is_main():
             model.load_state_dict(_unprefixed(state))
+    if best_state is None and average is not None:  # never validated: the average is still the model
+        best_state = average.model.state_dict()
     if best_state is not None:
         model.load_state_dict(best_state)
     dist.broadcast_module(model)  # rank 0 alone kept the best state
@@ -366,6 +387,7 @@ def train_recommender(
         "precision": effective_precision(device, train.precision),
         "world_size": dist.world_size(),
         "parallel": par.mode,
+        "ema_decay": train.ema_decay,
         "resumed_from_epoch": resumed_from,
         "history": history,
     }

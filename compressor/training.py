@@ -3,6 +3,7 @@ resume checkpoints."""
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 from pathlib import Path
@@ -111,6 +112,34 @@ class EarlyStopping:
 
     def load_state_dict(self, state: dict) -> None:
         self.best, self.bad_rounds = state["best"], state["bad_rounds"]
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights (Polyak averaging), held in a frozen copy.
+
+    Averaging the last few hundred steps' weights smooths the step-to-step noise of small-batch
+    training, which a single final or best-epoch snapshot keeps. The decay ramps up as
+    min(decay, (1 + n) / (10 + n)) over the first updates, so the random initial weights fade fast."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.updates = 0
+        self.model = copy.deepcopy(model).eval()
+        self.model.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        # parameters() of two copies of one architecture line up, tied weights listed once in both
+        torch._foreach_lerp_(list(self.model.parameters()), [p.detach() for p in model.parameters()], 1 - decay)
+
+    def state_dict(self) -> dict:
+        return {"updates": self.updates, "model": self.model.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.updates = state["updates"]
+        self.model.load_state_dict(state["model"])
 
 
 # ---------------------------------------------------------------------------- resume checkpoints

@@ -351,6 +351,8 @@ def test_bad_inputs_raise(teacher, tiny_data, tmp_path):
         DistillConfig(method="nope")
     with pytest.raises(ValueError, match="random_windows is for teacher training"):
         DistillConfig(train={"random_windows": True})
+    with pytest.raises(ValueError, match="ema_decay is for teacher training"):
+        DistillConfig(train={"ema_decay": 0.99})
     other = copy.deepcopy(teacher.config)
     other.vocab_size = teacher.config.vocab_size + 5
     with pytest.raises(CompressorError, match="different item vocabularies"):

@@ -96,6 +96,41 @@ def test_same_config_and_seed_give_the_same_teacher(tiny_data, tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
 
 
+def test_weight_average_follows_its_formula():
+    from compressor.training import WeightAverage
+
+    net = torch.nn.Linear(2, 1, bias=False)
+    torch.nn.init.zeros_(net.weight)
+    average = WeightAverage(net, decay=0.5)
+    expected = torch.zeros(1, 2)
+    for n, value in enumerate([1.0, 3.0, 5.0], start=1):
+        net.weight.data.fill_(value)
+        average.update(net)
+        decay = min(0.5, (1 + n) / (10 + n))  # the warm-up ramp: 2/11, 3/12, then 0.5 caps it
+        expected = decay * expected + (1 - decay) * value
+        assert torch.allclose(average.model.weight, expected)
+    assert not average.model.weight.requires_grad
+
+
+def test_weight_averaging_leaves_training_alone_and_judges_the_average(tiny_data, tmp_path):
+    """With `ema_decay` the raw trajectory is the plain run's, step for step (its validation is
+    logged as `valid_raw`); validation, early stopping and the saved model are the average's."""
+    cfg = tiny_teacher_config(num_layers=2)
+    cfg.train.epochs = 3
+    _, plain = train_teacher(tiny_data, cfg, tmp_path / "plain")
+    cfg.train.ema_decay = 0.9
+    model, averaged = train_teacher(tiny_data, cfg, tmp_path / "ema")
+    assert [h["loss"] for h in averaged["history"]] == [h["loss"] for h in plain["history"]]
+    assert [h["valid_raw"] for h in averaged["history"]] == [h["valid"] for h in plain["history"]]
+    assert [h["valid"] for h in averaged["history"]] != [h["valid"] for h in plain["history"]]
+    best = max(averaged["history"], key=lambda h: h["valid"]["ndcg@10"])
+    assert averaged["best_valid"]["epoch"] == best["epoch"] and averaged["ema_decay"] == 0.9
+    # the saved model is the best epoch's average: its validation is the recorded one
+    from compressor.teacher import _validate
+
+    assert _validate(load_model(tmp_path / "ema")[0], tiny_data.split("valid"), cfg.max_len, None) == best["valid"]
+
+
 def test_time_cap_is_off_by_default_and_loud_when_it_cuts(tiny_data, tmp_path):
     cfg = tiny_teacher_config(num_layers=2)
     assert TeacherConfig().train.max_minutes is None and cfg.train.max_minutes is None
@@ -116,7 +151,8 @@ def _ratings_dir(path, n_users: int = 40):
 
 # a 2-layer teacher with dropout and windows re-cut every epoch: every RNG the loop uses is in play
 RESUME_OVERRIDES = ["hidden_size=32", "num_layers=2", "num_heads=2", "intermediate_size=64", "max_len=20",
-                    "train.epochs=4", "train.batch_size=64", "train.warmup_steps=5", "train.hidden_dropout=0.1"]
+                    "train.epochs=4", "train.batch_size=64", "train.warmup_steps=5", "train.hidden_dropout=0.1",
+                    "train.ema_decay=0.9"]  # the weight average is resumed too
 
 
 def test_a_killed_train_teacher_resumes_and_ends_as_an_uninterrupted_run(tmp_path):

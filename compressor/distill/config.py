@@ -108,6 +108,9 @@ class DistillConfig(BaseModel):
         if v.random_windows:
             raise ValueError("train.random_windows is for teacher training: distillation caches the "
                              "teacher's outputs per fixed window")
+        if v.ema_decay is not None:
+            raise ValueError("train.ema_decay is for teacher training: distillation keeps its best "
+                             "validation snapshot")
         if v.parallel == "fsdp":
             raise ValueError("train.parallel=fsdp is for teacher training: distillation runs DDP (the "
                              "student is the small model; the frozen teacher is replicated on every rank)")
