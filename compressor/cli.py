@@ -127,16 +127,18 @@ def cmd_prune(args: argparse.Namespace) -> None:
     from compressor.config import load_config
     from compressor.prune import PruneConfig, prune_dir
 
-    flags = {"heads": args.heads, "mlp": args.mlp, "sparsity": args.sparsity, "scorer": args.scorer}
+    flags = {"heads": args.heads, "mlp": args.mlp, "hidden": args.hidden, "sparsity": args.sparsity,
+             "scorer": args.scorer}
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + _overrides(args)
     cfg = load_config(PruneConfig, args.config, overrides)
     if not (cfg.structured or cfg.sparsity > 0):
-        raise CompressorError("nothing to prune: give --heads, --mlp or --sparsity above 0")
+        raise CompressorError("nothing to prune: give --heads, --mlp, --hidden or --sparsity above 0")
     out, report = prune_dir(args.model_dir, args.out, cfg, args.data)
     s = report.get("structured", {})
     log.info(f"pruned model saved to {out}: {report['params_before']:,} -> {report['params_after']:,} parameters"
           + (f", heads {s['heads']['before']} -> {s['heads']['after']}" if "heads" in s else "")
           + (f", MLP channels {s['mlp']['before']} -> {s['mlp']['after']}" if "mlp" in s else "")
+          + (f", width {s['hidden']['before']} -> {s['hidden']['after']}" if "hidden" in s else "")
           + (f", sparsity {report['sparsity']['total']:.1%}" if cfg.sparsity > 0 else ""))
 
 
@@ -357,11 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the metrics here")
     p.set_defaults(func=cmd_evaluate)
 
-    p = command("prune", help="remove attention heads / MLP channels, zero weights (unstructured)")
+    p = command("prune", help="remove attention heads / MLP channels / hidden width, zero weights (unstructured)")
     p.add_argument("model_dir")
     p.add_argument("--out", required=True, help="model directory to write")
     p.add_argument("--heads", type=float, help="fraction of attention heads to remove, in [0, 1)")
     p.add_argument("--mlp", type=float, help="fraction of MLP intermediate channels to remove, in [0, 1)")
+    p.add_argument("--hidden", type=float, help="fraction of the model width (hidden dimensions) to remove, in [0, 1)")
     p.add_argument("--sparsity", type=float, help="fraction of decoder weights to zero (unstructured), in [0, 1)")
     p.add_argument("--scorer", help="head/channel importance: fisher (default) or magnitude")
     p.add_argument("--data", default="ml-latest-small", help="data for Fisher scores (validation histories)")

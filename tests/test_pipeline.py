@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from compressor.artifact import verify_artifact
@@ -28,6 +29,10 @@ def test_smoke_run_writes_verified_artifacts_and_a_measured_report(smoke_run):
     teacher, student = verify_artifact(run_dir / "teacher"), verify_artifact(run_dir / "student")
     assert student["num_layers"] == 2 and teacher["num_layers"] == 4
     assert student["parameters"] < teacher["parameters"]  # layers dropped and heads/channels pruned
+    # a narrower student (prune.hidden): served with its own 16-wide item table, distilled through
+    # learned Adapt projections to the teacher's 32-wide hidden states
+    assert np.load(run_dir / "student" / "item_embeddings.npy").shape[1] == 16
+    assert np.load(run_dir / "teacher" / "item_embeddings.npy").shape[1] == 32
     assert "model.int8.onnx" in student["onnx_files"]
     assert student["parity"]["model.onnx"]["max_abs_diff"] <= 1e-4
     report = json.loads((run_dir / "report.json").read_text())

@@ -139,6 +139,65 @@ def test_dead_mlp_channels_are_the_ones_removed(teacher, tiny_data):
     assert torch.allclose(_logits(pruned, tiny_data), before, atol=1e-4)
 
 
+def _rms_norms(model):
+    return [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
+
+
+def test_dead_hidden_dimensions_are_the_ones_removed_and_the_function_kept(teacher, tiny_data):
+    """8 of 32 dimensions that nothing writes (item table columns, o_proj and down_proj rows all
+    0) carry nothing: Fisher scores them 0 and removes exactly them. With the RMS norms' weights
+    rescaled for averaging over 24 instead of 32 dimensions, the recommendations are unchanged,
+    so every tensor was sliced along the right dimension."""
+    dead = list(range(1, 32, 4))
+    with torch.no_grad():
+        teacher.get_input_embeddings().weight[:, dead] = 0  # tied: the item side of the head too
+        for layer in decoder_parts(teacher).layers:
+            layer.self_attn.o_proj.weight[dead] = 0
+            layer.mlp.down_proj.weight[dead] = 0
+    pruned, report = prune_model(teacher, tiny_data, PruneConfig(hidden=0.25, samples=32), MAX_LEN, progress=False)
+    for norm in _rms_norms(teacher) + _rms_norms(pruned):
+        norm.variance_epsilon = 1e-12  # 1e-6 alone would tell a mean over 32 from one over 24 at 1e-4
+    before = _logits(teacher, tiny_data)
+    width = report["structured"]["hidden"]
+    assert (width["before"], width["after"]) == (32, 24) and pruned.config.hidden_size == 24
+    assert set(width["kept"]).isdisjoint(dead)
+    assert all(width["scores"][d] == 0 for d in dead) and min(s for i, s in enumerate(width["scores"]) if i not in dead) > 0
+    assert pruned.config.head_dim == 8 and pruned.config.num_attention_heads == 4  # heads keep their size
+    assert pruned.get_input_embeddings().weight.shape == (tiny_data.vocab.size, 24)
+    assert pruned.get_output_embeddings().weight.data_ptr() == pruned.get_input_embeddings().weight.data_ptr()
+    assert not torch.allclose(_logits(pruned, tiny_data), before, atol=1e-4)  # the norms average over fewer
+    with torch.no_grad():
+        for norm in _rms_norms(pruned):
+            norm.weight *= (32 / 24) ** 0.5
+    assert torch.allclose(_logits(pruned, tiny_data), before, atol=1e-4)
+
+
+def test_width_pruning_with_heads_reloads_as_a_stock_model(tiny_teacher_dir, tiny_data, tmp_path):
+    cfg = PruneConfig(hidden=0.5, heads=0.5, scorer="magnitude")
+    out, report = prune_dir(tiny_teacher_dir, tmp_path / "narrow", cfg, progress=False)
+    raw = json.loads((out / "config.json").read_text())
+    assert (raw["hidden_size"], raw["num_attention_heads"], raw["head_dim"]) == (16, 2, 8)
+    assert raw["recsys"]["pruning"]["hidden"] == 0.5
+    stock = AutoModelForCausalLM.from_pretrained(out)
+    attn, mlp = stock.model.layers[0].self_attn, stock.model.layers[0].mlp
+    assert attn.q_proj.weight.shape == (16, 16) and attn.o_proj.weight.shape == (16, 16)
+    assert mlp.up_proj.weight.shape == (64, 16) and mlp.down_proj.weight.shape == (16, 64)
+    assert stock.model.norm.weight.shape == (16,) and stock.model.layers[1].input_layernorm.weight.shape == (16,)
+    assert report["params_after"] < report["params_before"] / 2
+    pruned, _ = prune_model(load_model(tiny_teacher_dir)[0], None, cfg, MAX_LEN)
+    assert torch.allclose(_logits(load_model(out)[0], tiny_data), _logits(pruned, tiny_data), atol=1e-5)
+
+
+def test_width_follows_what_the_config_accepts():
+    """Llama wants hidden_size divisible by the head count: the nearest such width is kept."""
+    from compressor.prune.structured import plan_hidden
+
+    plan = plan_hidden(torch.arange(32.0), 0.4, lambda w: w % 4 == 0)  # 19.2 removed -> 20 kept
+    assert plan.size == 20 and plan.keep == list(range(12, 32))
+    with pytest.raises(CompressorError, match="no hidden size"):
+        plan_hidden(torch.arange(4.0), 0.5, lambda w: False)
+
+
 def test_magnitude_scorer_needs_no_data(teacher):
     pruned, report = prune_model(teacher, None, PruneConfig(heads=0.5, mlp=0.25, scorer="magnitude",
                                                              unstructured_criterion="magnitude"), MAX_LEN)
@@ -185,6 +244,8 @@ def test_gpt2_mlp_pruning_reloads_and_heads_are_refused(tiny_data, tmp_path):
     assert load_model(tmp_path / "g")[0].transformer.h[0].mlp.c_proj.weight.shape == (32, 32)
     with pytest.raises(CompressorError, match="GPT-2"):
         prune_model(model, tiny_data, PruneConfig(heads=0.5, samples=16), MAX_LEN, progress=False)
+    with pytest.raises(CompressorError, match="GPT-2 derives the head size"):
+        prune_model(model, tiny_data, PruneConfig(hidden=0.5, samples=16), MAX_LEN, progress=False)
 
 
 def _phi3_dir(tiny_data, path):
@@ -202,7 +263,7 @@ def test_unknown_family_is_a_clear_error(tiny_data, tmp_path):
         prune_model(model, tiny_data, PruneConfig(mlp=0.5, scorer="magnitude"), MAX_LEN)
 
 
-@pytest.mark.parametrize("field, value", [("heads", 1.0), ("mlp", -0.1), ("sparsity", 1.5), ("scorer", "random"),
+@pytest.mark.parametrize("field, value", [("heads", 1.0), ("mlp", -0.1), ("hidden", 1.0), ("sparsity", 1.5), ("scorer", "random"),
                                           ("unstructured_criterion", "taylor"), ("scope", "layer")])
 def test_bad_config_values_are_rejected(field, value):
     with pytest.raises(ValidationError):
@@ -221,6 +282,7 @@ def _error_line(err: str) -> str:
 @pytest.mark.parametrize("args, message", [
     (["--heads", "1.5"], "heads"),
     (["--mlp", "-0.2"], "mlp"),
+    (["--hidden", "1.5"], "hidden"),
     (["--sparsity", "1"], "sparsity"),
     (["--heads", "0.5", "--scorer", "random"], "scorer"),
     ([], "nothing to prune"),

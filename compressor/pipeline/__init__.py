@@ -93,7 +93,7 @@ def _run_stages(ctx: Context, force: list[str] | None) -> dict[str, StageRecord]
     if needs_importance:
         run_stage(ctx, "importance", cfg.importance, ["teacher"], stages.stage_importance)
     run_stage(ctx, "truncate", cfg.selection, ["teacher", "importance"], stages.stage_truncate)
-    if cfg.prune.heads > 0 or cfg.prune.mlp > 0 or cfg.prune.sparsity > 0:
+    if cfg.prune.structured or cfg.prune.sparsity > 0:
         run_stage(ctx, "prune", cfg.prune, ["truncate"], stages.stage_prune)
     if cfg.lowrank.enabled:
         run_stage(ctx, "lowrank", cfg.lowrank, ["truncate", "prune"], stages.stage_lowrank)

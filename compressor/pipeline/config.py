@@ -178,4 +178,7 @@ class RunConfig(BaseModel):
             if self.prune.heads > 0 and t.architecture == "gpt2":
                 raise ValueError("prune.heads: GPT-2 derives the head size from n_embd / n_head, so its heads "
                                  "cannot be pruned; prune mlp channels instead")
+            if self.prune.hidden > 0 and t.architecture == "gpt2":
+                raise ValueError("prune.hidden: GPT-2 derives the head size from n_embd / n_head, so its width "
+                                 "cannot be pruned; prune mlp channels instead")
         return self

@@ -1,4 +1,4 @@
-"""Pruning inside the kept layers: structured (heads, MLP channels) and unstructured (weights).
+"""Pruning inside the kept layers: structured (heads, MLP channels, model width) and unstructured (weights).
 
 `prune_model(model, data, cfg, max_len)` scores, cuts and reports; `prune_dir` does the same
 for a saved model directory and writes a new one that stock `from_pretrained` loads. Layout:
@@ -35,7 +35,13 @@ from compressor.prune.scoring import (
     WEIGHT_CRITERIA,
     summarize,
 )
-from compressor.prune.structured import apply_structured, config_accepts, plan_channels, plan_heads
+from compressor.prune.structured import (
+    apply_structured,
+    config_accepts,
+    plan_channels,
+    plan_heads,
+    plan_hidden,
+)
 from compressor.prune.unstructured import SCOPES, measure_sparsity, prunable_weights, sparsify
 
 REPORT_FILE = "prune_report.json"
@@ -47,8 +53,12 @@ class PruneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     heads: float = Field(0.0, ge=0, lt=1, description="fraction of query heads removed (same count in every layer)")
     mlp: float = Field(0.0, ge=0, lt=1, description="fraction of MLP intermediate channels removed (same count in every layer)")
+    hidden: float = Field(
+        0.0, ge=0, lt=1, description="fraction of the model width (hidden dimensions of the residual stream: item "
+        "table, norms, every layer's input and output sides) removed, the same dimensions everywhere; the "
+        "student is then narrower than its teacher and distillation learns Adapt projections between them")
     sparsity: float = Field(0.0, ge=0, lt=1, description="fraction of decoder-layer weights zeroed (unstructured)")
-    scorer: str = Field("fisher", description="head/channel importance: fisher (mask gradients) or magnitude")
+    scorer: str = Field("fisher", description="head/channel/width importance: fisher (mask gradients) or magnitude")
     scope: Literal["global", "per_layer"] = Field(
         "global", description="unstructured: one threshold over all layers, or the same sparsity in each layer "
         "(structured pruning always removes the same count per layer: stock configs hold one count)")
@@ -74,7 +84,7 @@ class PruneConfig(BaseModel):
 
     @property
     def structured(self) -> bool:
-        return self.heads > 0 or self.mlp > 0
+        return self.heads > 0 or self.mlp > 0 or self.hidden > 0
 
     def needs_data(self) -> bool:
         return (self.structured and self.scorer in SCORERS_NEED_DATA) or (
@@ -112,7 +122,8 @@ def prune_model(model: PreTrainedModel, data: RecData | None, cfg: PruneConfig, 
         sparsity={"target": cfg.sparsity, "scope": cfg.scope, "criterion": cfg.unstructured_criterion, **sparsity},
         scorer=cfg.scorer, fisher_samples=len(probe) if probe is not None else 0, seconds=time.time() - start,
     )
-    set_recsys_meta(model, pruning={"heads": cfg.heads, "mlp": cfg.mlp, "sparsity": cfg.sparsity, "scorer": cfg.scorer,
+    set_recsys_meta(model, pruning={"heads": cfg.heads, "mlp": cfg.mlp, "hidden": cfg.hidden, "sparsity": cfg.sparsity,
+                                    "scorer": cfg.scorer,
                                     "params_before": report["params_before"]})
     return model, report
 
@@ -121,11 +132,13 @@ def _structured(model: PreTrainedModel, probe: ProbeSet | None, cfg: PruneConfig
     adapter = find_adapter(model)
     if cfg.heads > 0 and adapter.head_fields is None:
         raise CompressorError(f"{type(model).__name__}: {adapter.no_head_pruning}")
+    if cfg.hidden > 0 and adapter.hidden_rules is None:
+        raise CompressorError(f"{type(model).__name__}: {adapter.no_hidden_pruning}")
     scores = PRUNE_SCORERS[cfg.scorer](model, adapter, probe, heads=cfg.heads > 0, channels=cfg.mlp > 0,
-                                       progress=progress, batch_size=cfg.batch_size)
+                                       progress=progress, batch_size=cfg.batch_size, hidden=cfg.hidden > 0)
     layout = adapter.layout(model.config)
     channels_before = adapter.channels(model.config)
-    head_plan = chan_plan = None
+    head_plan = chan_plan = hidden_plan = None
     out: dict = {"family": adapter.name, "scoring_seconds": scores.seconds}
     if cfg.heads > 0:
         def accepts(heads: int, kv: int) -> bool:
@@ -144,7 +157,22 @@ def _structured(model: PreTrainedModel, probe: ProbeSet | None, cfg: PruneConfig
             "effective_ratio": 1 - chan_plan.channels / channels_before,
             "kept_per_layer": [len(k) for k in chan_plan.keep],
         }
-    return apply_structured(model, adapter, head_plan, chan_plan), out
+    if cfg.hidden > 0:
+        heads_after = head_plan.heads if head_plan else layout.heads
+        kv_after = head_plan.kv_heads if head_plan else layout.kv_heads
+
+        def accepts_width(width: int) -> bool:
+            return config_accepts(model.config, {**adapter.head_updates(layout, heads_after, kv_after),
+                                                 "hidden_size": width})
+
+        hidden_plan = plan_hidden(scores.hidden, cfg.hidden, accepts_width)
+        width = model.config.hidden_size
+        out["hidden"] = {
+            "before": width, "after": hidden_plan.size, "requested_ratio": cfg.hidden,
+            "effective_ratio": 1 - hidden_plan.size / width, "kept": hidden_plan.keep,
+            "scores": summarize(scores.hidden),
+        }
+    return apply_structured(model, adapter, head_plan, chan_plan, hidden_plan), out
 
 
 def prune_dir(model_dir: str | Path, out_dir: str | Path, cfg: PruneConfig,

@@ -1,10 +1,10 @@
-"""Where heads and MLP channels live inside one decoder layer, per model family.
+"""Where heads, MLP channels and the model width live inside one decoder layer, per model family.
 
 `decoder_parts` finds the layers of any causal LM; inside a layer the module names differ by
 family. An adapter says, declaratively, which tensor rows/columns belong to a query head, a
-key/value head and an MLP channel, which module's *input* carries the merged heads / channels
-(where mask variables are applied), and which config fields hold the counts. Pruning is then
-one generic slicing of the state dict.
+key/value head, an MLP channel and a hidden (residual-stream) dimension, which module's *input*
+carries the merged heads / channels (where mask variables are applied), and which config fields
+hold the counts. Pruning is then one generic slicing of the state dict.
 """
 
 from __future__ import annotations
@@ -51,6 +51,10 @@ class FamilyAdapter:
     channels_field: str  # config field with the intermediate size
     head_fields: tuple[str, str, str] | None  # config fields: heads, kv heads, head size
     no_head_pruning: str = ""  # why heads cannot shrink for this family (empty = they can)
+    # tensors indexed by a hidden dimension (the residual stream every layer reads and writes);
+    # None = the family cannot be made narrower, `no_hidden_pruning` says why
+    hidden_rules: tuple[Rule, ...] | None = None
+    no_hidden_pruning: str = ""
 
     def matches(self, layer: nn.Module) -> bool:
         return all(submodule(layer, path) is not None for path in self.required)
@@ -87,6 +91,15 @@ _GATED_Q = (("self_attn.q_proj.weight", 0), ("self_attn.q_proj.bias", 0), ("self
 _GATED_KV = tuple((f"self_attn.{p}_proj.{w}", 0) for p in ("k", "v") for w in ("weight", "bias"))
 _GATED_MLP = (("mlp.gate_proj.weight", 0), ("mlp.gate_proj.bias", 0), ("mlp.up_proj.weight", 0),
               ("mlp.up_proj.bias", 0), ("mlp.down_proj.weight", 1))
+# what reads the residual stream (norms, the input side of q/k/v and gate/up) and what writes it
+# (the output side of o_proj and down_proj); Gemma's extra feed-forward norms are skipped when absent
+_GATED_HIDDEN = (
+    *((f"{norm}.weight", 0) for norm in ("input_layernorm", "post_attention_layernorm",
+                                         "pre_feedforward_layernorm", "post_feedforward_layernorm")),
+    *((f"self_attn.{p}_proj.weight", 1) for p in ("q", "k", "v")),
+    ("self_attn.o_proj.weight", 0), ("self_attn.o_proj.bias", 0),
+    ("mlp.gate_proj.weight", 1), ("mlp.up_proj.weight", 1), ("mlp.down_proj.weight", 0), ("mlp.down_proj.bias", 0),
+)
 
 ADAPTERS: dict[str, FamilyAdapter] = {
     # Llama, Qwen2/3, Mistral, Gemma and the many families that copied their names.
@@ -98,6 +111,7 @@ ADAPTERS: dict[str, FamilyAdapter] = {
         q_rules=_GATED_Q, kv_rules=_GATED_KV, channel_rules=_GATED_MLP,
         channels_field="intermediate_size",
         head_fields=("num_attention_heads", "num_key_value_heads", "head_dim"),
+        hidden_rules=_GATED_HIDDEN,
     ),
     # GPT-2 (Conv1D: weights are (in, out)). Its attention derives head size from n_embd / n_head
     # and fuses q|k|v, so a stock GPT2Config cannot describe fewer heads of the same size.
@@ -109,6 +123,8 @@ ADAPTERS: dict[str, FamilyAdapter] = {
         channels_field="n_inner", head_fields=None,
         no_head_pruning="GPT-2 derives the head size from n_embd / n_head, so fewer heads would not "
                         "reload with from_pretrained; prune its MLP channels instead",
+        no_hidden_pruning="GPT-2 derives the head size from n_embd / n_head, so a narrower model would "
+                          "change every head; prune its MLP channels instead",
     ),
 }
 
@@ -135,6 +151,18 @@ def layer_prefixes(model: PreTrainedModel) -> list[str]:
 def unit_rows(units: torch.Tensor, size: int) -> torch.Tensor:
     """Row indices of whole units (heads of `size` rows each), in order."""
     return (units[:, None] * size + torch.arange(size, device=units.device)).reshape(-1)
+
+
+def model_hidden_keys(model: PreTrainedModel) -> list[Rule]:
+    """State-dict keys outside the layers indexed by a hidden dimension: the item table (and the
+    head, tied or not: every name a shared tensor has), the final norm."""
+    parts = decoder_parts(model)
+    tensors = [(parts.embed.weight, 1), (parts.head.weight, 1)]
+    if parts.norm is not None:
+        tensors += [(p, 0) for p in parts.norm.parameters(recurse=False)]
+    dims = {id(p): dim for p, dim in tensors}
+    state_names = model.state_dict(keep_vars=True)
+    return [(name, dims[id(p)]) for name, p in state_names.items() if id(p) in dims]
 
 
 def slice_rules(state: dict, prefix: str, rules: tuple[Rule, ...], rows: torch.Tensor) -> None:

@@ -1,11 +1,14 @@
-"""Importance of heads, MLP channels and single weights: the numbers pruning ranks by.
+"""Importance of heads, MLP channels, hidden dimensions and single weights: what pruning ranks by.
 
 Heads and channels (Kwon et al. 2022, "A Fast Post-Training Pruning Framework for
 Transformers"): a mask variable m = 1 multiplies each head's output and each MLP channel's
 activation; its Fisher importance is I = sum over samples of (dL_n / dm)^2. The masks here are
 (B, units) tensors, so one backward pass gives every sample's own gradient (an exact
-per-sample empirical Fisher, not squared batch gradients). Magnitude is the alternative: the
-L2 norm of all weights that read from or write to the unit.
+per-sample empirical Fisher, not squared batch gradients). A hidden dimension (the width of
+the residual stream) gets one mask variable shared by every place the stream is written (the
+embeddings and each layer's output), so its gradient sums the first-order effect of removing
+that dimension everywhere. Magnitude is the alternative: the L2 norm of all weights that read
+from or write to the unit.
 
 Single weights (unstructured pruning): |theta|, or Fisher-weighted theta^2 * F with F the
 diagonal Fisher from `compressor.fisher.parameter_fisher` (squared mini-batch gradients), the
@@ -28,16 +31,18 @@ from transformers import PreTrainedModel
 
 from compressor.fisher import ProbeSet, gradients_only, last_item_loss
 from compressor.modeling import decoder_parts
-from compressor.prune.adapters import FamilyAdapter, submodule
+from compressor.prune.adapters import FamilyAdapter, model_hidden_keys, submodule
 
 
 @dataclass
 class UnitScores:
-    """Importance per layer of each query head (L, H) and MLP channel (L, I); higher = keep."""
+    """Importance per layer of each query head (L, H) and MLP channel (L, I), and of each hidden
+    dimension (D,) of the whole model; higher = keep."""
 
     method: str
     heads: torch.Tensor | None
     channels: torch.Tensor | None
+    hidden: torch.Tensor | None = None
     samples: int = 0
     seconds: float = 0.0
     detail: dict = field(default_factory=dict)
@@ -60,14 +65,26 @@ def _channel_mask_hook(masks: dict, key):
     return hook
 
 
+def _stream_mask_hook(masks: dict):
+    def hook(module, args, output):
+        m = masks["d"]
+        if isinstance(output, tuple):  # decoder layers of some families return (hidden, ...)
+            return output[0] * m.to(output[0].dtype)[:, None, :], *output[1:]
+        return output * m.to(output.dtype)[:, None, :]  # (B, T, hidden)
+
+    return hook
+
+
 def fisher_unit_scores(model: PreTrainedModel, adapter: FamilyAdapter, probe: ProbeSet,
                        heads: bool = True, channels: bool = True, progress: bool = True,
-                       batch_size: int = 32) -> UnitScores:
+                       batch_size: int = 32, hidden: bool = False) -> UnitScores:
     """Kwon et al.'s mask Fisher: sum over samples of the squared per-sample mask gradient."""
     start = time.time()
-    layers = decoder_parts(model).layers
+    parts = decoder_parts(model)
+    layers = parts.layers
     n_heads = adapter.layout(model.config).heads
     n_channels = adapter.channels(model.config)
+    width = model.config.hidden_size
     device = next(model.parameters()).device
     masks: dict = {}
     handles = []
@@ -76,8 +93,11 @@ def fisher_unit_scores(model: PreTrainedModel, adapter: FamilyAdapter, probe: Pr
             handles.append(submodule(layer, adapter.head_out).register_forward_pre_hook(_head_mask_hook(n_heads, masks, ("h", i))))
         if channels:
             handles.append(submodule(layer, adapter.channel_out).register_forward_pre_hook(_channel_mask_hook(masks, ("c", i))))
+    if hidden:  # one variable for every write into the stream: removing a dimension removes it everywhere
+        handles += [m.register_forward_hook(_stream_mask_hook(masks)) for m in (parts.embed, *layers)]
     head_f = torch.zeros(len(layers), n_heads, dtype=torch.float64)
     chan_f = torch.zeros(len(layers), n_channels, dtype=torch.float64)
+    hidden_f = torch.zeros(width, dtype=torch.float64)
     try:
         # only the mask variables need gradients; no weight gradient is computed
         with gradients_only(model, params=[]):
@@ -89,15 +109,21 @@ def fisher_unit_scores(model: PreTrainedModel, adapter: FamilyAdapter, probe: Pr
                         masks[("h", i)] = torch.ones(b, n_heads, device=device, requires_grad=True)
                     if channels:
                         masks[("c", i)] = torch.ones(b, n_channels, device=device, requires_grad=True)
+                if hidden:
+                    masks["d"] = torch.ones(b, width, device=device, requires_grad=True)
                 loss = last_item_loss(model, ids, mask, targets, reduction="sum")
                 grads = torch.autograd.grad(loss, list(masks.values()))
-                for (kind, i), g in zip(masks.keys(), grads, strict=True):
-                    (head_f if kind == "h" else chan_f)[i] += g.detach().double().pow(2).sum(0).cpu()
+                for key, g in zip(masks.keys(), grads, strict=True):
+                    g2 = g.detach().double().pow(2).sum(0).cpu()
+                    if key == "d":
+                        hidden_f += g2
+                    else:
+                        (head_f if key[0] == "h" else chan_f)[key[1]] += g2
     finally:
         for h in handles:
             h.remove()
     return UnitScores("fisher", head_f.float() if heads else None, chan_f.float() if channels else None,
-                      samples=len(probe), seconds=time.time() - start)
+                      hidden_f.float() if hidden else None, samples=len(probe), seconds=time.time() - start)
 
 
 def _unit_sq_norms(layer, rules, units: int) -> torch.Tensor:
@@ -112,9 +138,10 @@ def _unit_sq_norms(layer, rules, units: int) -> torch.Tensor:
 
 def magnitude_unit_scores(model: PreTrainedModel, adapter: FamilyAdapter, probe: ProbeSet | None = None,
                           heads: bool = True, channels: bool = True, progress: bool = True,
-                          batch_size: int = 32) -> UnitScores:
+                          batch_size: int = 32, hidden: bool = False) -> UnitScores:
     """L2 norm of the weights of each unit; a key/value head's weights are shared out equally
-    among the query heads of its group."""
+    among the query heads of its group; a hidden dimension's weights are every layer's and the
+    item table's."""
     start = time.time()
     layers = decoder_parts(model).layers
     head_s, chan_s = [], []
@@ -125,11 +152,23 @@ def magnitude_unit_scores(model: PreTrainedModel, adapter: FamilyAdapter, probe:
             head_s.append((_unit_sq_norms(layer, adapter.q_rules, lay.heads) + kv).sqrt())
         if channels:
             chan_s.append(_unit_sq_norms(layer, adapter.channel_rules, adapter.channels(model.config)).sqrt())
+    hidden_s = None
+    if hidden:
+        width = model.config.hidden_size
+        state = model.state_dict()  # tied tables appear under each name: counted once
+        seen = {}
+        for name, dim in model_hidden_keys(model):
+            seen.setdefault(state[name].data_ptr(), (name, dim))
+        hidden_s = sum((_unit_sq_norms(layer, adapter.hidden_rules, width) for layer in layers),
+                       torch.zeros(width, dtype=torch.float64))
+        for name, dim in seen.values():
+            hidden_s += state[name].detach().double().movedim(dim, 0).reshape(width, -1).pow(2).sum(1).cpu()
+        hidden_s = hidden_s.sqrt().float()
     return UnitScores("magnitude", torch.stack(head_s).float() if heads else None,
-                      torch.stack(chan_s).float() if channels else None, seconds=time.time() - start)
+                      torch.stack(chan_s).float() if channels else None, hidden_s, seconds=time.time() - start)
 
 
-# name -> fn(model, adapter, probe | None, heads=, channels=, progress=, batch_size=) -> UnitScores
+# name -> fn(model, adapter, probe | None, heads=, channels=, progress=, batch_size=, hidden=) -> UnitScores
 PRUNE_SCORERS: dict[str, Callable[..., UnitScores]] = {
     "fisher": fisher_unit_scores,
     "magnitude": magnitude_unit_scores,

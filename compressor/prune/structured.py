@@ -1,4 +1,5 @@
-"""Structured pruning: remove whole attention heads and MLP channels so the tensors really shrink.
+"""Structured pruning: remove whole attention heads, MLP channels and hidden dimensions so the
+tensors really shrink.
 
 Why every layer keeps the same number of heads and channels: the checkpoint must load with
 stock `from_pretrained`, and stock configs (LlamaConfig, Qwen2Config, ...) hold one
@@ -11,6 +12,12 @@ between groups. A plan keeps K' of the K key/value heads and the same r' query h
 kept group (K' * r' heads); among the shapes with the wanted head count, the one keeping the
 most (per-layer normalised) importance wins. Counts a config cannot express (LlamaConfig wants
 hidden_size divisible by the head count) are skipped for the nearest count it can.
+
+Width (hidden dimensions): the residual stream is one vector space every layer reads and writes,
+so a dimension goes everywhere at once: item table, norms, each layer's input and output sides.
+The head size stays (written explicitly in the config); the norms then average over fewer
+dimensions, an approximation the distillation that follows repairs. A student narrower than its
+teacher is where distillation's `Adapt` projections stop being identities.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from compressor.prune.adapters import (
     FamilyAdapter,
     HeadLayout,
     layer_prefixes,
+    model_hidden_keys,
     slice_rules,
     unit_rows,
 )
@@ -45,6 +53,14 @@ class HeadPlan:
 class ChannelPlan:
     channels: int
     keep: list[list[int]]
+
+
+@dataclass
+class HiddenPlan:
+    """Hidden dimensions the whole model keeps (original indices, ascending)."""
+
+    size: int
+    keep: list[int]
 
 
 def keep_count(total: int, ratio: float, minimum: int = 1) -> int:
@@ -100,13 +116,24 @@ def plan_channels(scores: torch.Tensor, ratio: float) -> ChannelPlan:
     return ChannelPlan(n, [sorted(int(i) for i in s.topk(n).indices) for s in scores])
 
 
+def plan_hidden(scores: torch.Tensor, ratio: float, accepts) -> HiddenPlan:
+    """The top dimensions by score, as many as the nearest width the config accepts
+    (`accepts(width)`; Llama wants a multiple of the head count)."""
+    target = keep_count(len(scores), ratio)
+    widths = [w for w in range(1, len(scores) + 1) if accepts(w)]
+    if not widths:
+        raise CompressorError("no hidden size the model config accepts")
+    size = min(widths, key=lambda w: (abs(w - target), -w))  # nearest; ties keep more
+    return HiddenPlan(size, sorted(int(i) for i in scores.topk(size).indices))
+
+
 def full_head_plan(layout: HeadLayout, n_layers: int) -> HeadPlan:
     return HeadPlan(layout.heads, layout.kv_heads, [list(range(layout.heads))] * n_layers,
                     [list(range(layout.kv_heads))] * n_layers)
 
 
 def apply_structured(model: PreTrainedModel, adapter: FamilyAdapter, heads: HeadPlan | None,
-                     channels: ChannelPlan | None) -> PreTrainedModel:
+                     channels: ChannelPlan | None, hidden: HiddenPlan | None = None) -> PreTrainedModel:
     """A new model of the same class with the plan's units only.
 
     The state dict is sliced, the config gets the new counts (and an explicit head_dim), and
@@ -121,6 +148,12 @@ def apply_structured(model: PreTrainedModel, adapter: FamilyAdapter, heads: Head
             slice_rules(state, prefix, adapter.kv_rules, unit_rows(torch.tensor(heads.kv_keep[i]), layout.head_dim))
         if channels is not None:
             slice_rules(state, prefix, adapter.channel_rules, torch.tensor(channels.keep[i]))
+        if hidden is not None:
+            slice_rules(state, prefix, adapter.hidden_rules, torch.tensor(hidden.keep))
+    if hidden is not None:
+        slice_rules(state, "", tuple(model_hidden_keys(model)), torch.tensor(hidden.keep))
+        # the head size is derived from hidden_size unless written down
+        updates.update(adapter.head_updates(layout, layout.heads, layout.kv_heads), hidden_size=hidden.size)
     if heads is not None:
         updates.update(adapter.head_updates(layout, heads.heads, heads.kv_heads))
     if channels is not None:
@@ -128,7 +161,11 @@ def apply_structured(model: PreTrainedModel, adapter: FamilyAdapter, heads: Head
     config = type(model.config).from_dict({**model.config.to_dict(), **updates})
     param = next(model.parameters())
     new = type(model)._from_config(config, attn_implementation=model.config._attn_implementation, dtype=param.dtype)
-    new.load_state_dict(state, strict=True)
+    try:
+        new.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # a tensor the family's rules do not know (a new norm, a new projection)
+        raise CompressorError(f"{type(model).__name__}: pruning left tensors of the old shape: "
+                              f"{str(e).splitlines()[-1].strip()[:300]}") from e
     new.to(param.device)
     new.train(model.training)
     return new
