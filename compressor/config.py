@@ -36,6 +36,20 @@ def _one_line(text: str, limit: int = 200) -> str:
     return " ".join(str(text).split())[:limit]
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping: plain YAML keeps the last one
+    silently, so a config edited twice would run with whichever value came second."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path) -> dict:
     """The mapping in a YAML file; every way it can be unreadable is one CompressorError line."""
     p = Path(path)
@@ -46,7 +60,7 @@ def read_yaml(path: str | Path) -> dict:
     except OSError as e:  # a directory, no permission, ...
         raise CompressorError(f"{p}: cannot read ({e.strerror or type(e).__name__})") from e
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         # PyYAML's message spans several lines (context, caret diagram); keep problem + position.
         mark = getattr(e, "problem_mark", None)

@@ -79,6 +79,7 @@ def test_bad_overrides_are_one_line_errors(overrides, message):
     (b"steps: [1, 2\n", r"not valid YAML at line 2, column 1: "),
     (b"steps: 2\n\xff\n", r"not UTF-8 text \(byte 9\)"),
     (b"- a\n- b\n", "a config must be a mapping of field: value, got list"),
+    (b"steps: 2\ninner:\n  rate: 1\n  rate: 2\n", r"not valid YAML at line 4, column 3: key 'rate' given twice"),
     (b"stepz: 2\n", r"^config: stepz: Extra inputs are not permitted \(1 error\(s\)\)$"),
     (b"steps: 0\ninner:\n  rate: x\n", r"^config: steps: Input should be greater than or equal to 1 \(2 error\(s\)\)$"),
 ])
