@@ -5,7 +5,7 @@ Usage:
         --depths 4,2 --seeds 0,1,2 --out benchmarks/results/quality \
         [--methods fisher_ld,uniform_ld,...] [--epochs 3] [--budget-minutes 2] \
         [--importance importance.json] [--strategy strategic | --layers 4=0,1,2,3;2=0,1] \
-        [--config distill.yaml] [--threads 1] [--report-only]
+        [--config distill.yaml] [--prune prune.yaml] [--threads 1] [--report-only]
 
 For every student depth k (layers chosen once from the teacher's Fisher scores by a selection
 strategy, or given by hand), every seed and every method it distils a truncated student with
@@ -13,6 +13,10 @@ the same budget (epochs and minutes per cell) and scores it on the test split. B
 methods: the two floors distillation has to beat — `truncated` (the truncated student, no
 training) and `scratch` (same depth, random init, trained on the task loss only, same budget,
 at the teacher's learning rate because nothing is being preserved).
+
+`--prune YAML` (PruneConfig fields, e.g. `hidden: 0.5`) prunes each truncated student before any
+cell: with `hidden` the student is narrower than the teacher, so layer matching goes through
+learned Adapt projections and cannot be exact; `truncated` is then the pruned, untrained student.
 
 Statistics: mean ± std over seeds; and for fisher_ld vs every other method a paired bootstrap
 over test users of the NDCG@10 difference, where each user's NDCG@10 is first averaged over the
@@ -57,6 +61,7 @@ from compressor.errors import CompressorError
 from compressor.evaluate import evaluate_model, paired_bootstrap
 from compressor.fisher import normalise
 from compressor.modeling import load_model, model_max_len, set_recsys_meta
+from compressor.prune import PruneConfig, prune_model
 from compressor.select import DEFAULT_STRATEGY, parse_layers, select_layers
 from compressor.truncate import truncate
 
@@ -222,6 +227,12 @@ def write_report(out: Path, summary: dict) -> None:
         "same depth, random init, task loss only. `best@0` counts seeds whose best validation checkpoint "
         "was the untouched student.", "",
     ]
+    for k, rep in ((summary.get("prune") or {}).get("by_depth") or {}).items():
+        st = rep.get("structured", {})
+        parts = [f"{name} {st[name]['before']} → {st[name]['after']}" for name in ("hidden", "heads", "mlp") if name in st]
+        lines += [f"Every {k}-layer student is pruned before training ({', '.join(parts)}; "
+                  f"{rep['params_before']:,} → {rep['params_after']:,} parameters, scorer "
+                  f"{summary['prune']['config']['scorer']}); `truncated` is that pruned student, untrained.", ""]
     for k, rows in agg["table"].items():
         layers = summary["layers"].get(str(k), summary["layers"].get(k))
         target = agg["targets"].get(k, agg["targets"].get(str(k)))
@@ -299,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--strategy", default=DEFAULT_STRATEGY, help="layer selection from the Fisher scores")
     ap.add_argument("--layers", help="explicit layers per depth, e.g. '4=0,1,2,3;2=0,1' (overrides --strategy)")
     ap.add_argument("--config", help="YAML with DistillConfig fields shared by every cell")
+    ap.add_argument("--prune", help="YAML with PruneConfig fields applied to every truncated student "
+                    "(e.g. hidden: 0.5 for a student half as wide as the teacher)")
     ap.add_argument("--overhead-steps", type=int, default=30, help="interleaved steps for the time ratio (0 = skip)")
     ap.add_argument("--keep-students", action="store_true",
                     help="keep each cell's distilled student under OUT/runs/ (default: only its log and result)")
@@ -332,6 +345,7 @@ def run(args) -> dict:
     if bad := [f for f in floors if f not in FLOORS]:
         raise CompressorError(f"unknown floor(s) {bad}; choose from {', '.join(FLOORS)}")
     base = load_config(DistillConfig, args.config)
+    prune_cfg = load_config(PruneConfig, args.prune) if args.prune else None  # bad file: error before any work
     base = base.model_copy(update={"train": base.train.model_copy(update={"epochs": args.epochs,
                                                                            "max_minutes": args.budget_minutes})})
     teacher, vocab = load_model(args.teacher)
@@ -366,8 +380,15 @@ def run(args) -> dict:
     all_methods = methods + floors
     cells = []
     t_start = time.time()
+    prune_reports = {}
     for k in depths:
         student0 = truncate(teacher, layers[k])
+        if prune_cfg is not None:
+            student0, rep = prune_model(student0, data, prune_cfg, max_len, progress=not args.quiet)
+            prune_reports[k] = {key: rep[key] for key in ("params_before", "params_after", "structured") if key in rep}
+            for part in prune_reports[k].get("structured", {}).values():
+                if isinstance(part, dict):
+                    part.pop("scores", None)
         student0.eval()
         for seed in seeds:
             for m in all_methods:
@@ -392,7 +413,10 @@ def run(args) -> dict:
         "methods": all_methods, "layers": {str(k): layers[k] for k in depths}, "strategy": common["strategy"],
         "fisher_scores": common["fisher_scores"], "fisher_source": common["fisher_source"],
         "budget": {"epochs": args.epochs, "max_minutes": args.budget_minutes, "scratch_lr": args.scratch_lr},
-        "config": base.model_dump(mode="json"), "machine": info, "overhead": read_json(out / f"overhead_d{depths[0]}.json"),
+        "config": base.model_dump(mode="json"), "machine": info,
+        "prune": None if prune_cfg is None else {"config": prune_cfg.model_dump(mode="json"),
+                                                 "by_depth": {str(k): r for k, r in prune_reports.items()}},
+        "overhead": read_json(out / f"overhead_d{depths[0]}.json"),
         "aggregate": aggregate(cells, common["teacher"], depths, all_methods, L),
         "cells": [{k: v for k, v in c.items() if k != "per_user_ndcg10"} for c in cells],
     }

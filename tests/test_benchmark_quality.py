@@ -15,12 +15,18 @@ from compressor.truncate import truncate
 from tests.conftest import tiny_interactions
 
 
-def test_quality_benchmark_end_to_end_and_resumable(tiny_teacher_dir, tmp_path, capsys):
+def _tiny_data_dir(tmp_path):
+    """The tiny teacher's interactions as a MovieLens-style folder the benchmark reads."""
     inter = tiny_interactions()
     data = tmp_path / "data"
     data.mkdir()
     inter.events.rename(columns={"user": "userId", "item": "movieId"}).to_csv(data / "ratings.csv", index=False)
     inter.items.rename(columns={"item": "movieId"}).to_csv(data / "movies.csv", index=False)
+    return data
+
+
+def test_quality_benchmark_end_to_end_and_resumable(tiny_teacher_dir, tmp_path, capsys):
+    data = _tiny_data_dir(tmp_path)
     out = tmp_path / "q"
     (tmp_path / "d.yaml").write_text("ema_every: 2\ntrain:\n  batch_size: 128\n")
     argv = ["--teacher", str(tiny_teacher_dir), "--data", str(data), "--depths", "2", "--seeds", "0,1",
@@ -73,3 +79,29 @@ def test_layer_spec_and_bad_input(tiny_teacher_dir, tmp_path):
     assert main(base + ["--methods", "nope"]) == 2
     assert main(base + ["--floors", "truncated,nope"]) == 2
     assert main(base + ["--depths", "4"]) == 2  # a 4-layer teacher keeps 1..3 layers
+    (tmp_path / "bad.yaml").write_text("hidden: 2\n")
+    assert main(base + ["--prune", str(tmp_path / "bad.yaml")]) == 2  # before any work
+
+
+def test_a_narrower_student_distils_through_adapt_projections(tiny_teacher_dir, tmp_path):
+    """--prune hidden: 0.5 halves every student's width before the cells: the floor is the
+    pruned untrained student, and fisher_ld's layer terms go through learned 16 -> 32 projections."""
+    (tmp_path / "p.yaml").write_text("hidden: 0.5\nscorer: magnitude\n")
+    out, data = tmp_path / "q", _tiny_data_dir(tmp_path)
+    assert main(["--teacher", str(tiny_teacher_dir), "--data", str(data), "--depths", "2", "--seeds", "0", "--methods", "fisher_ld",
+                 "--floors", "truncated", "--epochs", "1", "--layers", "2=0,3", "--overhead-steps", "0",
+                 "--prune", str(tmp_path / "p.yaml"), "--keep-students", "--quiet", "--out", str(out)]) == 0
+    doc = json.loads((out / "quality.json").read_text())
+    width = doc["prune"]["by_depth"]["2"]["structured"]["hidden"]
+    assert (width["before"], width["after"]) == (32, 16) and doc["prune"]["config"]["hidden"] == 0.5
+    student, _ = load_model(out / "runs" / "fisher_ld_d2_s0" / "student")
+    assert student.config.hidden_size == 16 and student.config.num_hidden_layers == 2
+    assert "hidden 32 → 16" in (out / "quality.md").read_text()
+    # the floor is the pruned, untrained [0, 3] student
+    from compressor.prune import PruneConfig, prune_model
+
+    teacher, vocab = load_model(tiny_teacher_dir)
+    test = prepare(data, vocab=vocab).split("test")
+    narrow, _ = prune_model(truncate(teacher, [0, 3]), None, PruneConfig(hidden=0.5, scorer="magnitude"), 20)
+    floor = evaluate_model(narrow.eval(), test, 20).metrics["ndcg@10"]
+    assert doc["aggregate"]["table"]["2"]["truncated"]["ndcg@10"][0] == pytest.approx(floor, abs=1e-6)
