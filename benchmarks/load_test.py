@@ -51,11 +51,9 @@ from benchmarks.make_payloads import (
 from benchmarks.processes import (
     ProcessGroup,
     RssSampler,
-    bentoml_cmd,
-    free_port,
+    bentoml_server,
     log_tail,
     tree_rss,
-    wait_ready,
 )
 from compressor.artifact import load_manifest
 from compressor.atomic import atomic_write
@@ -218,22 +216,20 @@ def run_service(cfg: LoadTestConfig, role: str, artifact: Path, payload_path: Pa
     result = {"role": role, "artifact": str(artifact.resolve()), **_model_facts(manifest, served)}
     bar.set_description(f"{role}: profile")
     result["profile"] = run_profile(cfg, artifact, payloads, role)
-    with ProcessGroup() as group:
-        port = free_port(cfg.host)
-        url = f"http://{cfg.host}:{port}"
-        log = logs / f"{role}_server.log"
-        cmd = bentoml_cmd(port, cfg.host, cfg.service)
-        bar.set_description(f"{role}: start server")
-        server = group.start(cmd, log, env=service_env(cfg, artifact, role), cwd=ROOT)
-        result["ready_s"] = wait_ready(url + "/readyz", server, cfg.ready_timeout_s, log)
-        result["serial_http"] = serial_http(url, payloads, cfg.warmup_requests, cfg.k)
-        result["idle_rss_bytes"] = tree_rss(server.pid)
+    bar.set_description(f"{role}: start server")
+    # bentoml_server starts again on fresh ports if one was taken between choosing and binding it
+    with bentoml_server(service_env(cfg, artifact, role), logs / f"{role}_server.log", cfg.ready_timeout_s,
+                        cfg.host, cfg.service) as server:
+        result["ready_s"] = server.ready_s
+        result["serial_http"] = serial_http(server.url, payloads, cfg.warmup_requests, cfg.k)
+        result["idle_rss_bytes"] = tree_rss(server.proc.pid)
         result["levels"] = []
         for users in cfg.users:
             bar.set_description(f"{role}: {users} users")
-            result["levels"].append(run_locust(cfg, group, url, users, payload_path, logs, server.pid))
-            if server.poll() is not None:
-                raise CompressorError(f"{role} server died during the load:\n{log_tail(log)}")
+            result["levels"].append(run_locust(cfg, server.group, server.url, users, payload_path, logs,
+                                               server.proc.pid))
+            if server.proc.poll() is not None:
+                raise CompressorError(f"{role} server died during the load:\n{log_tail(server.log)}")
             bar.update(1)
             time.sleep(cfg.cooldown_s)
     return result
@@ -322,15 +318,10 @@ def run_overload(cfg: LoadTestConfig, artifact: Path, limits: list[int], out: Pa
         for limit in limits:
             logs = out / "logs" / f"max_concurrency_{limit}"
             env = {**service_env(cfg, artifact), "RECSYS_MAX_CONCURRENCY": str(limit)}
-            with ProcessGroup() as group:
-                port = free_port(cfg.host)
-                url = f"http://{cfg.host}:{port}"
-                server = group.start(bentoml_cmd(port, cfg.host, cfg.service), logs / "server.log", env=env,
-                                     cwd=ROOT)
-                wait_ready(url + "/readyz", server, cfg.ready_timeout_s, logs / "server.log")
-                serial_http(url, payloads, cfg.warmup_requests, cfg.k)  # warm-up
+            with bentoml_server(env, logs / "server.log", cfg.ready_timeout_s, cfg.host, cfg.service) as server:
+                serial_http(server.url, payloads, cfg.warmup_requests, cfg.k)  # warm-up
                 for users in cfg.users:
-                    level = run_locust(cfg, group, url, users, payload_path, logs, server.pid)
+                    level = run_locust(cfg, server.group, server.url, users, payload_path, logs, server.proc.pid)
                     records = np.load(logs / f"latency_u{users}.npy")
                     rows.append({"max_concurrency": limit, "users": users, "window_s": level["window_s"],
                                  "peak_rss_bytes": level["peak_rss_bytes"], "errors": level["errors"],

@@ -174,10 +174,12 @@ def server_env(home: Path, **recsys: str) -> dict[str, str]:
 
 
 class Server:
-    """A started `bentoml serve`: its URL, process (group leader) and log."""
+    """A started `bentoml serve`: its URL, process (group leader), log, the seconds it took to be
+    ready, and the process group it runs in (where helpers such as load generators can start)."""
 
-    def __init__(self, url: str, proc: subprocess.Popen, log: Path):
-        self.url, self.proc, self.log = url, proc, log
+    def __init__(self, url: str, proc: subprocess.Popen, log: Path, ready_s: float = 0.0,
+                 group: ProcessGroup | None = None):
+        self.url, self.proc, self.log, self.ready_s, self.group = url, proc, log, ready_s, group
 
     def worker_pids(self) -> list[int]:
         """Python processes under the server that import the service (its workers)."""
@@ -210,7 +212,7 @@ def bentoml_server(env: dict, log: Path, ready_timeout: float = 120.0, host: str
             proc = group.start(bentoml_cmd(port, host, service), log, env=env, cwd=ROOT)
             url = f"http://{host}:{port}"
             try:
-                wait_ready(url + "/readyz", proc, ready_timeout, log)
+                ready_s = wait_ready(url + "/readyz", proc, ready_timeout, log)
                 break
             except CompressorError:
                 # A port found free (ours, or the one circus picks for its own sockets) can be
@@ -218,7 +220,7 @@ def bentoml_server(env: dict, log: Path, ready_timeout: float = 120.0, host: str
                 if attempt + 1 == PORT_ATTEMPTS or "Address already in use" not in log_tail(log, 200):
                     raise
                 group.stop(proc)
-        yield Server(url, proc, log)
+        yield Server(url, proc, log, ready_s, group)
 
 
 def run_to_exit(cmd: Sequence[str], log: Path, env: dict, timeout: float) -> int | None:
