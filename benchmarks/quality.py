@@ -5,7 +5,7 @@ Usage:
         --depths 4,2 --seeds 0,1,2 --out benchmarks/results/quality \
         [--methods fisher_ld,uniform_ld,...] [--epochs 3] [--budget-minutes 2] \
         [--importance importance.json] [--strategy strategic | --layers 4=0,1,2,3;2=0,1] \
-        [--config distill.yaml] [--prune prune.yaml] [--threads 1] [--report-only]
+        [--config distill.yaml] [--set gamma=1.0 ...] [--prune prune.yaml] [--threads 1] [--report-only]
 
 For every student depth k (layers chosen once from the teacher's Fisher scores by a selection
 strategy, or given by hand), every seed and every method it distils a truncated student with
@@ -310,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--strategy", default=DEFAULT_STRATEGY, help="layer selection from the Fisher scores")
     ap.add_argument("--layers", help="explicit layers per depth, e.g. '4=0,1,2,3;2=0,1' (overrides --strategy)")
     ap.add_argument("--config", help="YAML with DistillConfig fields shared by every cell")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                    help="override a DistillConfig field of --config, e.g. gamma=1.0 (repeatable)")
     ap.add_argument("--prune", help="YAML with PruneConfig fields applied to every truncated student "
                     "(e.g. hidden: 0.5 for a student half as wide as the teacher)")
     ap.add_argument("--overhead-steps", type=int, default=30, help="interleaved steps for the time ratio (0 = skip)")
@@ -344,7 +346,7 @@ def run(args) -> dict:
     floors = [f.strip() for f in args.floors.split(",") if f.strip()]
     if bad := [f for f in floors if f not in FLOORS]:
         raise CompressorError(f"unknown floor(s) {bad}; choose from {', '.join(FLOORS)}")
-    base = load_config(DistillConfig, args.config)
+    base = load_config(DistillConfig, args.config, args.overrides)
     prune_cfg = load_config(PruneConfig, args.prune) if args.prune else None  # bad file: error before any work
     base = base.model_copy(update={"train": base.train.model_copy(update={"epochs": args.epochs,
                                                                            "max_minutes": args.budget_minutes})})

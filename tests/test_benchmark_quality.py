@@ -31,11 +31,13 @@ def test_quality_benchmark_end_to_end_and_resumable(tiny_teacher_dir, tmp_path, 
     (tmp_path / "d.yaml").write_text("ema_every: 2\ntrain:\n  batch_size: 128\n")
     argv = ["--teacher", str(tiny_teacher_dir), "--data", str(data), "--depths", "2", "--seeds", "0,1",
             "--methods", "fisher_ld", "--epochs", "1", "--budget-minutes", "1", "--layers", "2=0,3",
-            "--overhead-steps", "2", "--config", str(tmp_path / "d.yaml"), "--quiet", "--out", str(out)]
+            "--overhead-steps", "2", "--config", str(tmp_path / "d.yaml"), "--set", "gamma=0.5", "--quiet",
+            "--out", str(out)]
     assert main(argv) == 0
     doc = json.loads((out / "quality.json").read_text())
     assert doc["layers"] == {"2": [0, 3]} and doc["fisher_source"].startswith("estimated")
     assert doc["config"]["train"]["batch_size"] == 128 and doc["config"]["train"]["lr"] == 1e-3  # distill defaults kept
+    assert doc["config"]["gamma"] == 0.5 and doc["config"]["ema_every"] == 2  # --set on top of --config
     table = doc["aggregate"]["table"]["2"]
     assert set(table) == {"fisher_ld", "truncated", "scratch"}
     assert table["fisher_ld"]["seeds"] == 2 and table["truncated"]["seeds"] == 1
@@ -81,6 +83,7 @@ def test_layer_spec_and_bad_input(tiny_teacher_dir, tmp_path):
     assert main(base + ["--depths", "4"]) == 2  # a 4-layer teacher keeps 1..3 layers
     (tmp_path / "bad.yaml").write_text("hidden: 2\n")
     assert main(base + ["--prune", str(tmp_path / "bad.yaml")]) == 2  # before any work
+    assert main(base + ["--set", "gamma=-1"]) == 2
 
 
 def test_a_narrower_student_distils_through_adapt_projections(tiny_teacher_dir, tmp_path):
