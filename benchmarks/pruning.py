@@ -3,7 +3,7 @@
     python -m benchmarks.pruning --model runs/default/models/teacher --data ml-latest-small --out benchmarks/results/pruning \\
         --work runs/pruning_work
 
-For head and MLP pruning at each ratio and with each scorer (Fisher mask gradients vs weight
+For head, MLP-channel and model-width (hidden size) pruning at each ratio and with each scorer (Fisher mask gradients vs weight
 magnitude), optionally followed by a short recovery run (FISHER-LD distillation from the
 unpruned model, or a plain fine-tune), plus one unstructured-sparsity model and the int8 /
 fp16 graphs of the unpruned model, it records: parameters (and non-zero ones), checkpoint and
@@ -45,7 +45,9 @@ from compressor.errors import CompressorError
 
 class PruningBenchConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    kinds: list[Literal["heads", "mlp"]] = ["heads", "mlp"]
+    kinds: list[Literal["heads", "mlp", "hidden"]] = Field(
+        ["heads", "mlp"], description="structured pruning kinds: heads, MLP channels, hidden = the model width "
+        "(item table and every layer; the recovery distillation then learns Adapt projections)")
     ratios: list[float] = Field([0.25, 0.5], description="fractions removed, each in (0, 1)")
     scorers: list[Literal["fisher", "magnitude"]] = ["fisher", "magnitude"]
     recovery: Literal["distill", "finetune", "none"] = Field(
@@ -219,7 +221,7 @@ def run(cfg: PruningBenchConfig, model_dir: str | Path, data_name: str | Path, o
                     pcfg = PruneConfig(**{kind: ratio}, scorer=scorer, samples=cfg.fisher_samples, seed=cfg.seed)
                     t0 = time.time()
                     pruned, rep = prune_model(copy.deepcopy(teacher), data, pcfg, max_len)
-                    s = rep["structured"]["heads" if kind == "heads" else "mlp"]
+                    s = rep["structured"][kind]
                     row = measure(name, pruned, kind=kind, ratio=ratio, scorer=scorer,
                                   effective_ratio=s["effective_ratio"], units=f"{s['before']}->{s['after']}",
                                   prune_seconds=time.time() - t0, recovered=False)
@@ -317,7 +319,7 @@ def _plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    colors = {"float": "black", "heads": "tab:blue", "mlp": "tab:orange", "unstructured": "tab:gray",
+    colors = {"float": "black", "heads": "tab:blue", "mlp": "tab:orange", "hidden": "tab:brown", "unstructured": "tab:gray",
               "int8": "tab:green", "int8_per_channel": "tab:olive", "fp16": "tab:purple"}
     for ax, b in zip(axes, (1, 64), strict=True):
         for r in rows:
@@ -336,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", required=True, help="model directory (the teacher)")
     ap.add_argument("--data", default="ml-latest-small")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--kinds", nargs="+", choices=["heads", "mlp"])
+    ap.add_argument("--kinds", nargs="+", choices=["heads", "mlp", "hidden"])
     ap.add_argument("--ratios", nargs="+", type=float)
     ap.add_argument("--scorers", nargs="+", choices=["fisher", "magnitude"])
     ap.add_argument("--recovery", choices=["distill", "finetune", "none"])

@@ -20,7 +20,7 @@ def test_tiny_run_writes_table_json_and_plot(tiny_teacher_dir, tmp_path):
     data.mkdir()
     inter.events.rename(columns={"user": "userId", "item": "movieId"}).to_csv(data / "ratings.csv", index=False)
     inter.items.rename(columns={"item": "movieId"}).to_csv(data / "movies.csv", index=False)
-    cfg = PruningBenchConfig(kinds=["mlp"], ratios=[0.5], scorers=["magnitude"], recovery="finetune",
+    cfg = PruningBenchConfig(kinds=["mlp", "hidden"], ratios=[0.5], scorers=["magnitude"], recovery="finetune",
                              recovery_epochs=1, sparsity=0.5, quantize=["int8"], fisher_samples=16,
                              rounds=1, calls=2)
     out = tmp_path / "bench"
@@ -28,7 +28,9 @@ def test_tiny_run_writes_table_json_and_plot(tiny_teacher_dir, tmp_path):
     for name in ("pruning.md", "pruning.json", "pruning.png"):
         assert (out / name).stat().st_size > 0
     rows = {r["name"]: r for r in json.loads((out / "pruning.json").read_text())["rows"]}
-    assert set(rows) == {"float", "mlp50-magnitude", "mlp50-magnitude+finetune", "sparse50-fisher_weighted", "float int8"}
+    assert set(rows) == {"float", "mlp50-magnitude", "mlp50-magnitude+finetune", "hidden50-magnitude",
+                         "hidden50-magnitude+finetune", "sparse50-fisher_weighted", "float int8"}
+    assert rows["hidden50-magnitude"]["units"] == "32->16" and rows["hidden50-magnitude"]["kind"] == "hidden"
     base, mlp, sparse = rows["float"], rows["mlp50-magnitude"], rows["sparse50-fisher_weighted"]
     assert base["b1_ratio"] == 1.0 and base["b64_ratio"] == 1.0
     assert mlp["params"] < base["params"] and mlp["units"] == "64->32"
