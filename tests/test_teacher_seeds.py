@@ -50,6 +50,12 @@ def test_seeds_are_trained_compared_with_ease_and_reused(tmp_path, config_file):
     # another config is another teacher: retrained, not reused
     teacher_seeds.run(str(config_file), [0], out, work, ["teacher.train.lr=0.002"])
     assert (work / "seed-0" / "training_summary.json").stat().st_mtime_ns != stamp
+    assert rows[0]["valid_raw_ndcg@10"] is None and "raw weights" not in (out / "teacher_seeds.md").read_text()
+    # with weight averaging the raw weights' validation is reported beside the average's
+    averaged = teacher_seeds.run(str(config_file), [0], out, work, ["teacher.train.ema_decay=0.9"])["seeds"][0]
+    history = json.loads((work / "seed-0" / "training_summary.json").read_text())["history"]
+    assert averaged["valid_raw_ndcg@10"] == max(h["valid_raw"]["ndcg@10"] for h in history)
+    assert "valid, raw weights" in (out / "teacher_seeds.md").read_text()
 
 
 def test_a_bad_override_is_one_line_and_exit_2(tmp_path, config_file, capsys):
