@@ -205,10 +205,13 @@ def render_markdown(doc: dict) -> str:
                                             for n, m in imp["methods"].items()]), ""]
     if doc.get("pruning"):
         p = doc["pruning"]
+        st = p.get("structured") or {}
+        names = {"heads": "query heads", "mlp": "MLP channels", "hidden": "model width"}
+        shapes = "".join(f"{label} {st[k]['before']} → {st[k]['after']}; " for k, label in names.items() if k in st)
         out += ["## Pruning", "", f"Parameters {_fmt(p.get('params_before'))} → {_fmt(p.get('params_after'))}; "
-                f"sparsity of decoder weights {_fmt((p.get('sparsity') or {}).get('model_total'))}. Unstructured "
+                f"{shapes}sparsity of decoder weights {_fmt((p.get('sparsity') or {}).get('model_total'))}. Unstructured "
                 "sparsity (zeros inside dense tensors) does not make a dense runtime such as ONNX Runtime faster; "
-                "only structured pruning (heads, channels) shrinks the tensors.", ""]
+                "only structured pruning (heads, channels, width) shrinks the tensors.", ""]
     if doc.get("lowrank"):
         lr = doc["lowrank"]
         out += ["## Low-rank factorization", "", f"Parameters {_fmt(lr.get('params_before'))} → "

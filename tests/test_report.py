@@ -43,6 +43,7 @@ def test_the_report_shows_what_the_run_measured(run_copy):
     assert f"| test NDCG@10 | {_fmt(evaluation['metrics']['teacher']['ndcg@10'])} | {_fmt(student_ndcg)} |" in md
     for section in ("## Pruning", "## Low-rank factorization", "## Distillation", "## Which layers matter"):
         assert section in md  # the smoke run prunes, factorizes and distils
+    assert "query heads 2 → 1; MLP channels 64 → 48; model width 32 → 16;" in md  # the smoke config's cuts
 
 
 def test_the_report_reads_paths_from_the_stage_records_not_fixed_names(run_copy):

@@ -201,7 +201,10 @@ def stage_prune(ctx: Context) -> PrunedStudent:
     src = ctx.path(ctx.result(TruncatedStudent).model)
     _, report = prune_dir(src, ctx.path("models/pruned"), ctx.cfg.prune, run_data(ctx))
     keep = ("params_before", "params_after", "nonzero_params_after", "sparsity", "scorer", "seconds")
-    return PrunedStudent(model=Path("models/pruned"), report={k: report.get(k) for k in keep})
+    # the shapes, not the per-layer lists and scores (those stay in the model's prune_report.json)
+    shapes = {k: {"before": v["before"], "after": v["after"]} for k, v in (report.get("structured") or {}).items()
+              if isinstance(v, dict) and "before" in v}
+    return PrunedStudent(model=Path("models/pruned"), report={**{k: report.get(k) for k in keep}, "structured": shapes})
 
 
 def stage_lowrank(ctx: Context) -> FactorizedStudent:
