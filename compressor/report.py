@@ -237,7 +237,7 @@ def render_markdown(doc: dict) -> str:
             "query vector's largest difference relative to its largest component (scale-aware: LLM "
             "hidden states have outlier dimensions) and the top-k item agreement.", "",
             _table(["graph", "max abs diff", "max relative diff", "top-k agreement", "histories", "gate"], rows), ""]
-    out += ["## Time per stage", "", _table(["stage", "seconds"], [[k, v] for k, v in doc["stage_seconds"].items()]),
+    out += ["## Time per stage", "", _table(["stage", "seconds"], [[k, _fmt(v, 1)] for k, v in doc["stage_seconds"].items()]),
             "", "![stage times](stage_times.png)", ""]
     if doc["stages_skipped_this_run"]:
         out += [f"Stages reused from an earlier run: {', '.join(doc['stages_skipped_this_run'])}.", ""]
