@@ -4,6 +4,9 @@
         distributed=benchmarks/results/llm_quality_distributed ablation=... --method fisher_ld \\
         --out benchmarks/results/llm_layer_sets
 
+A run may name its own method (`NAME=DIR@METHOD`), so the same table compares variants of one
+method (different configs in different directories) with other methods' cells too.
+
 Each run is a finished `benchmarks.quality` output directory whose student layers came from one
 selection (a strategy, or `--layers` by hand) with the same method, seeds and budget. For every
 depth the runs share, it reports the layers, the untrained truncation (the number the
@@ -40,22 +43,29 @@ def _run_layers(run_dir: Path) -> dict[int, list[int]]:
     return {int(k): v for k, v in json.loads(common.read_text())["layers"].items()}
 
 
-def compare(runs: dict[str, Path], method: str) -> dict:
-    """The table of every depth all runs measured with `method`, first run as the reference."""
+def compare(runs: dict[str, Path], method: str, methods: dict[str, str] | None = None,
+            depths: list[int] | None = None) -> dict:
+    """The table of every depth all runs measured (or `depths`), the first run as the reference.
+    `methods`: a run's own method instead of `method`."""
+    methods = {name: (methods or {}).get(name) or method for name in runs}
     layers = {name: _run_layers(d) for name, d in runs.items()}
-    depths = sorted(set.intersection(*(set(ls) for ls in layers.values())), reverse=True)
-    out: dict = {"method": method, "runs": {n: str(d) for n, d in runs.items()}, "reference": next(iter(runs)),
-                 "depths": {}}
+    shared = set.intersection(*(set(ls) for ls in layers.values()))
+    depths = sorted(shared if depths is None else shared & set(depths), reverse=True)
+    reference = next(iter(runs))
+    out: dict = {"method": method, "runs": {n: str(d) for n, d in runs.items()}, "methods": methods,
+                 "reference": reference, "depths": {}}
     for k in depths:
         rows, ref = {}, None
         for name, d in runs.items():
-            cs, floor = _cells(d, method, k), _cells(d, "truncated", k)
+            cs, floor = _cells(d, methods[name], k), _cells(d, "truncated", k)
             if not cs:
+                if name == reference:  # no reference, no differences: the depth is skipped
+                    break
                 continue
             per_user = np.mean([c["per_user_ndcg10"] for c in cs], axis=0)
             test = [c["test"]["ndcg@10"] for c in cs]
             valid = [c["valid"]["ndcg@10"] for c in cs]
-            row = {"layers": layers[name][k], "seeds": sorted(c["seed"] for c in cs),
+            row = {"layers": layers[name][k], "method": methods[name], "seeds": sorted(c["seed"] for c in cs),
                    "test_ndcg@10": list(_mean_std(test)), "valid_ndcg@10": list(_mean_std(valid)),
                    "truncated_valid_ndcg@10": floor[0]["valid"]["ndcg@10"] if floor else None,
                    "truncated_test_ndcg@10": floor[0]["test"]["ndcg@10"] if floor else None}
@@ -67,12 +77,13 @@ def compare(runs: dict[str, Path], method: str) -> dict:
         if rows:
             out["depths"][str(k)] = rows
     if not out["depths"]:
-        raise CompressorError(f"no depth has {method} cells in every run")
+        raise CompressorError(f"no depth where the reference run {reference!r} has {methods[reference]} cells")
     return out
 
 
 def markdown(doc: dict) -> str:
-    lines = [f"# Layer sets distilled with {doc['method']}", "",
+    several = len(set((doc.get("methods") or {}).values())) > 1
+    lines = [f"# Layer sets distilled with {doc['method']}" if not several else "# Runs compared", "",
              "Test and validation NDCG@10 mean ± std over seeds; `untrained` = the truncated student before "
              "training (validation / test), which the `validated` strategy ranks sets by; the last column is "
              f"the paired bootstrap over test users of each set minus `{doc['reference']}`.", ""]
@@ -82,11 +93,12 @@ def markdown(doc: dict) -> str:
             b = r.get("minus_reference")
             untrained = (None if r["truncated_valid_ndcg@10"] is None
                          else f"{r['truncated_valid_ndcg@10']:.4f} / {r['truncated_test_ndcg@10']:.4f}")
-            table.append([name, str(r["layers"]), len(r["seeds"]), untrained,
+            table.append([name, *([r["method"]] if several else []), str(r["layers"]), len(r["seeds"]), untrained,
                           f"{r['valid_ndcg@10'][0]:.4f} ± {r['valid_ndcg@10'][1]:.4f}",
                           f"{r['test_ndcg@10'][0]:.4f} ± {r['test_ndcg@10'][1]:.4f}",
                           "—" if b is None else f"{b['mean_diff']:+.4f} [{b['ci_low']:+.4f}, {b['ci_high']:+.4f}]"])
-        lines += [f"## {k} layers", "", md_table(["set", "layers", "seeds", "untrained valid / test",
+        lines += [f"## {k} layers", "", md_table(["set", *(["method"] if several else []), "layers", "seeds",
+                                                 "untrained valid / test",
                                                  "valid NDCG@10", "test NDCG@10", "test − reference [95% CI]"],
                                                 table), ""]
     lines += ["Runs: " + ", ".join(f"{n} = `{d}`" for n, d in doc["runs"].items()) + ".", ""]
@@ -115,26 +127,28 @@ def plot(doc: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
-def _named_dir(text: str) -> tuple[str, Path]:
-    name, sep, path = text.partition("=")
+def _named_dir(text: str) -> tuple[str, Path, str | None]:
+    name, sep, rest = text.partition("=")
+    path, _, method = rest.partition("@")
     if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"{text!r}: use NAME=DIR")
-    return name, Path(path)
+        raise argparse.ArgumentTypeError(f"{text!r}: use NAME=DIR or NAME=DIR@METHOD")
+    return name, Path(path), method or None
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.layer_sets", description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", nargs="+", type=_named_dir, required=True,
-                    help="NAME=DIR of finished benchmarks.quality runs; the first is the reference")
-    ap.add_argument("--method", default="fisher_ld")
+                    help="NAME=DIR or NAME=DIR@METHOD of finished benchmarks.quality runs; the first is the reference")
+    ap.add_argument("--method", default="fisher_ld", help="the method of runs that name none")
+    ap.add_argument("--depths", type=lambda t: [int(x) for x in t.split(",")], help="only these depths, e.g. 4")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
 
     def body() -> None:
-        runs = dict(args.runs)
+        runs = {name: path for name, path, _ in args.runs}
         if len(runs) < 2:
             raise CompressorError("give at least two runs to compare")
-        doc = compare(runs, args.method)
+        doc = compare(runs, args.method, {name: m for name, _, m in args.runs if m}, args.depths)
         write_results(args.out, "layer_sets", doc, markdown, plot)
         print(markdown(doc))
 
