@@ -98,7 +98,8 @@ def test_an_fsdp_teacher_trains_on_two_ranks_and_saves_its_best_state(tmp_path):
     data = _ratings_dir(tmp_path / "data")
     out = tmp_path / "teacher"
     proc = torchrun("-m", "compressor", "train-teacher", "--data", str(data), "--out", str(out),
-                    *RESUME_OVERRIDES, "train.epochs=2", "train.parallel=fsdp")
+                    *RESUME_OVERRIDES, "train.epochs=2", "train.parallel=fsdp",
+                    "train.ema_decay=null")  # weight averaging needs the whole model: refused under FSDP
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / SUMMARY_FILE).read_text())
     assert summary["world_size"] == 2 and summary["parallel"] == "fsdp" and summary["epochs_run"] == 2
@@ -109,6 +110,11 @@ def test_an_fsdp_teacher_trains_on_two_ranks_and_saves_its_best_state(tmp_path):
     valid = prepare(str(data), vocab=vocab).split("valid")
     # the saved weights are the gathered best validation state
     assert evaluate_model(model, valid, 20).metrics["ndcg@10"] == pytest.approx(summary["best_valid"]["ndcg@10"], abs=1e-9)
+    # weight averaging keeps a whole copy of the model: under FSDP it is one line, exit 2, no model
+    refused = torchrun("-m", "compressor", "train-teacher", "--data", str(data), "--out", str(tmp_path / "ema"),
+                       *RESUME_OVERRIDES, "train.epochs=1", "train.parallel=fsdp")
+    assert refused.returncode != 0 and "train.ema_decay needs the whole model on every rank" in refused.stderr
+    assert not (tmp_path / "ema").exists()
 
 
 def test_the_cli_refuses_commands_that_do_not_shard_under_torchrun(monkeypatch, tmp_path, capsys):

@@ -208,6 +208,14 @@ def test_locustfile_counts_wrong_answers_as_failures(tmp_path):
     assert any("HTTP 500" in msg for msg in stats["errors"])
 
 
+def _cmdline(p: psutil.Process) -> list[str]:
+    """A process's command line; [] for one that exited meanwhile (a zombie raises on cmdline())."""
+    try:
+        return p.cmdline()
+    except psutil.Error:
+        return []
+
+
 def test_sigterm_stops_every_process(tiny_artifact, tmp_path):
     """SIGTERM in the middle of a load level: servers and Locust are stopped, exit 130. (SIGTERM is
     turned into the KeyboardInterrupt that Ctrl-C raises, so this covers both cleanup paths.)"""
@@ -220,7 +228,7 @@ def test_sigterm_stops_every_process(tiny_artifact, tmp_path):
         while time.monotonic() < deadline:  # wait until Locust is loading the teacher's server
             kids = psutil.Process(runner.pid).children(recursive=True)
             family |= {k.pid for k in kids}
-            if any("locust" in " ".join(k.cmdline()) for k in kids if k.is_running()):
+            if any("locust" in " ".join(_cmdline(k)) for k in kids):
                 break
             assert runner.poll() is None, runner.stderr.read().decode()[-2000:]
             time.sleep(0.3)
@@ -235,7 +243,7 @@ def test_sigterm_stops_every_process(tiny_artifact, tmp_path):
             runner.kill()
     time.sleep(0.5)
     alive = [p for p in family if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-    assert not alive, [psutil.Process(p).cmdline() for p in alive]
+    assert not alive, [_cmdline(psutil.Process(p)) for p in alive]
     assert not (tmp_path / "load_test.json").exists()  # no report from an interrupted run
 
 
