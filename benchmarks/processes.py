@@ -177,8 +177,7 @@ class Server:
     """A started `bentoml serve`: its URL, process (group leader), log, the seconds it took to be
     ready, and the process group it runs in (where helpers such as load generators can start)."""
 
-    def __init__(self, url: str, proc: subprocess.Popen, log: Path, ready_s: float = 0.0,
-                 group: ProcessGroup | None = None):
+    def __init__(self, url: str, proc: subprocess.Popen, log: Path, ready_s: float, group: ProcessGroup):
         self.url, self.proc, self.log, self.ready_s, self.group = url, proc, log, ready_s, group
 
     def worker_pids(self) -> list[int]:

@@ -139,6 +139,7 @@ def test_damaged_model_directories_are_one_line_errors(tiny_teacher_dir, tmp_pat
     (b"selection:\n  layers: [0, 99]\n", "out of range: the teacher has layers 0..7"),
     (b"selection:\n  layers: [3, 1]\n", "not in increasing order"),
     (b"teacher:\n  architecture: gpt2\nprune:\n  heads: 0.5\n", "GPT-2"),
+    (b"teacher:\n  architecture: gpt2\nprune:\n  hidden: 0.5\n", "prune.hidden: GPT-2"),
     (b"data:\n  name: no-such-data\n", "no such dataset or path: no-such-data"),
 ])
 def test_bad_run_configs_fail_at_load_and_leave_no_run_directory(tmp_path, capsys, text, message):

@@ -17,7 +17,7 @@ from compressor.errors import CompressorError
 from compressor.export import ExportConfig
 from compressor.importance import DEFAULT_METHOD, ImportanceConfig
 from compressor.lowrank import LowRankConfig
-from compressor.prune import PruneConfig
+from compressor.prune import ADAPTERS, PruneConfig
 from compressor.select import DEFAULT_STRATEGY, SELECTION, VALIDATED, validate_layers
 from compressor.teacher import TeacherConfig
 
@@ -175,10 +175,9 @@ class RunConfig(BaseModel):
                     validate_layers(self.selection.layers, n)
                 except CompressorError as e:
                     raise ValueError(f"selection.layers: {e}") from e
-            if self.prune.heads > 0 and t.architecture == "gpt2":
-                raise ValueError("prune.heads: GPT-2 derives the head size from n_embd / n_head, so its heads "
-                                 "cannot be pruned; prune mlp channels instead")
-            if self.prune.hidden > 0 and t.architecture == "gpt2":
-                raise ValueError("prune.hidden: GPT-2 derives the head size from n_embd / n_head, so its width "
-                                 "cannot be pruned; prune mlp channels instead")
+            if t.architecture == "gpt2":  # the pruning adapter's own reasons, checked before any training
+                gpt2 = ADAPTERS["gpt2"]
+                for kind, why in (("heads", gpt2.no_head_pruning), ("hidden", gpt2.no_hidden_pruning)):
+                    if getattr(self.prune, kind) > 0:
+                        raise ValueError(f"prune.{kind}: {why}")
         return self
