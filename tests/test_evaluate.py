@@ -7,7 +7,13 @@ import math
 import numpy as np
 import pytest
 
-from compressor.baselines import ease_weights, evaluate_baseline
+from compressor.baselines import (
+    _train_matrix,
+    ease_scorer_from_weights,
+    ease_weights,
+    evaluate_baseline,
+    fit_ease,
+)
 from compressor.data import Split
 from compressor.evaluate import METRICS, evaluate_scorer, paired_bootstrap, target_ranks
 
@@ -107,6 +113,23 @@ def test_baselines_on_real_slice(tiny_data):
     assert info["lambda"] > 0
     assert set(pop.metrics) >= {"ndcg@5", "ndcg@10", "hr@5", "hr@10", "mrr", "coverage@10", "users"}
     assert pop.metrics["users"] == ease.metrics["users"] == len(tiny_data.split("test"))
+
+
+@pytest.mark.parametrize("lambdas", [(0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0), (1.0, 3.0), (5.0,)])
+def test_ease_walk_finds_a_local_maximum_of_the_full_search(tiny_data, lambdas):
+    """The λ walk evaluates a subset of the grid, with the full search's values, and stops on a λ
+    that no grid neighbour beats."""
+    gram = _train_matrix(tiny_data).T @ _train_matrix(tiny_data)
+    valid = tiny_data.split("valid")
+    full = [evaluate_scorer(ease_scorer_from_weights(ease_weights(gram, lam)), valid).metrics["ndcg@10"]
+            for lam in lambdas]
+    _, info = fit_ease(tiny_data, lambdas)
+    assert set(info["search"]) <= {str(lam) for lam in lambdas}
+    for lam, ndcg in info["search"].items():
+        assert ndcg == pytest.approx(full[lambdas.index(float(lam))])
+    i = lambdas.index(info["lambda"])
+    assert info["valid_ndcg@10"] == pytest.approx(full[i]) == pytest.approx(max(info["search"].values()))
+    assert all(full[j] <= full[i] for j in (i - 1, i + 1) if 0 <= j < len(lambdas))
 
 
 @pytest.mark.parametrize("chunk_elements", [1, 7 * 50, 1000, 10**9])
