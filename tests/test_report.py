@@ -95,3 +95,26 @@ def test_a_teacher_cut_by_the_clock_says_so_loudly():
     assert line.startswith("Teacher training: 3 epochs (time cap), 12.0 s per epoch on cpu (2 threads).")
     assert "depends on the machine's speed" in line
     assert "machine's speed" not in _teacher_training_line({"epochs_run": 3, "stop_reason": "epochs"})
+
+
+def test_a_given_teacher_is_reported_as_trained_elsewhere(smoke_run, tmp_path):
+    """`teacher.path`: the stage keeps the given model's own training summary, and the report says
+    the teacher was not trained in this run."""
+    from compressor.pipeline.context import Context
+    from compressor.pipeline.stages import stage_teacher
+    from tests.conftest import smoke_config
+
+    run_dir, _ = smoke_run
+    src = run_dir / "models" / "teacher"
+    training = stage_teacher(Context(smoke_config(f"teacher.path={src}"), tmp_path / "run")).training
+    summary = json.loads((src / "training_summary.json").read_text())
+    assert training["given"] and training["source"] == str(src.resolve())
+    assert training["epochs_run"] == summary["epochs_run"] and training["device"] == summary["device"]
+    line = _teacher_training_line(training)
+    assert line.startswith(f"Teacher given by `teacher.path` ({src.resolve()}), trained elsewhere; its training summary: "
+                           f"{summary['epochs_run']} epochs")
+    bare = tmp_path / "bare"
+    shutil.copytree(src, bare)
+    (bare / "training_summary.json").unlink()
+    training = stage_teacher(Context(smoke_config(f"teacher.path={bare}"), tmp_path / "run2")).training
+    assert _teacher_training_line(training).endswith("not trained in this run; it has no training summary.")

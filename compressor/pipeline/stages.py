@@ -141,22 +141,23 @@ def stage_teacher(ctx: Context) -> TrainedTeacher:
     from compressor.modeling import load_model, model_max_len
     from compressor.teacher import SUMMARY_FILE, train_teacher
 
+    # what the report and the stage record keep of a teacher's training summary
+    keep = ("device", "epochs_run", "stop_reason", "best_valid", "train_seconds", "seconds_per_epoch", "parameters",
+            "precision", "world_size", "parallel", "resumed_from_epoch")
     tcfg = ctx.cfg.teacher
     if tcfg.path:
         src = Path(tcfg.path).expanduser().resolve()
         model, _ = load_model(src)
         summary_file = src / SUMMARY_FILE
+        # trained elsewhere (by train-teacher or another run): its own summary says how, when it has one
         summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
         return TrainedTeacher(model=src, max_len=model_max_len(model), num_layers=model.config.num_hidden_layers,
-                              training={"given": True, "seconds_per_epoch": summary.get("seconds_per_epoch")})
+                              training={"given": True, "source": str(src), **{k: summary[k] for k in keep if k in summary}})
     ctx.data = ctx.cfg.data.load()
     model, summary = train_teacher(ctx.data, tcfg, ctx.path("models/teacher"),
                                    checkpoint_dir=ctx.work_dir("checkpoints/teacher"))  # resumable
-    keep = ("epochs_run", "stop_reason", "best_valid", "train_seconds", "seconds_per_epoch", "parameters",
-            "precision", "world_size", "parallel", "resumed_from_epoch")
     return TrainedTeacher(model=Path("models/teacher"), max_len=tcfg.max_len,
-                          num_layers=model.config.num_hidden_layers,
-                          training={"device": summary["device"], **{k: summary[k] for k in keep}})
+                          num_layers=model.config.num_hidden_layers, training={k: summary[k] for k in keep})
 
 
 def stage_importance(ctx: Context) -> LayerImportance:
