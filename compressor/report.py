@@ -251,12 +251,11 @@ def _teacher_training_line(tt: dict) -> str:
     if tt.get("given") and "epochs_run" not in tt:
         return (f"Teacher given by `teacher.path` ({tt.get('source', 'a model directory')}), not trained in this run; "
                 "it has no training summary.")
-    line = (f"Teacher training: {tt.get('epochs_run')} epochs ({tt.get('stop_reason')}), "
-            f"{_fmt(tt.get('seconds_per_epoch'), 1)} s per epoch on {tt.get('device', 'an unrecorded device')}"
-            f"{_processes(tt)}" + (f", {tt['precision']}" if tt.get("precision") else "") + ".")
-    if tt.get("given"):
-        line = (f"Teacher given by `teacher.path` ({tt.get('source', 'a model directory')}), trained elsewhere; "
-                f"its training summary: {line[len('Teacher training: '):]}")
+    how = (f"{tt.get('epochs_run')} epochs ({tt.get('stop_reason')}), "
+           f"{_fmt(tt.get('seconds_per_epoch'), 1)} s per epoch on {tt.get('device', 'an unrecorded device')}"
+           f"{_processes(tt)}" + (f", {tt['precision']}" if tt.get("precision") else "") + ".")
+    line = (f"Teacher given by `teacher.path` ({tt.get('source', 'a model directory')}), trained elsewhere; "
+            f"its training summary: {how}" if tt.get("given") else f"Teacher training: {how}")
     if tt.get("resumed_from_epoch"):
         line += f" Resumed from its checkpoint after epoch {tt['resumed_from_epoch']}."
     if tt.get("stop_reason") == "time cap":

@@ -119,7 +119,8 @@ def test_baselines_on_real_slice(tiny_data):
 def test_ease_walk_finds_a_local_maximum_of_the_full_search(tiny_data, lambdas):
     """The λ walk evaluates a subset of the grid, with the full search's values, and stops on a λ
     that no grid neighbour beats."""
-    gram = _train_matrix(tiny_data).T @ _train_matrix(tiny_data)
+    x = _train_matrix(tiny_data)
+    gram = x.T @ x
     valid = tiny_data.split("valid")
     full = [evaluate_scorer(ease_scorer_from_weights(ease_weights(gram, lam)), valid).metrics["ndcg@10"]
             for lam in lambdas]
