@@ -128,14 +128,16 @@ def _recover(teacher, student, data, max_len: int, cfg: PruningBenchConfig, out:
 CELLS = "cells"  # per-cell cache under the work directory: one JSON per measured graph
 
 
-def _cell_key(cfg: PruningBenchConfig, model_dir, data_name, recovered: bool) -> dict:
-    """What a cached cell's numbers depend on (beyond its name): reuse only on an exact match."""
+def _cell_key(cfg: PruningBenchConfig, model_dir, data_name, recovered: bool,
+              recovery_distill: dict | None = None) -> dict:
+    """What a cached cell's numbers depend on (beyond its name): reuse only on an exact match.
+    `recovery_distill` is the recovery run's DistillConfig as JSON (read once per run by the caller)."""
     key = {"model": str(Path(model_dir).resolve()), "data": str(data_name), "users": cfg.users, "seed": cfg.seed,
            "fisher_samples": cfg.fisher_samples}
     if recovered:
         key.update(recovery=cfg.recovery, recovery_epochs=cfg.recovery_epochs, recovery_minutes=cfg.recovery_minutes)
         if cfg.recovery_config is not None:
-            key["recovery_distill"] = recovery_distill_config(cfg).model_dump(mode="json")
+            key["recovery_distill"] = recovery_distill
     return key
 
 
@@ -153,8 +155,9 @@ def run(cfg: PruningBenchConfig, model_dir: str | Path, data_name: str | Path, o
     from compressor.quantize import compare_onnx, quantize_onnx
     from compressor.speed import compare_latency
 
-    if cfg.recovery == "distill":
-        recovery_distill_config(cfg)  # a bad recovery config fails now, not after the first model
+    # Read the recovery YAML once: a bad one fails now, not after the first model.
+    recovery_distill = (recovery_distill_config(cfg).model_dump(mode="json")
+                        if cfg.recovery == "distill" or cfg.recovery_config is not None else None)
     out = Path(out)
     work = Path(work).resolve() if work is not None else out
     out.mkdir(parents=True, exist_ok=True)
@@ -172,7 +175,7 @@ def run(cfg: PruningBenchConfig, model_dir: str | Path, data_name: str | Path, o
 
     def store(row: dict) -> None:
         write_json(work / CELLS / f"{row['name']}.json",
-                   {"key": _cell_key(cfg, model_dir, data_name, bool(row.get("recovered"))), "row": row,
+                   {"key": _cell_key(cfg, model_dir, data_name, bool(row.get("recovered")), recovery_distill), "row": row,
                     "per_user_ndcg@10": per_user[row["name"]].tolist()})
 
     def reuse(name: str, recovered: bool = False) -> dict | None:
@@ -180,7 +183,7 @@ def run(cfg: PruningBenchConfig, model_dir: str | Path, data_name: str | Path, o
         if not path.is_file():
             return None
         cell = json.loads(path.read_text())
-        if cell["key"] != _cell_key(cfg, model_dir, data_name, recovered) or not Path(cell["row"]["onnx"]).is_file():
+        if cell["key"] != _cell_key(cfg, model_dir, data_name, recovered, recovery_distill) or not Path(cell["row"]["onnx"]).is_file():
             return None
         row = cell["row"]
         rows.append(row)
