@@ -129,7 +129,7 @@ CELLS = "cells"  # per-cell cache under the work directory: one JSON per measure
 
 
 def _cell_key(cfg: PruningBenchConfig, model_dir, data_name, recovered: bool,
-              recovery_distill: dict | None = None) -> dict:
+              recovery_distill: dict | None) -> dict:
     """What a cached cell's numbers depend on (beyond its name): reuse only on an exact match.
     `recovery_distill` is the recovery run's DistillConfig as JSON (read once per run by the caller)."""
     key = {"model": str(Path(model_dir).resolve()), "data": str(data_name), "users": cfg.users, "seed": cfg.seed,

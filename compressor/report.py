@@ -248,14 +248,13 @@ def render_markdown(doc: dict) -> str:
 
 def _teacher_training_line(tt: dict) -> str:
     """How the teacher was trained, on what device, and whether the clock cut it short (loudly)."""
+    given = f"Teacher given by `teacher.path` ({tt.get('source', 'a model directory')})"
     if tt.get("given") and "epochs_run" not in tt:
-        return (f"Teacher given by `teacher.path` ({tt.get('source', 'a model directory')}), not trained in this run; "
-                "it has no training summary.")
+        return f"{given}, not trained in this run; it has no training summary."
     how = (f"{tt.get('epochs_run')} epochs ({tt.get('stop_reason')}), "
            f"{_fmt(tt.get('seconds_per_epoch'), 1)} s per epoch on {tt.get('device', 'an unrecorded device')}"
            f"{_processes(tt)}" + (f", {tt['precision']}" if tt.get("precision") else "") + ".")
-    line = (f"Teacher given by `teacher.path` ({tt.get('source', 'a model directory')}), trained elsewhere; "
-            f"its training summary: {how}" if tt.get("given") else f"Teacher training: {how}")
+    line = f"{given}, trained elsewhere; its training summary: {how}" if tt.get("given") else f"Teacher training: {how}"
     if tt.get("resumed_from_epoch"):
         line += f" Resumed from its checkpoint after epoch {tt['resumed_from_epoch']}."
     if tt.get("stop_reason") == "time cap":
