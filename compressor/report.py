@@ -253,7 +253,7 @@ def _teacher_training_line(tt: dict) -> str:
         return f"{given}, not trained in this run; it has no training summary."
     how = (f"{tt.get('epochs_run')} epochs ({tt.get('stop_reason')}), "
            f"{_fmt(tt.get('seconds_per_epoch'), 1)} s per epoch on {tt.get('device', 'an unrecorded device')}"
-           f"{_processes(tt)}" + (f", {tt['precision']}" if tt.get("precision") else "") + ".")
+           f"{_processes(tt)}" + _precision(tt) + ".")
     line = f"{given}, trained elsewhere; its training summary: {how}" if tt.get("given") else f"Teacher training: {how}"
     if tt.get("resumed_from_epoch"):
         line += f" Resumed from its checkpoint after epoch {tt['resumed_from_epoch']}."
@@ -261,6 +261,14 @@ def _teacher_training_line(tt: dict) -> str:
         line += (" **Stopped by the wall-clock cap, not by epochs or early stopping: this teacher depends on "
                  "the machine's speed.**")
     return line
+
+
+def _precision(summary: dict) -> str:
+    """", bf16 (auto: this CPU has native bf16 kernels ...)": what training computed in, and why."""
+    if not summary.get("precision"):
+        return ""
+    why = summary.get("precision_reason")
+    return f", {summary['precision']}" + (f" ({why})" if why else "")
 
 
 def _processes(summary: dict) -> str:

@@ -45,9 +45,9 @@ from compressor.training import (
     autocast,
     cosine_schedule,
     device_description,
-    effective_precision,
     make_optimizer,
     read_checkpoint,
+    resolve_precision,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -95,9 +95,10 @@ class TrainConfig(BaseModel):
         "average, and the history records the raw weights' validation beside it (None = off); teacher "
         "training only")
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto = bf16 autocast on a CUDA device that supports it, fp32 elsewhere (so a "
-        "default config trains the same model on any CPU); bf16 = bf16 autocast on a CPU too (fast on CPUs with "
-        "AVX512-BF16 or AMX)")
+        "auto", description="auto = bf16 autocast where the hardware runs bf16 natively (a CUDA device that "
+        "supports it; a CPU with AVX512-BF16 or AMX), fp32 elsewhere; bf16 = bf16 autocast even where a CPU "
+        "emulates it (10-30x slower steps, warned); fp32 = never. The stage record and the report say what "
+        "was chosen and why")
     parallel: Literal["ddp", "fsdp"] = Field(
         "ddp", description="under torchrun: ddp = every rank holds the whole model, gradients all-reduced; "
         "fsdp = parameters, gradients and optimizer state sharded over the ranks (fully_shard per decoder "
@@ -111,7 +112,10 @@ class TrainConfig(BaseModel):
 # training run longer before validation stalled), length-grouped batches, and the number of
 # epochs of an 8-layer teacher that fits the default job in 15 minutes on 2 cores, chosen on
 # validation (README: "The teacher recipe").
-TEACHER_TRAIN = TrainConfig(epochs=30, random_windows=True, group_by_length=True)
+# fp32: the small teacher gains little from bf16, and fp32 gives the same model on every CPU (auto
+# would train in bf16 on a CPU with AMX and in fp32 on one without, so the default job's numbers
+# would depend on the machine).
+TEACHER_TRAIN = TrainConfig(epochs=30, random_windows=True, group_by_length=True, precision="fp32")
 
 
 class TeacherConfig(BaseModel):
@@ -230,6 +234,7 @@ def train_recommender(
         # own dropout masks per rank; the weights were initialised before this, alike everywhere
         torch.manual_seed(train.seed + dist.rank())
     device = pick_device(train.device)
+    precision = resolve_precision(device, train.precision)  # decided (and warned about) once
     sharded = dist.active() and train.parallel == "fsdp"
     # FSDP shards a copy, so `model` stays whole (on the CPU) for rank 0's validation and the result
     trained = copy.deepcopy(model) if sharded else model.to(device)
@@ -384,7 +389,8 @@ def train_recommender(
         "train_windows": len(windows),
         "epochs_planned": train.epochs,
         "device": device_description(device),
-        "precision": effective_precision(device, train.precision),
+        "precision": precision.precision,
+        "precision_reason": precision.reason,
         "world_size": dist.world_size(),
         "parallel": par.mode,
         "ema_decay": train.ema_decay,

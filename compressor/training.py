@@ -3,9 +3,13 @@ resume checkpoints."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import math
 import random
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,27 +44,74 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tupl
     return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
 
-def effective_precision(device: torch.device | str, precision: str) -> str:
-    """What `autocast` gives: "bf16" on a CUDA device that supports it (`precision` auto or bf16)
-    and on a CPU when asked for explicitly (`precision: bf16`), "fp32" otherwise.
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """What a training loop computes in, and why (recorded in the stage summary and the report)."""
 
-    `auto` stays fp32 on a CPU so that a default config trains the same model on any CPU. On a
-    CPU with native bf16 (AVX512-BF16 or AMX) an LLM trains faster in bf16 (SmolLM2-135M:
-    forward + backward 1.8x at one thread, epochs 1.2-1.3x at two; README "The LLM teacher"),
-    so the LLM config asks for it."""
+    precision: str  # "bf16" or "fp32"
+    reason: str
+
+
+def choose_precision(device_type: str, requested: str, *, cuda_bf16: bool = False,
+                     cpu_native_bf16: bool = False) -> PrecisionChoice:
+    """The decision alone, from the facts about the hardware (a pure function: testable on any CPU).
+
+    `auto` takes bf16 where the hardware runs it natively (a CUDA device with bf16; a CPU with
+    AVX512-BF16 or AMX, where SmolLM2-135M trained 1.2-1.3x faster) and fp32 elsewhere: on a CPU
+    without native kernels PyTorch emulates bf16, and one 576 -> 1536 Linear's forward + backward
+    took 34x longer than in fp32 (AVX2-only EPYC). An explicit `bf16` is obeyed, even where slow."""
+    if requested == "fp32":
+        return PrecisionChoice("fp32", "fp32 asked for")
+    if device_type == "cuda":
+        if cuda_bf16:
+            return PrecisionChoice("bf16", f"{requested}: this CUDA device supports bf16")
+        return PrecisionChoice("fp32", f"{requested}: this CUDA device has no bf16")
+    if device_type != "cpu":
+        return PrecisionChoice("fp32", f"{requested}: no bf16 autocast on {device_type}")
+    if requested == "bf16":
+        how = "native (AVX512-BF16/AMX)" if cpu_native_bf16 else "EMULATED: no native bf16 kernels, expect 10-30x slower steps than fp32"
+        return PrecisionChoice("bf16", f"bf16 asked for on a CPU, {how}")
+    if cpu_native_bf16:
+        return PrecisionChoice("bf16", "auto: this CPU has native bf16 kernels (AVX512-BF16 or AMX)")
+    return PrecisionChoice("fp32", "auto: this CPU has no native bf16 kernels (bf16 would be emulated)")
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """PyTorch's own test of native CPU bf16 (oneDNN: AVX512-BF16 or AMX), asked once."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
+
+
+_warned_emulated_bf16 = False
+
+
+def resolve_precision(device: torch.device | str, precision: str) -> PrecisionChoice:
+    """`choose_precision` on this machine's facts. An explicit `bf16` on a CPU that would emulate it
+    warns once per process, loudly: it is the difference between an hour and a day."""
+    global _warned_emulated_bf16
     kind = torch.device(device).type
-    if kind == "cuda":
-        use = precision in ("auto", "bf16") and torch.cuda.is_bf16_supported()
-    else:
-        use = kind == "cpu" and precision == "bf16"
-    return "bf16" if use else "fp32"
+    cuda_bf16 = kind == "cuda" and torch.cuda.is_bf16_supported()
+    native = kind == "cpu" and precision != "fp32" and cpu_has_native_bf16()
+    choice = choose_precision(kind, precision, cuda_bf16=cuda_bf16, cpu_native_bf16=native)
+    if kind == "cpu" and choice.precision == "bf16" and not native and not _warned_emulated_bf16:
+        _warned_emulated_bf16 = True
+        warnings.warn("precision: bf16 on a CPU without native bf16 kernels (no AVX512-BF16/AMX): PyTorch "
+                      "emulates it and training steps run 10-30x slower than fp32; set precision: auto "
+                      "(or fp32)", RuntimeWarning, stacklevel=2)
+    return choice
+
+
+def effective_precision(device: torch.device | str, precision: str) -> str:
+    """"bf16" or "fp32": what `autocast` computes in (`resolve_precision` says why)."""
+    return resolve_precision(device, precision).precision
 
 
 def autocast(device: torch.device | str, precision: str):
     """bf16 autocast where `effective_precision` says so; fp32 elsewhere. Parameters, optimizer
     state and saved checkpoints stay fp32 either way (export reads those)."""
-    import contextlib
-
     if effective_precision(device, precision) == "bf16":
         return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
     return contextlib.nullcontext()

@@ -221,18 +221,52 @@ def test_a_checkpoint_of_another_config_is_refused_and_a_crafted_one_runs_nothin
     assert not (tmp_path / "t").exists()
 
 
-def test_precision_is_fp32_on_a_cpu_unless_asked_and_bf16_autocast_on_a_cuda_device_that_has_it():
-    from compressor.training import autocast, effective_precision
+def test_auto_precision_takes_bf16_only_where_the_hardware_runs_it_natively():
+    from compressor.training import choose_precision
+
+    def pick(device, requested, **facts):
+        return choose_precision(device, requested, **facts).precision
+
+    # a CPU without native bf16 kernels (AVX2 only): auto is fp32, an explicit bf16 is obeyed but said to be emulated
+    assert pick("cpu", "auto", cpu_native_bf16=False) == "fp32"
+    emulated = choose_precision("cpu", "bf16", cpu_native_bf16=False)
+    assert emulated.precision == "bf16" and "EMULATED" in emulated.reason
+    # a CPU with AVX512-BF16 / AMX: auto is bf16
+    assert pick("cpu", "auto", cpu_native_bf16=True) == "bf16"
+    assert "native" in choose_precision("cpu", "auto", cpu_native_bf16=True).reason
+    # CUDA follows the device's own support; fp32 is fp32 everywhere
+    assert pick("cuda", "auto", cuda_bf16=True) == "bf16" and pick("cuda", "auto", cuda_bf16=False) == "fp32"
+    assert pick("cuda", "bf16", cuda_bf16=False) == "fp32"
+    assert {pick(d, "fp32", cuda_bf16=True, cpu_native_bf16=True) for d in ("cpu", "cuda")} == {"fp32"}
+    assert pick("mps", "auto") == "fp32"
+
+
+def test_precision_on_this_cpu_follows_pytorch_own_check_and_autocast_obeys_it():
+    from compressor.training import autocast, cpu_has_native_bf16, effective_precision
 
     cpu = torch.device("cpu")
-    # auto stays fp32 on a CPU: a default config trains the same model on any CPU
-    assert [effective_precision(cpu, p) for p in ("auto", "bf16", "fp32")] == ["fp32", "bf16", "fp32"]
-    for precision, dtype in (("auto", torch.float32), ("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    auto = "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+    assert cpu_has_native_bf16() == (auto == "bf16")
+    assert [effective_precision(cpu, p) for p in ("auto", "bf16", "fp32")] == [auto, "bf16", "fp32"]
+    for precision, dtype in (("auto", getattr(torch, {"bf16": "bfloat16", "fp32": "float32"}[auto])),
+                             ("fp32", torch.float32), ("bf16", torch.bfloat16)):
         with autocast(cpu, precision):
             assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == dtype
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        gpu = torch.device("cuda")
-        assert effective_precision(gpu, "auto") == "bf16" and effective_precision(gpu, "fp32") == "fp32"
+
+
+def test_explicit_bf16_on_a_cpu_that_emulates_it_warns_once(monkeypatch):
+    from compressor import training
+
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: False)  # the AVX2-only machine's answer
+    monkeypatch.setattr(training, "_warned_emulated_bf16", False)
+    with pytest.warns(RuntimeWarning, match="emulates it"):
+        assert training.resolve_precision("cpu", "bf16").precision == "bf16"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        training.resolve_precision("cpu", "bf16")  # once per process, not once per step
+        assert training.resolve_precision("cpu", "auto").precision == "fp32"
 
 
 def test_bf16_on_a_cpu_trains_records_bf16_and_saves_fp32_weights(tiny_data, tmp_path):
@@ -240,6 +274,7 @@ def test_bf16_on_a_cpu_trains_records_bf16_and_saves_fp32_weights(tiny_data, tmp
     cfg.train.epochs, cfg.train.precision = 1, "bf16"
     _, summary = train_teacher(tiny_data, cfg, tmp_path / "t")
     assert summary["precision"] == "bf16" and summary["device"].startswith("cpu")
+    assert "bf16 asked for on a CPU" in summary["precision_reason"]
     assert np.isfinite(summary["history"][0]["loss"]) and summary["best_valid"]["ndcg@10"] >= 0
     model, _ = load_model(tmp_path / "t")
     assert {p.dtype for p in model.parameters()} == {torch.float32}  # what export reads: fp32

@@ -36,8 +36,8 @@ from compressor.teacher import next_item_loss
 from compressor.training import (
     EarlyStopping,
     autocast,
-    effective_precision,
     read_checkpoint,
+    resolve_precision,
     save_checkpoint,
     set_seed,
 )
@@ -68,7 +68,8 @@ class DistillResult:
     log_path: Path
     model_dir: Path
     world_size: int = 1  # torchrun processes that trained it (data parallel)
-    precision: str = "fp32"  # what the steps computed in (bf16 autocast on a CUDA device that has it)
+    precision: str = "fp32"  # what the steps computed in (`training.resolve_precision`)
+    precision_reason: str = ""
     model: PreTrainedModel | None = field(default=None, repr=False)
 
     def to_json(self) -> dict:
@@ -147,6 +148,7 @@ def distill(teacher: PreTrainedModel, student: PreTrainedModel, data: RecData, c
     max_len = max_len or model_max_len(student)
     t = cfg.train
     device = pick_device(t.device)
+    precision = resolve_precision(device, t.precision)  # decided (and warned about) once
     set_seed(t.seed)
     if dist.world_size() > 1:
         torch.manual_seed(t.seed + dist.rank())  # own dropout masks per rank
@@ -294,7 +296,7 @@ def distill(teacher: PreTrainedModel, student: PreTrainedModel, data: RecData, c
         layer_weights=d.weights.w.tolist(), fisher_source=fisher_source, fisher_seconds=fisher_seconds,
         log_path=log_path,
         model_dir=out / STUDENT_DIR, world_size=dist.world_size(),
-        precision=effective_precision(device, t.precision), model=student,
+        precision=precision.precision, precision_reason=precision.reason, model=student,
     )
     summary = {**result.to_json(), "config": cfg.model_dump(mode="json"),
                "fisher_scores": None if scores is None else scores.tolist(),

@@ -143,7 +143,7 @@ def stage_teacher(ctx: Context) -> TrainedTeacher:
 
     # what the report and the stage record keep of a teacher's training summary
     keep = ("device", "epochs_run", "stop_reason", "best_valid", "train_seconds", "seconds_per_epoch", "parameters",
-            "precision", "world_size", "parallel", "resumed_from_epoch")
+            "precision", "precision_reason", "world_size", "parallel", "resumed_from_epoch")
     tcfg = ctx.cfg.teacher
     if tcfg.path:
         src = Path(tcfg.path).expanduser().resolve()
