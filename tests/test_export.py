@@ -99,6 +99,30 @@ def test_broken_graph_fails_parity(tiny_artifact_dir, tiny_teacher_dir, tiny_dat
     assert not relative["passed"] and relative["max_rel_diff"] > 1e-2
     with pytest.raises(CompressorError, match=r"max relative diff .* > rtol"):
         require_parity(relative, "broken graph")
+    # and so does the default gate, which judges what serving uses: the ranked items' scores
+    default = ExportConfig()
+    ranked = check_parity(tmp_path / "broken.onnx", model, parity_histories(tiny_data, 32, 20), 20, default.atol,
+                          0.0, rtol=default.rtol, score_rtol=default.score_rtol)
+    assert not ranked["passed"] and ranked["max_score_rel_diff"] > 1e-2
+    with pytest.raises(CompressorError, match=r"ranked items' scores differ by .* > score_rtol"):
+        require_parity(ranked, "broken graph")
+
+
+def test_default_gate_judges_the_ranking_and_reports_the_hidden_state_difference(tiny_artifact_dir,
+                                                                                 tiny_teacher_dir, tiny_data):
+    """Float rounding that a hidden-state threshold would reject (as one ill-conditioned LLM
+    history did at rtol 1e-4) passes the default gate when the ranking and ranked scores match."""
+    model, _ = load_model(tiny_teacher_dir)
+    histories = parity_histories(tiny_data, 32, 20)
+    cfg = ExportConfig()
+    strict = check_parity(tiny_artifact_dir / "model.onnx", model, histories, 20, None, cfg.min_topk_agreement,
+                          rtol=1e-12, score_rtol=cfg.score_rtol)
+    assert not strict["passed"] and strict["max_rel_diff"] > 1e-12  # rounding is there to see
+    parity = check_parity(tiny_artifact_dir / "model.onnx", model, histories, 20, cfg.atol, cfg.min_topk_agreement,
+                          rtol=cfg.rtol, score_rtol=cfg.score_rtol)
+    assert cfg.rtol is None and parity["passed"] and parity["topk_agreement"] == 1.0, parity
+    assert parity["median_rel_diff"] <= parity["p99_rel_diff"] <= parity["max_rel_diff"]
+    assert parity["max_score_rel_diff"] < cfg.score_rtol
 
 
 def test_relative_gate_is_scale_free(tiny_teacher_dir, tiny_data, tmp_path):
