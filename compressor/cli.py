@@ -34,7 +34,8 @@ DESCRIPTION = """Compress a transformer recommender and export it for serving.
   compressor evaluate runs/default/distill/student --data ml-latest-small --against ease
 
 Steps one at a time: train-teacher, analyze, truncate, prune, distill, export, quantize;
-batch scoring: recommend. run, train-teacher and recommend also run under torchrun.
+batch scoring: recommend; synthetic data at any scale: synth. run, train-teacher and
+recommend also run under torchrun.
 `compressor COMMAND --help` lists a command's options. Configs: YAML files or the bundled
 names (default, smoke, pretrained_llm); override any field with key=value (e.g. distill.lam=0.1).
 Bad input prints one line and exits with code 2. TQDM_DISABLE=1 hides progress bars.
@@ -303,6 +304,21 @@ def cmd_distill(args: argparse.Namespace) -> None:
           f"NDCG@10 {r.best_valid.get('ndcg@10', 0):.4f} at step {r.best_step}, {r.seconds:.0f} s")
 
 
+def cmd_synth(args: argparse.Namespace) -> None:
+    import time
+
+    from compressor.config import load_config
+    from compressor.data.synth import SynthConfig, synthesize
+
+    flags = [f"{k}={v}" for k, v in (("users", args.users), ("items", args.items),
+                                       ("interactions", args.interactions), ("seed", args.seed)) if v is not None]
+    cfg = load_config(SynthConfig, None, flags + _overrides(args))
+    start = time.perf_counter()
+    s = synthesize(cfg, args.out, progress=lambda done, total: log.info(f"synth: {done:,} of {total:,} users"))
+    log.info(f"{s['interactions']:,} interactions of {s['users']:,} users over {s['items']:,} items "
+             f"({s['items_used']:,} used) written to {args.out} in {time.perf_counter() - start:.1f} s")
+
+
 def cmd_recommend(args: argparse.Namespace) -> None:
     from compressor.artifact import load_manifest
     from compressor.data import prepare
@@ -450,6 +466,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     config_args(p, "DistillConfig", "lam=0.01 train.epochs=3")
     p.set_defaults(func=cmd_distill)
+
+    p = command("synth", help="write a synthetic dataset (power-law popularity, user tastes, item transitions)")
+    p.add_argument("--users", type=int, required=True, help="number of users")
+    p.add_argument("--items", type=int, required=True, help="catalogue size")
+    p.add_argument("--interactions", type=int, required=True, help="rows to write (at least 3 per user)")
+    p.add_argument("--seed", type=int, help="random seed (default 0); same seed and sizes, same files")
+    p.add_argument("--out", required=True, help="new folder for interactions.parquet and items.parquet")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="other SynthConfig fields, e.g. p_transition=0.3 popularity_exponent=1.2")
+    p.set_defaults(func=cmd_synth)
     return parser
 
 
