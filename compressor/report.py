@@ -182,6 +182,8 @@ def render_markdown(doc: dict) -> str:
     out += ["`truncated` is the student's layers copied from the teacher with no training (the floor "
             "distillation must beat); `teacher:model.onnx` / `student:model.*.onnx` are the exported graphs as "
             "served (scores = ONNX query vector · item embeddings).", "", "![quality vs size](quality_vs_size.png)", ""]
+    for why in (ev.get("baselines_skipped") or {}).values():
+        out += [f"Baseline not run: {why}.", ""]
     boot = ev.get("bootstrap_ndcg@10", {})
     if boot:
         out += ["Paired bootstrap over test users (NDCG@10 difference, 95% interval):", ""]

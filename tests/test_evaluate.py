@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from compressor.baselines import (
-    _train_matrix,
     ease_scorer_from_weights,
     ease_weights,
     evaluate_baseline,
     fit_ease,
+    train_gram,
 )
 from compressor.data import Split
 from compressor.evaluate import METRICS, evaluate_scorer, paired_bootstrap, target_ranks
@@ -119,8 +119,7 @@ def test_baselines_on_real_slice(tiny_data):
 def test_ease_walk_finds_a_local_maximum_of_the_full_search(tiny_data, lambdas):
     """The λ walk evaluates a subset of the grid, with the full search's values, and stops on a λ
     that no grid neighbour beats."""
-    x = _train_matrix(tiny_data)
-    gram = x.T @ x
+    gram = train_gram(tiny_data)
     valid = tiny_data.split("valid")
     full = [evaluate_scorer(ease_scorer_from_weights(ease_weights(gram, lam)), valid).metrics["ndcg@10"]
             for lam in lambdas]

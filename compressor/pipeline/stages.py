@@ -252,7 +252,7 @@ def stage_export(ctx: Context) -> ExportedArtifacts:
 def stage_evaluate(ctx: Context) -> Evaluation:
     """Test metrics of every model the run made, the baselines, the served ONNX graphs, and
     paired bootstraps of the student against the teacher and the truncated floor."""
-    from compressor.baselines import evaluate_baseline
+    from compressor.baselines import ease_skip_reason, evaluate_baseline
     from compressor.evaluate import (
         artifact_scorer,
         evaluate_model,
@@ -272,7 +272,12 @@ def stage_evaluate(ctx: Context) -> Evaluation:
         model, _ = load_model(ctx.path(path))
         res = evaluate_model(model, test, run_max_len(ctx))
         results[name], per_user[name], params[name] = res.metrics, res.per_user["ndcg@10"], count_parameters(model)
+    skipped = {}
     for name in ctx.cfg.evaluate.baselines:
+        if name == "ease" and (why := ease_skip_reason(run_data(ctx).vocab.num_items, ctx.cfg.evaluate.ease_max_items)):
+            ctx.log(f"[evaluate] {why}")
+            skipped[name] = why
+            continue
         res, info = evaluate_baseline(name, run_data(ctx), "test")
         results[name], per_user[name] = {**res.metrics, **({"fit": info} if info else {})}, res.per_user["ndcg@10"]
     for art, path in _onnx_graphs(ctx):
@@ -288,7 +293,7 @@ def stage_evaluate(ctx: Context) -> Evaluation:
     retention = {k: v["ndcg@10"] / teacher_ndcg for k, v in results.items() if teacher_ndcg > 0}
     doc = {"split": "test", "users": len(test), "metrics": results, "parameters": params,
            "retention_ndcg@10": retention, "bootstrap_ndcg@10": boot,
-           "per_user_ndcg@10": {k: v.tolist() for k, v in per_user.items()}}
+           "per_user_ndcg@10": {k: v.tolist() for k, v in per_user.items()}, "baselines_skipped": skipped}
     atomic_write_json(ctx.path("evaluation.json"), doc)
     return Evaluation(evaluation=Path("evaluation.json"),
                       headline={"retention_ndcg@10": retention.get("student"),
