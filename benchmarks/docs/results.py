@@ -1,0 +1,349 @@
+"""Tables of the benchmark folders (`python -m benchmarks.X` outputs), one renderer per kind.
+Every table ends with a line linking to the files it was rendered from."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks.docs.core import (
+    RESULTS,
+    ROOT,
+    Ctx,
+    DocsError,
+    ci,
+    load_json,
+    mean_std,
+    num,
+    pct,
+    ratio,
+    signed,
+    table,
+)
+from benchmarks.docs.teachers import FOLDERS, TEACHERS, provenance
+
+
+def _src(folder: str, name: str) -> str:
+    return f"{RESULTS}/{folder}/{name}"
+
+
+# ----------------------------------------------------------------------------- provenance
+def provenance_table(ctx: Ctx, *folders: str) -> str:
+    """Which teacher and machine each folder was measured on (all folders when none is named)."""
+    if not folders:
+        folders = tuple(sorted(p.name for p in (ROOT / RESULTS).iterdir() if p.is_dir()))
+    rows = []
+    for f in folders:
+        p = provenance(f)
+        t, m = p["teacher"], p["machine"] or {}
+        teacher = "none: " + t["what"] if t["id"] is None else f"`{t['id']}` ({t['status']}): {t['what']}"
+        machine = (f"{m.get('cpu', '?')}, {m.get('logical_cores') or m.get('cores')} cores"
+                   if m else "not recorded")
+        date = str(m.get("date", ""))[:10] or "—"
+        rows.append([ctx.link(f, _src(f, "provenance.json")), teacher,
+                     num(t.get("test_ndcg@10")) if t.get("test_ndcg@10") is not None else "—", machine, date])
+    return table(["results folder", "teacher it was measured on", "teacher test NDCG@10", "machine", "date"], rows)
+
+
+def teachers_table(ctx: Ctx) -> str:
+    """The teachers results were measured on, current and retired."""
+    rows = []
+    for tid, t in TEACHERS.items():
+        p = provenance(next(f for f, (x, _) in FOLDERS.items() if x == tid))["teacher"]
+        folders = ", ".join(f"`{f}`" for f, (x, _) in FOLDERS.items() if x == tid)
+        rows.append([f"`{tid}`", t.description, "**current**" if t.status == "current" else "retired",
+                     ctx.link(num(p["test_ndcg@10"]), p["test_ndcg@10_source"].split(" ")[0]),
+                     f"`{p['config_sha256_16']}`" if p["config_sha256_16"] else "not kept", folders])
+    return table(["id", "teacher", "status", "test NDCG@10", "config hash", "results folders"], rows)
+
+
+# ----------------------------------------------------------------------------- teacher seeds
+def teacher_seeds(ctx: Ctx, *folders: str) -> str:
+    """Seeds of one or more teacher recipes side by side (validation decides, test reported)."""
+    docs = [load_json(_src(f, "teacher_seeds.json")) for f in folders]
+    labels = [", ".join(d.get("overrides") or []) or "config as is" for d in docs]
+    heads = ["seed"]
+    for lab in labels:
+        heads += [f"valid ({lab})", f"test ({lab})", "× EASE", "test − EASE [95% CI]"]
+    seeds = [s["seed"] for s in docs[0]["seeds"]]
+    rows = []
+    for i, seed in enumerate(seeds):
+        row = [str(seed)]
+        for d in docs:
+            s = d["seeds"][i]
+            row += [num(s["valid_ndcg@10"]), num(s["test_ndcg@10"]), ratio(s["vs_ease"]), ci(s["diff_vs_ease"])]
+        rows.append(row)
+    row = ["**mean**"]
+    for d in docs:
+        n = len(d["seeds"])
+        v = sum(s["valid_ndcg@10"] for s in d["seeds"]) / n
+        t = sum(s["test_ndcg@10"] for s in d["seeds"]) / n
+        row += [f"**{num(v)}**", f"**{num(t)}**", f"**{ratio(t / d['ease']['test_ndcg@10'])}**", ""]
+    rows.append(row)
+    ease = docs[0]["ease"]
+    out = [table(heads, rows), "",
+           f"EASE (λ = {ease['lambda']:g}, chosen on validation): test NDCG@10 {num(ease['test_ndcg@10'])}. "
+           f"Each seed's teacher: {docs[0]['seeds'][0]['device']}.", "",
+           ctx.source(*[_src(f, "teacher_seeds.json") for f in folders])]
+    if any(s.get("valid_raw_ndcg@10") is not None for d in docs for s in d["seeds"]):
+        out.insert(1, "\n" + table(["seed", "valid, raw weights (same run)", "valid, averaged weights"],
+                                  [[str(s["seed"]), num(s["valid_raw_ndcg@10"]), num(s["valid_ndcg@10"])]
+                                   for s in docs[0]["seeds"]]))
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------- quality grids
+def _quality(folder: str) -> dict:
+    return load_json(_src(folder, "quality.json"))
+
+
+def quality_grid(ctx: Ctx, folder: str) -> str:
+    """Test NDCG@10 (mean ± std over seeds) and retention of every method at every depth."""
+    q = _quality(folder)
+    agg = q["aggregate"]["table"]
+    depths = list(agg)
+    methods = sorted({m for d in depths for m in agg[d]},
+                     key=lambda m: -max(agg[d][m]["ndcg@10"][0] for d in depths if m in agg[d]))
+    floors = [m for m in methods if m in ("truncated", "scratch")]
+    methods = [m for m in methods if m not in floors] + floors
+    name = {"truncated": "floor: truncated, no training", "scratch": "floor: same depth from scratch"}
+    heads = ["method"]
+    for d in depths:
+        layers = q["layers"].get(str(d))
+        heads += [f"{d} of {q['teacher_layers']} layers {layers if layers else ''}".rstrip(), "retention"]
+    rows = []
+    for m in methods:
+        row = [name.get(m, f"`{m}`")]
+        for d in depths:
+            r = agg[d].get(m)
+            if r is None:
+                row += ["—", "—"]
+                continue
+            seeds = r["seeds"]
+            cell = mean_std(r["ndcg@10"]) if seeds > 1 else num(r["ndcg@10"][0])
+            best = max(agg[d][x]["ndcg@10"][0] for x in agg[d])
+            row += [f"**{cell}**" if r["ndcg@10"][0] == best else cell,
+                    pct(r["retention"]) if r.get("retention") is not None else "—"]
+        rows.append(row)
+    t = q["aggregate"]["teacher_test"]["ndcg@10"]
+    return "\n".join([
+        table(heads, rows), "",
+        f"Teacher `{q['teacher']}`: test NDCG@10 {num(t)}; seeds {q['seeds']}; budget per cell "
+        f"{q['budget']['epochs']} epoch(s) or {q['budget']['max_minutes']:g} min. Mean ± std over seeds "
+        "where a cell has more than one.", "", ctx.source(_src(folder, "quality.json"))])
+
+
+def quality_bootstrap(ctx: Ctx, folder: str) -> str:
+    """FISHER-LD minus every other method (paired over users, per-user NDCG@10 averaged over seeds)."""
+    q = _quality(folder)
+    boot = q["aggregate"]["bootstrap"]
+    rows = []
+    for d, against in boot.items():
+        for m, b in against.items():
+            wins = b.get("fisher_ld_wins_seeds")
+            rows.append([str(d), f"`{m}`", ci(b), "—" if wins is None else str(wins)])
+    ov = q.get("overhead") or {}
+    out = [table(["depth", "fisher_ld minus", "NDCG@10 difference [95% CI]", "seeds fisher_ld is ahead in"], rows)]
+    if ov:
+        out += ["", f"Fisher weighting's cost per step over uniform weights: {ratio(ov['ratio'], 3)} "
+                    f"({ov['fisher_ld_seconds_per_step']:.3f} vs {ov['uniform_ld_seconds_per_step']:.3f} s, "
+                    f"depth {ov['depth']}, interleaved)."]
+    return "\n".join(out + ["", ctx.source(_src(folder, "quality.json"))])
+
+
+def layer_sets(ctx: Ctx, folder: str) -> str:
+    doc = load_json(_src(folder, "layer_sets.json"))
+    rows = []
+    for d, sets in doc["depths"].items():
+        for name, r in sets.items():
+            rows.append([str(d), f"`{name}`", f"`{r.get('method', doc['method'])}`", str(r["layers"]),
+                         num(r.get("truncated_valid_ndcg@10")), mean_std(r["valid_ndcg@10"]),
+                         mean_std(r["test_ndcg@10"]),
+                         ci(r["minus_reference"]) if "minus_reference" in r else "reference"])
+    return "\n".join([
+        table(["layers kept", "run", "method", "teacher layers", "untrained cut, valid", "valid NDCG@10",
+               "test NDCG@10", f"test − `{doc['reference']}` [95% CI]"], rows), "",
+        "Runs: " + ", ".join(f"`{k}` = `{v}`" for k, v in doc["runs"].items()) + ".", "",
+        ctx.source(_src(folder, "layer_sets.json"))])
+
+
+def layer_selection(ctx: Ctx, folder: str) -> str:
+    doc = load_json(_src(folder, "layer_selection.json"))
+    rows = [[m, num(s, 3), f"{doc['seconds'][m]:.1f}"] for m, s in doc["spearman_vs_ablation"].items()]
+    out = [table(["estimator", f"Spearman vs ablation ({doc['num_layers']} layers)", "seconds"], rows)]
+    seen: set = set()
+    srows = []
+    for st in doc.get("students") or []:
+        if tuple(st["layers"]) in seen:
+            continue  # strategies that chose the same set
+        seen.add(tuple(st["layers"]))
+        srows.append([st["name"], str(st["layers"]), num(st["ndcg@10"]), pct(st["share_of_teacher"]),
+                      ci(st.get("vs_first_k"))])
+    rs = doc.get("random_summary")
+    if rs:
+        srows.append([f"random sets ({rs['draws']} draws)", "—", mean_std([rs["mean"], rs["std"]]), "—", "—"])
+    if srows:
+        out += ["", table([f"untrained {doc['keep']}-layer student (first set of each layer list)", "layers",
+                           "test NDCG@10", "of teacher", "− first-k [95% CI]"], srows)]
+    return "\n".join(out + ["", ctx.source(_src(folder, "layer_selection.json"))])
+
+
+# ----------------------------------------------------------------------------- compression rows
+def _rows_table(ctx: Ctx, folder: str, name: str) -> str:
+    doc = load_json(_src(folder, f"{name}.json"))
+    rows = []
+    for r in doc["rows"]:
+        agree = r.get("top10_agreement_with_float_graph")
+        rows.append([
+            f"`{r['name']}`", f"{r['params']:,}", f"{r['onnx_bytes'] / 1e6:.1f}" if r.get("onnx_bytes") else "—",
+            signed(r["valid_loss_increase"], 3) if r.get("valid_loss_increase") is not None else "—",
+            num(r["ndcg@10"]), ci(r.get("ndcg@10_vs_float")) if r["kind"] != "float" else "—",
+            ratio(r.get("b1_ratio")), ratio(r.get("b64_ratio")), num(agree, 3) if agree is not None else "—"])
+    ref = doc["rows"][0]
+    return "\n".join([
+        table(["model", "parameters", "ONNX MB", "Δ valid loss", "test NDCG@10", "Δ vs float [95% CI]",
+               "latency ×, batch 1", "latency ×, batch 64", "top-10 agreement (int8)"], rows), "",
+        f"Model `{doc['model']}`, {doc['test_users']} test users; float graph {ref['b1_ms']:.2f} ms at batch 1, "
+        f"{ref['b64_ms']:.1f} ms at batch 64 ({doc['config']['threads']} ONNX Runtime thread(s), all graphs "
+        "interleaved in one run: read the ratios). `+distill` = after the recovery run.", "",
+        ctx.source(_src(folder, f"{name}.json"))])
+
+
+def lowrank(ctx: Ctx, folder: str) -> str:
+    return _rows_table(ctx, folder, "lowrank")
+
+
+def pruning(ctx: Ctx, folder: str) -> str:
+    return _rows_table(ctx, folder, "pruning")
+
+
+# ----------------------------------------------------------------------------- serving
+def load_test(ctx: Ctx, folder: str) -> str:
+    """Teacher and student servers under the same Locust load: absolute figures and ratios."""
+    doc = load_json(_src(folder, "load_test.json"))
+    T, S = doc["services"]["teacher"], doc["services"]["student"]
+    rows = []
+    for lt, ls, c in zip(T["levels"], S["levels"], doc["comparison"]["levels"], strict=True):
+        errs = lt["failures"] + ls["failures"]
+        rows.append([str(lt["users"]), f"{lt['p99_ms']:.1f}", f"{ls['p99_ms']:.1f}", ratio(c["p99_ms"]),
+                     f"{lt['qps']:.0f}", f"{ls['qps']:.0f}", ratio(c["qps"]), ratio(c["peak_rss_bytes"]),
+                     f"{errs:,}"])
+    env = doc["config"].get("env") or {}
+    files = f"teacher `{T['model_file']}`, student `{S['model_file']}`"
+    return "\n".join([
+        table(["users", "teacher p99 ms", "student p99 ms", "p99 ×", "teacher QPS", "student QPS", "QPS ×",
+               "peak RSS ×", "failed requests"], rows), "",
+        f"{files}; {doc['config']['duration_s']:g} s per level; server settings "
+        + (", ".join(f"`{k}={v}`" for k, v in env.items()) or "defaults")
+        + f". One request at a time (p50): model {T['profile']['model_ms_p50']:.2f} → "
+          f"{S['profile']['model_ms_p50']:.2f} ms, end to end over HTTP {T['serial_http']['ms_p50']:.2f} → "
+          f"{S['serial_http']['ms_p50']:.2f} ms.", "", ctx.source(_src(folder, "load_test.json"))])
+
+
+def overload(ctx: Ctx, folder: str) -> str:
+    doc = load_json(_src(folder, "overload.json"))
+    rows = [[str(r["max_concurrency"] or "off"), str(r["users"]), f"{r['requests']:,}", f"{r['accepted']:,}",
+             f"{r['shed']:,}", f"{r['accepted_qps']:.0f}", f"{r['accepted_p50_ms']:.0f}", f"{r['accepted_p99_ms']:.0f}",
+             str(r["wrong_answers"])] for r in doc["runs"]]
+    return "\n".join([table(["admission limit", "users", "requests", "accepted", "shed (503)", "accepted QPS",
+                             "accepted p50 ms", "accepted p99 ms", "wrong answers"], rows), "",
+                      ctx.source(_src(folder, "overload.json"))])
+
+
+def retrieval(ctx: Ctx, folder: str) -> str:
+    """Per catalogue and index: the fastest setting that reaches the recall target."""
+    doc = load_json(_src(folder, "retrieval.json"))
+    target = doc["config"]["recall_target"]
+    best: dict = {}
+    for r in doc["results"]:
+        key = (r["catalogue"], r["index"])
+        ok = r["recall"] >= target
+        cur = best.get(key)
+        if cur is None or (ok, -r["b1_ms_p50"]) > (cur["recall"] >= target, -cur["b1_ms_p50"]):
+            best[key] = r
+    rows = []
+    for (cat, index), r in best.items():
+        setting = ", ".join(f"{k} {v}" for k, v in {**r["build"], **r["search"]}.items()) or "—"
+        rows.append([cat, index, setting, num(r["recall"], 3), f"{r['b1_ms_p50']:.3f}",
+                     f"{r['memory_bytes'] / 1e6:.1f}"])
+    return "\n".join([table(["catalogue", "index", "setting", "recall@10", "batch-1 ms (p50)", "memory MB"], rows),
+                      "", f"Per index the fastest setting with recall@10 ≥ {target} (or the best recall when none "
+                          f"reaches it); {doc['search_threads']} search thread, dim {doc['config']['dim']}.", "",
+                      ctx.source(_src(folder, "retrieval.json"))])
+
+
+# ----------------------------------------------------------------------------- training
+def ddp(ctx: Ctx, folder: str) -> str:
+    doc = load_json(_src(folder, "ddp_throughput.json"))
+    base = doc["median_samples_per_second"]["1 process x 1 thread"]
+    rows = [[k, f"{v:.1f}", ratio(v / base)] for k, v in doc["median_samples_per_second"].items()]
+    return "\n".join([table(["setup", "samples/s (median of rounds)", "÷ 1 process × 1 thread"], rows), "",
+                      f"{doc['teacher']}; {doc['users']} users, {doc['batch_size_per_process']} windows per step "
+                      "per process; 1-min load average at start "
+                      f"{doc['machine']['load_average_1m']}.", "", ctx.source(_src(folder, "ddp_throughput.json"))])
+
+
+def fisher_speed(ctx: Ctx, folder: str) -> str:
+    doc = load_json(_src(folder, "fisher_speed.json"))
+    loop = doc["rows"][0]["seconds_per_sample"]
+    rows = [[r["method"], f"{r['seconds_per_sample']:.3f}", ratio(loop / r["seconds_per_sample"], 1),
+             f"{r['max_rel_diff']:.1e}"] for r in doc["rows"]]
+    return "\n".join([table(["per-sample Fisher", "s / sample", "speed-up", "max relative difference of traces"], rows),
+                      "", f"Model `{doc['model']}` ({doc['decoder_parameters']:,} decoder parameters), "
+                          f"{doc['samples']} samples, {doc['threads']} threads.", "",
+                      ctx.source(_src(folder, "fisher_speed.json"))])
+
+
+def llm_recipe(ctx: Ctx, folder: str) -> str:
+    doc = load_json(_src(folder, "llm_recipe.json"))
+    rows = [[f"`{r['recipe']}`", " → ".join(num(v) for v in r["curve"]), num(r["valid_ndcg@10"]),
+             ratio(r["vs_ease"]), num(r["loss"][-1], 2), f"{r['seconds_per_epoch']:.0f}", str(r["train_windows"])]
+            for r in doc["recipes"]]
+    return "\n".join([table(["recipe", "valid NDCG@10 by epoch", "best", "× EASE (valid)", "final train loss",
+                             "s / epoch", "windows"], rows), "",
+                      f"Every recipe: `{doc['config']}` with {', '.join(f'`{o}`' for o in doc['overrides'])}; "
+                      f"EASE validation NDCG@10 {num(doc['ease']['valid_ndcg@10'])}.", "",
+                      ctx.source(_src(folder, "llm_recipe.json"))])
+
+
+def results_file(ctx: Ctx, path: str) -> str:
+    """A link to one results file (for prose that points at a file without a table)."""
+    if not (ROOT / path).exists():
+        raise DocsError(f"{path}: no such file")
+    return ctx.link(f"`{path}`", path)
+
+
+def json_value(ctx: Ctx, path: str, dotted: str, fmt: str = ".4f") -> str:
+    """One number from a results file, linked to it (for a figure inside prose)."""
+    from benchmarks.docs.teachers import dig
+
+    v = dig(load_json(path), dotted)
+    if fmt.endswith("%"):
+        text = f"{100 * v:.{fmt[1:-1] or 0}f}%"
+    elif fmt.endswith("x"):
+        text = f"{v:{fmt[:-1]}}×"
+    else:
+        text = format(v, fmt).replace("-", "\u2212")
+    return ctx.link(text, path)
+
+
+RENDERERS = {
+    "provenance": provenance_table,
+    "teachers": teachers_table,
+    "teacher-seeds": teacher_seeds,
+    "quality-grid": quality_grid,
+    "quality-bootstrap": quality_bootstrap,
+    "layer-sets": layer_sets,
+    "layer-selection": layer_selection,
+    "lowrank": lowrank,
+    "pruning": pruning,
+    "load-test": load_test,
+    "overload": overload,
+    "retrieval": retrieval,
+    "ddp": ddp,
+    "fisher-speed": fisher_speed,
+    "llm-recipe": llm_recipe,
+    "file": results_file,
+    "value": json_value,
+}
+
+__all__ = ["RENDERERS", "json"]

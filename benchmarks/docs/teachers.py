@@ -1,0 +1,228 @@
+"""Which teacher each results folder was measured on, and the provenance.json written beside it.
+
+A teacher is named once here with the file that records its config and its test NDCG@10; each
+folder is mapped to one. `current` teachers are checked against today's configs (the fields that
+define the model; device, precision, parallel mode and the path are not compared), so a recipe
+change that leaves a "current" label behind fails `--check`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.docs.core import RESULTS, ROOT, DocsError, load_json
+
+
+@dataclass(frozen=True)
+class Teacher:
+    description: str
+    status: str  # current | retired
+    path: str  # where it lived when it was measured (run folders are not in the repository)
+    config: tuple[str, str] | None  # (results file, dotted key) of its recorded TeacherConfig
+    test: tuple[str, str] | None  # (results file, dotted key) of its test NDCG@10
+    current_config: str | None = None  # the config file whose teacher it still is
+
+
+TEACHERS: dict[str, Teacher] = {
+    "small-8L-30ep": Teacher(
+        "small teacher: 8-layer Llama, hidden 64, 30 epochs with moving windows (seed 0)",
+        "current", "runs/default/models/teacher",
+        ("teacher_seeds30/teacher_seeds.json", "teacher"),
+        ("teacher_seeds30/teacher_seeds.json", "seeds.0.test_ndcg@10"), "configs/default.yaml"),
+    "small-8L-24ep": Teacher(
+        "small teacher of an earlier recipe: 8 layers, 24 epochs (seed 0)",
+        "retired", "runs/default/models/teacher",
+        ("teacher_seeds/teacher_seeds.json", "teacher"),
+        ("teacher_seeds/teacher_seeds.json", "seeds.0.test_ndcg@10")),
+    "small-16L-28ep": Teacher(
+        "retired 16-layer small teacher (batch 64, fixed windows, 28-epoch cosine schedule)",
+        "retired", "runs/default/models/teacher", None,
+        ("quality/common.json", "teacher.test.ndcg@10")),
+    "small-16L-b": Teacher(
+        "retired 16-layer small teacher of a later run of the same session",
+        "retired", "runs/default/models/teacher", None,
+        ("quality_ends/common.json", "teacher.test.ndcg@10")),
+    "small-reduced": Teacher(
+        "reduced-budget small teacher (default architecture of the time, 16 layers, stopped after 3 epochs)",
+        "retired", "runs/teacher12", None,
+        ("lowrank/lowrank.json", "rows.0.ndcg@10")),
+    "llm-8ep": Teacher(
+        "retired SmolLM2-135M teacher: 8-epoch schedule, fixed window cuts (stopped after 7, best epoch 4)",
+        "retired", "runs/llm/models/teacher", None,
+        ("llm_quality/common.json", "teacher.test.ndcg@10")),
+    "llm-5ep": Teacher(
+        "retired SmolLM2-135M teacher: 5 epochs, fixed window cuts",
+        "retired", "runs/llm5/models/teacher",
+        ("llm_job_5epochs/report.json", "config.teacher"),
+        ("llm_job_5epochs/report.json", "evaluation.metrics.teacher.ndcg@10")),
+    "llm-rw": Teacher(
+        "SmolLM2-135M teacher: 5 epochs with moving windows (configs/llm.yaml)",
+        "current", "runs/llm_e2e/models/teacher",
+        ("llm_job/report.json", "config.teacher"),
+        ("llm_job/report.json", "evaluation.metrics.teacher.ndcg@10"), "configs/llm.yaml"),
+}
+
+# folder -> (teacher id or None, what the folder measured it on / why there is none)
+FOLDERS: dict[str, tuple[str | None, str]] = {
+    "default_job": ("small-8L-30ep", "the default job (seed 0)"),
+    "teacher_seeds30": ("small-8L-30ep", "trains the current recipe over seeds 0, 1, 2"),
+    "teacher_seeds": ("small-8L-24ep", "trains the 24-epoch recipe over seeds 0, 1, 2 (compared with 30 epochs)"),
+    "teacher_seeds_ema": ("small-8L-24ep", "trains the 24-epoch recipe with weight averaging, seeds 0, 1, 2"),
+    "lowrank_default": ("small-8L-24ep", "factorizes the teacher itself"),
+    "quality": ("small-16L-28ep", "distils students of it"),
+    "pruning": ("small-16L-28ep", "prunes and quantizes the teacher itself"),
+    "layer_selection": ("small-16L-28ep", "importance estimators and layer sets of it"),
+    "load_test": ("small-16L-28ep", "serves it and its 2-layer student"),
+    "retrieval_real": ("small-16L-28ep", "the item embeddings of its student"),
+    "quality_ends": ("small-16L-b", "distils [0, 15] students of it"),
+    "lowrank": ("small-reduced", "factorizes the teacher itself"),
+    "fisher_speed_small": ("small-reduced", "times Fisher on it"),
+    "llm_job": ("llm-rw", "the LLM job, one command"),
+    "llm_job_moving_windows": ("llm-rw", "the same recipe, trained in a two-part run (runs/llm_rw/teacher)"),
+    "llm_quality_rw": ("llm-rw", "distils students of it"),
+    "llm_quality_rw_ablation": ("llm-rw", "distils students of ablation's layers of it"),
+    "llm_layer_sets_rw": ("llm-rw", "compares layer sets of it"),
+    "llm_job_5epochs": ("llm-5ep", "the LLM job of the time"),
+    "llm_recipe_regularised": ("llm-5ep", "a regularised recipe compared with it (stopped after 3 epochs)"),
+    "llm_quality": ("llm-8ep", "distils students of it"),
+    "llm_quality_ablation": ("llm-8ep", "distils students of ablation's layers of it"),
+    "llm_quality_distributed": ("llm-8ep", "distils students of its distributed layers"),
+    "llm_quality_narrow": ("llm-8ep", "distils half-width students of it"),
+    "llm_fisher_ld_variants": ("llm-8ep", "FISHER-LD variants on students of it"),
+    "llm_layer_sets": ("llm-8ep", "compares layer sets of it"),
+    "llm_lowrank": ("llm-8ep", "factorizes its 8-layer student"),
+    "llm_lowrank_global": ("llm-8ep", "factorizes its 8-layer student"),
+    "llm_load_test": ("llm-8ep", "serves it and its student"),
+    "llm_load_test_u32": ("llm-8ep", "serves it and its student"),
+    "llm_load_test_int8": ("llm-8ep", "serves it and its student"),
+    "llm_load_test_student_int8": ("llm-8ep", "serves it and its student"),
+    "fisher_speed_llm": ("llm-8ep", "times Fisher on it"),
+    "llm_recipe": (None, "trains its own short-schedule LLM teachers (2 epochs), one per recipe"),
+    "retrieval": (None, "synthetic item vectors: no model"),
+    "overload": (None, "a tiny test artifact (4 layers, hidden 32): the service's admission control, not a model"),
+    "ddp_throughput": (None, "an untrained default architecture: training throughput only"),
+}
+
+MODEL_FIELDS_IGNORED = ("device", "precision", "parallel", "path")
+
+
+def dig(doc, dotted: str):
+    for part in dotted.split("."):
+        doc = doc[int(part)] if isinstance(doc, list) else doc[part]
+    return doc
+
+
+def _model_fields(cfg: dict) -> dict:
+    out = {k: v for k, v in cfg.items() if k not in MODEL_FIELDS_IGNORED}
+    if isinstance(out.get("train"), dict):
+        out["train"] = {k: v for k, v in out["train"].items() if k not in MODEL_FIELDS_IGNORED}
+    return out
+
+
+def config_hash(cfg: dict) -> str:
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def teacher_config(tid: str) -> dict | None:
+    t = TEACHERS[tid]
+    return None if t.config is None else dig(load_json(f"{RESULTS}/{t.config[0]}"), t.config[1])
+
+
+def teacher_test(tid: str) -> float | None:
+    t = TEACHERS[tid]
+    return None if t.test is None else float(dig(load_json(f"{RESULTS}/{t.test[0]}"), t.test[1]))
+
+
+def check_current() -> None:
+    """Every teacher marked current still has the model fields of its config file (resolved with
+    its defaults, as `compressor run` resolves it)."""
+    from compressor.config import load_config
+    from compressor.pipeline.config import RunConfig
+
+    for tid, t in TEACHERS.items():
+        if t.status != "current":
+            continue
+        recorded = _model_fields(teacher_config(tid))
+        now = _model_fields(load_config(RunConfig, ROOT / t.current_config).teacher.model_dump(mode="json"))
+        diff = sorted(k for k in set(recorded) | set(now) if recorded.get(k) != now.get(k))
+        if "train" in diff:
+            rt, nt = recorded.get("train", {}), now.get("train", {})
+            diff.remove("train")
+            diff += [f"train.{k}" for k in sorted(set(rt) | set(nt)) if rt.get(k) != nt.get(k)]
+        if diff:
+            raise DocsError(f"teacher {tid} is marked current but {t.current_config} now differs in "
+                            f"{', '.join(diff)}: rerun its results or mark it retired in benchmarks/docs/teachers.py")
+
+
+# ----------------------------------------------------------------------------- machine
+_RUN_AT = re.compile(r"Run at (\S+) on ([^(]+?) \((\d+) cores")
+
+
+def folder_machine(folder: str) -> tuple[dict | None, str | None]:
+    """The machine a folder's own files name, and the file that names it."""
+    base = ROOT / RESULTS / folder
+    for path in sorted(base.glob("*.json")):
+        if path.name == "provenance.json":
+            continue
+        doc = json.loads(path.read_text())
+        m = doc.get("machine") or (doc.get("speed") or {}).get("machine")
+        if m:
+            keep = {k: m[k] for k in ("cpu", "logical_cores", "cores", "memory_gb", "date") if k in m}
+            if "date" not in keep and doc.get("created_at"):
+                keep["date"] = doc["created_at"]
+            return keep, f"{RESULTS}/{folder}/{path.name}"
+    report = base / "report.md"
+    if report.is_file():
+        m = _RUN_AT.search(report.read_text())
+        if m:
+            return {"cpu": m[2].strip(), "cores": int(m[3]), "date": m[1]}, f"{RESULTS}/{folder}/report.md"
+    readme = base / "README.md"
+    if readme.is_file() and "AMD EPYC, 2 cores" in readme.read_text():
+        return {"cpu": "AMD EPYC", "cores": 2}, f"{RESULTS}/{folder}/README.md"
+    # a comparison of other folders' runs (layer_sets.json names them): their machine
+    for path in base.glob("layer_sets.json"):
+        runs = sorted(set(json.loads(path.read_text())["runs"].values()))
+        for run in runs:
+            m, src = folder_machine(Path(run).name)
+            if m:
+                return m, src
+    return None, None
+
+
+def provenance(folder: str) -> dict:
+    if folder not in FOLDERS:
+        raise DocsError(f"{RESULTS}/{folder}: not mapped to a teacher in benchmarks/docs/teachers.py")
+    tid, how = FOLDERS[folder]
+    machine, machine_source = folder_machine(folder)
+    doc: dict = {"folder": f"{RESULTS}/{folder}"}
+    if tid is None:
+        doc["teacher"] = {"id": None, "status": "none", "what": how}
+    else:
+        t = TEACHERS[tid]
+        cfg = teacher_config(tid)
+        doc["teacher"] = {
+            "id": tid, "status": t.status, "description": t.description, "what": how, "path": t.path,
+            "config_sha256_16": None if cfg is None else config_hash(cfg),
+            "config_source": None if t.config is None else f"{RESULTS}/{t.config[0]} ({t.config[1]})",
+            "test_ndcg@10": teacher_test(tid),
+            "test_ndcg@10_source": None if t.test is None else f"{RESULTS}/{t.test[0]} ({t.test[1]})",
+        }
+        if cfg is None:
+            doc["teacher"]["config_note"] = "no results file kept this teacher's config"
+    doc["machine"] = machine
+    doc["machine_source"] = machine_source
+    doc["generated_by"] = "python -m benchmarks.docs (benchmarks/docs/teachers.py)"
+    return doc
+
+
+def provenance_files() -> dict[str, str]:
+    """{repository path: content} of every folder's provenance.json."""
+    folders = sorted(p.name for p in (ROOT / RESULTS).iterdir() if p.is_dir())
+    unmapped = [f for f in folders if f not in FOLDERS]
+    if unmapped:
+        raise DocsError(f"results folders with no teacher in benchmarks/docs/teachers.py: {', '.join(unmapped)}")
+    return {f"{RESULTS}/{f}/provenance.json": json.dumps(provenance(f), indent=2) + "\n" for f in folders}

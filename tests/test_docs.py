@@ -1,0 +1,84 @@
+"""The documentation generator (benchmarks/docs): committed pages match what the results files
+and the code render, and the machinery that guarantees it works."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks.docs import teachers
+from benchmarks.docs.__main__ import RENDERERS, main, pages, stale_files
+from benchmarks.docs.core import ROOT, Ctx, DocsError, ci, regions, render_page
+
+
+def test_committed_pages_and_provenance_are_up_to_date(capsys):
+    """What `python -m benchmarks.docs` renders now is what is committed (README, docs/,
+    every results folder's provenance.json)."""
+    assert main(["--check"]) == 0, capsys.readouterr().err
+
+
+def test_a_region_is_replaced_and_prose_is_kept():
+    page = "intro\n<!-- generated:x a b -->\nold table\n<!-- /generated:x a b -->\noutro\n"
+    out = render_page(page, "docs/p.md", {"x": lambda ctx, *args: f"new {' '.join(args)} on {ctx.page}"})
+    assert out == "intro\n<!-- generated:x a b -->\nnew a b on docs/p.md\n<!-- /generated:x a b -->\noutro\n"
+    assert render_page(out, "docs/p.md", {"x": lambda ctx, *a: f"new {' '.join(a)} on {ctx.page}"}) == out
+
+
+def test_a_stale_page_is_reported(tmp_path):
+    """--check's comparison: a committed file that differs from its rendering is stale."""
+    (tmp_path / "a.md").write_text("same\n")
+    (tmp_path / "b.md").write_text("old\n")
+    assert stale_files({"a.md": "same\n", "b.md": "new\n", "c.md": "missing\n"}, tmp_path) == ["b.md", "c.md"]
+
+
+@pytest.mark.parametrize("page, message", [
+    ("<!-- generated:nope -->\n<!-- /generated:nope -->\n", "unknown generated region"),
+    ("<!-- generated:x -->\nno closer\n", "no matching"),
+    ("<!-- generated:x a -->\n<!-- /generated:x b -->\n", "no matching"),
+])
+def test_bad_markers_are_errors(page, message):
+    with pytest.raises(DocsError, match=message):
+        render_page(page, "README.md", {"x": lambda ctx, *a: ""})
+
+
+def test_links_are_relative_to_the_page():
+    assert Ctx("README.md").href("benchmarks/results/llm_job/report.json") == "benchmarks/results/llm_job/report.json"
+    assert Ctx("docs/results/llm.md").href("benchmarks/results/llm_job/report.json") == \
+        "../benchmark-results/llm_job/report.json"
+    # a docs page names a source file (the site does not carry it) instead of linking to it
+    assert Ctx("docs/reference/cli.md").link("`cli.py`", "compressor/cli.py") == "`cli.py`"
+    assert Ctx("README.md").link("`cli.py`", "compressor/cli.py") == "[`cli.py`](compressor/cli.py)"
+
+
+def test_intervals_are_bold_only_when_they_exclude_zero():
+    assert ci({"mean_diff": 0.0202, "ci_low": 0.0034, "ci_high": 0.0376, "excludes_zero": True}) == \
+        "**+0.0202 [+0.0034, +0.0376]**"
+    assert ci({"mean_diff": -0.0012, "ci_low": -0.0114, "ci_high": 0.0094, "excludes_zero": False}) == \
+        "\u22120.0012 [\u22120.0114, +0.0094]"
+
+
+def test_every_results_folder_names_its_teacher_and_machine_field():
+    folders = sorted(p.name for p in (ROOT / "benchmarks/results").iterdir() if p.is_dir())
+    assert set(folders) == set(teachers.FOLDERS)
+    for f in folders:
+        doc = json.loads((ROOT / "benchmarks/results" / f / "provenance.json").read_text())
+        assert doc["teacher"]["status"] in ("current", "retired", "none")
+        assert "machine" in doc
+        if doc["teacher"]["id"] is not None:
+            assert doc["teacher"]["test_ndcg@10"] > 0
+
+
+def test_a_current_teacher_whose_config_changed_is_an_error(monkeypatch):
+    t = teachers.TEACHERS["small-8L-30ep"]
+    monkeypatch.setitem(teachers.TEACHERS, "small-8L-30ep",
+                        teachers.Teacher(t.description, "current", t.path, t.config, t.test, "configs/llm.yaml"))
+    with pytest.raises(DocsError, match="marked current"):
+        teachers.check_current()
+
+
+def test_every_page_region_has_a_renderer():
+    for page in pages():
+        for name, _ in regions((ROOT / page).read_text()):
+            assert name in RENDERERS, f"{page}: {name}"
+
