@@ -7,11 +7,9 @@ Cross-stage checks run at load, so a bad combination fails before any data is re
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from compressor.data.protocol import RecData, prepare
+from compressor.data.config import DataConfig
 from compressor.distill.config import DistillConfig
 from compressor.errors import CompressorError
 from compressor.export import ExportConfig
@@ -20,34 +18,6 @@ from compressor.lowrank import LowRankConfig
 from compressor.prune import ADAPTERS, PruneConfig
 from compressor.select import DEFAULT_STRATEGY, SELECTION, VALIDATED, validate_layers
 from compressor.teacher import TeacherConfig
-
-
-class DataConfig(BaseModel):
-    """The interactions every stage reads (prepared once by the protocol of compressor.data)."""
-
-    model_config = ConfigDict(extra="forbid")
-    name: str = Field("ml-latest-small", description="bundled name, downloadable MovieLens name, or a path")
-    format: str = Field("auto", description="auto, ml-latest, ml-100k, ml-1m or generic")
-    max_users: int | None = Field(None, ge=3, description="keep only the first N users (by id): quick runs")
-
-    @field_validator("name")
-    @classmethod
-    def _known_data(cls, v: str) -> str:
-        """A name that is neither known nor a path fails here, not after the run directory exists."""
-        from compressor.data.loaders import BUNDLED, DOWNLOADS
-
-        if v not in BUNDLED and v not in DOWNLOADS and not Path(v).expanduser().exists():
-            raise ValueError(f"no such dataset or path: {v} (names: {', '.join([*BUNDLED, *DOWNLOADS])})")
-        return v
-
-    def load(self, vocab=None) -> RecData:
-        from compressor.data import load_interactions
-
-        inter = load_interactions(self.name, self.format)
-        if self.max_users is not None:
-            users = sorted(inter.events["user"].unique())[: self.max_users]
-            inter.events = inter.events[inter.events["user"].isin(users)].reset_index(drop=True)
-        return prepare(inter, vocab=vocab)
 
 
 def teacher_shape_problem(cfg: TeacherConfig) -> str | None:

@@ -112,6 +112,18 @@ def run_data(ctx: Context) -> RecData:
     return ctx.data
 
 
+def check_memory(ctx: Context, data: RecData) -> None:
+    """Each stage's peak memory estimated from the data's shape (compressor.memory) against
+    `data.memory_budget_gib`: one line naming the stage over it, and by how much."""
+    from compressor.memory import GIB, check_budget
+
+    n = sum(len(s) for s in data.sequences.values())
+    stages = check_budget(ctx.cfg, len(data.sequences), data.vocab.num_items, n, ctx.cfg.data.budget_bytes())
+    top = max(stages, key=lambda s: s.bytes)
+    ctx.log(f"[memory] largest estimate: {top.stage} ~{top.bytes / GIB:.2f} GiB of a "
+            f"{ctx.cfg.data.budget_bytes() / GIB:.1f} GiB budget")
+
+
 def run_max_len(ctx: Context) -> int:
     return ctx.result(TrainedTeacher).max_len
 
@@ -154,6 +166,7 @@ def stage_teacher(ctx: Context) -> TrainedTeacher:
         return TrainedTeacher(model=src, max_len=model_max_len(model), num_layers=model.config.num_hidden_layers,
                               training={"given": True, "source": str(src), **{k: summary[k] for k in keep if k in summary}})
     ctx.data = ctx.cfg.data.load()
+    check_memory(ctx, ctx.data)  # before any training: a dataset too large for the budget stops here
     model, summary = train_teacher(ctx.data, tcfg, ctx.path("models/teacher"),
                                    checkpoint_dir=ctx.work_dir("checkpoints/teacher"))  # resumable
     return TrainedTeacher(model=Path("models/teacher"), max_len=tcfg.max_len,

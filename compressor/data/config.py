@@ -1,0 +1,47 @@
+"""`DataConfig`: the `data:` section of a run, what every stage reads (prepared once by the protocol)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from compressor.data.protocol import RecData, prepare
+
+
+class DataConfig(BaseModel):
+    """The interactions every stage reads (prepared once by the protocol of compressor.data)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field("ml-latest-small", description="bundled name, downloadable MovieLens name, or a path")
+    format: str = Field("auto", description="auto, ml-latest, ml-100k, ml-1m or generic")
+    max_users: int | None = Field(None, ge=3, description="keep only the first N users (by id): quick runs")
+    memory_budget_gib: float | None = Field(
+        None, gt=0, description="peak memory the job may plan for (None = 80% of this machine's RAM): each "
+        "stage's estimate from the data's shape (compressor.memory) is checked before training starts")
+
+    @field_validator("name")
+    @classmethod
+    def _known_data(cls, v: str) -> str:
+        """A name that is neither known nor a path fails here, not after the run directory exists."""
+        from compressor.data.loaders import BUNDLED, DOWNLOADS
+
+        if v not in BUNDLED and v not in DOWNLOADS and not Path(v).expanduser().exists():
+            raise ValueError(f"no such dataset or path: {v} (names: {', '.join([*BUNDLED, *DOWNLOADS])})")
+        return v
+
+    def budget_bytes(self) -> int:
+        """The memory budget in bytes; None means 80% of this machine's physical memory."""
+        if self.memory_budget_gib is not None:
+            return int(self.memory_budget_gib * 2**30)
+        return int(0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+    def load(self, vocab=None) -> RecData:
+        from compressor.data import load_interactions
+
+        inter = load_interactions(self.name, self.format)
+        if self.max_users is not None:
+            users = sorted(inter.events["user"].unique())[: self.max_users]
+            inter.events = inter.events[inter.events["user"].isin(users)].reset_index(drop=True)
+        return prepare(inter, vocab=vocab)

@@ -1,0 +1,84 @@
+"""Peak memory of each stage, estimated from the data's shape before anything trains.
+
+The terms that grow with the catalogue dominate at scale, and they are simple to count:
+- a full softmax over the catalogue at every position: logits (batch x positions x items, float32)
+  plus the log-softmax and the gradient of the same size (3 copies); distillation holds the
+  teacher's and the student's logits and their softmaxes and the gradient (5 copies);
+- the item table with its gradient and two Adam moments (4 copies of items x hidden);
+- the evaluate stage: one chunk of 256 users' scores over the catalogue (3 copies: scores, the
+  masked copy, the partition) and EASE's dense items x items matrices when EASE runs;
+- the data: the events table and the per-user token arrays (~64 bytes per interaction, pandas);
+  the per-interaction constant was measured on ml-latest-small.
+Model weights other than the item table, activations of the small decoder and the Python heap are
+left out, so the estimate is a floor, not a bound; `check_budget` compares it with the budget and
+names the stage that does not fit. The functions read a `RunConfig`'s sections by attribute and
+never import the pipeline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from compressor.data.vocab import SPECIAL_TOKENS
+from compressor.errors import CompressorError
+
+F32 = 4
+EVAL_BATCH = 256  # compressor.evaluate.evaluate_scorer's default chunk of users
+BYTES_PER_INTERACTION = 64  # events DataFrame + sequences (ml-latest-small: ~6 MB for 100k ratings)
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    stage: str
+    bytes: int
+    what: str  # the dominating term, in words
+
+
+def _softmax(batch: int, positions: int, vocab: int, copies: int) -> int:
+    return copies * batch * positions * vocab * F32
+
+
+def estimate_stages(cfg: Any, users: int, items: int, interactions: int) -> list[StageMemory]:
+    """Each stage's dominating memory for `cfg` (a RunConfig) on data of this shape."""
+    from compressor.baselines import ease_bytes
+
+    vocab = items + len(SPECIAL_TOKENS)
+    t, L = cfg.teacher, cfg.teacher.max_len
+    data = interactions * BYTES_PER_INTERACTION
+    table = 4 * vocab * t.hidden_size * F32
+    logits = _softmax(t.train.batch_size, L, vocab, 3)
+    out = [StageMemory("data", data, f"{interactions:,} interactions x ~{BYTES_PER_INTERACTION} bytes"),
+           StageMemory("teacher", data + table + logits,
+                       f"full-softmax logits {t.train.batch_size} x {L} x {vocab:,} x 4 bytes x 3 "
+                       f"(logits, log-softmax, gradient) + item table and Adam state")]
+    imp = cfg.importance
+    out.append(StageMemory("importance", data + _softmax(imp.batch_size, L, vocab, 3),
+                           f"logits {imp.batch_size} x {L} x {vocab:,} x 4 bytes x 3"))
+    if getattr(cfg.distill, "enabled", True):
+        d = cfg.distill.train.batch_size
+        out.append(StageMemory("distill", data + 2 * table + _softmax(d, L, vocab, 5),
+                               f"teacher and student logits {d} x {L} x {vocab:,} x 4 bytes x 5 "
+                               "(both logits, both softmaxes, gradient)"))
+    ev = _softmax(EVAL_BATCH, 1, vocab, 3)
+    what = f"scores {EVAL_BATCH} x {vocab:,} x 4 bytes x 3"
+    if "ease" in cfg.evaluate.baselines and items <= cfg.evaluate.ease_max_items:
+        ev += ease_bytes(vocab)
+        what += f" + EASE's 4 dense {vocab:,}² float32 matrices"
+    out.append(StageMemory("evaluate", data + ev, what))
+    return out
+
+
+def check_budget(cfg: Any, users: int, items: int, interactions: int, budget_bytes: int) -> list[StageMemory]:
+    """The estimates, or a one-line CompressorError naming the first stage over `budget_bytes` and
+    by how much."""
+    stages = estimate_stages(cfg, users, items, interactions)
+    for s in stages:
+        if s.bytes > budget_bytes:
+            raise CompressorError(
+                f"memory: the {s.stage} stage needs about {s.bytes / GIB:.1f} GiB ({s.what}), "
+                f"{(s.bytes - budget_bytes) / GIB:.1f} GiB over the budget of {budget_bytes / GIB:.1f} GiB "
+                f"(data: {users:,} users, {items:,} items, {interactions:,} interactions); lower the batch "
+                "size or max_len, or raise data.memory_budget_gib")
+    return stages

@@ -1,0 +1,42 @@
+"""Peak-memory estimates from the data's shape, and the early refusal naming the stage."""
+
+from __future__ import annotations
+
+import pytest
+
+from compressor.cli import main
+from compressor.data.synth import SynthConfig, synthesize
+from compressor.errors import CompressorError
+from compressor.memory import GIB, check_budget, estimate_stages
+from compressor.pipeline import RunConfig
+
+
+def test_the_full_softmax_term_is_counted_as_stated():
+    cfg = RunConfig()
+    t = cfg.teacher
+    by = {s.stage: s for s in estimate_stages(cfg, users=1000, items=10**6, interactions=10**7)}
+    logits = 3 * t.train.batch_size * t.max_len * (10**6 + 1) * 4
+    assert by["teacher"].bytes >= logits and by["teacher"].bytes < logits * 1.2
+    assert by["distill"].bytes > by["teacher"].bytes  # two models' logits
+    assert "EASE" not in by["evaluate"].what  # 10^6 items is past evaluate.ease_max_items
+
+
+def test_the_bundled_shape_fits_and_a_million_items_do_not():
+    cfg = RunConfig()
+    stages = check_budget(cfg, users=610, items=9_742, interactions=100_836, budget_bytes=16 * GIB)
+    ev = next(s for s in stages if s.stage == "evaluate")
+    assert "EASE" in ev.what and ev.bytes > 16 * 9_743**2  # EASE runs here, and is counted
+    with pytest.raises(CompressorError, match=r"memory: the teacher stage needs about \d+\.\d GiB .* GiB over the "
+                       r"budget of 16\.0 GiB"):
+        check_budget(cfg, users=10**5, items=10**6, interactions=10**7, budget_bytes=16 * GIB)
+
+
+def test_a_run_past_the_budget_stops_before_training_with_one_line(tmp_path, capsys):
+    data = tmp_path / "synth"
+    synthesize(SynthConfig(users=50, items=200, interactions=600), data)
+    out = tmp_path / "run"
+    code = main(["run", "--config", "smoke", "--out", str(out), f"data.name={data}", "data.memory_budget_gib=0.001"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) >= 1
+    assert err[-1].startswith("compressor run: error: memory: the ") and "over the budget of 0.0 GiB" in err[-1]
+    assert not out.exists()  # nothing trained, nothing half-written
