@@ -220,21 +220,50 @@ def job_importance(ctx: Ctx, folder: str) -> str:
                       "", ctx.source(src)])
 
 
-def training_curves(ctx: Ctx, folder: str, *files: str) -> str:
-    """Validation NDCG@10 by epoch from training summaries (`*_training_summary.json`)."""
+def training_curves(ctx: Ctx, *files: str) -> str:
+    """Teacher trainings side by side: validation NDCG@10 by epoch (from a training summary's
+    history; a job's report.json keeps only the best epoch), best epoch, time per epoch."""
     rows = []
     srcs = []
     for f in files:
-        path = f"{RESULTS}/{folder}/{f}"
+        path = f"{RESULTS}/{f}"
         d = load_json(path)
-        curve = [h["valid"]["ndcg@10"] for h in d["history"]]
-        best = max(curve)
-        rows.append([f"`{f}`", ", ".join(f"**{num(v)}**" if v == best else num(v) for v in curve),
-                     f"{d['best_valid']['epoch']}", num(d["history"][d["best_valid"]["epoch"] - 1]["loss"], 2),
-                     f"{d['seconds_per_epoch']:.0f}", d["precision"]])
+        label = f.split("/")[0]
+        if "teacher_training" in d:  # a job's report.json
+            d = d["teacher_training"]
+            curve = "—"
+            loss = "—"
+        else:
+            values = [h["valid"]["ndcg@10"] for h in d["history"]]
+            best = max(values)
+            curve = ", ".join(f"**{num(v)}**" if v == best else num(v) for v in values)
+            loss = num(d["history"][d["best_valid"]["epoch"] - 1]["loss"], 2)
+            label += " (" + f.split("/")[-1].replace("_training_summary.json", "").replace("_", " ") + ")"
+        rows.append([label, curve, num(d["best_valid"]["ndcg@10"]), str(d["best_valid"]["epoch"]), loss,
+                     f"{d['seconds_per_epoch']:.0f}", f"{d['train_seconds'] / 60:.1f}", d["device"], d["precision"]])
         srcs.append(path)
-    return "\n".join([table(["training summary", "valid NDCG@10 by epoch", "best epoch", "train loss at best",
-                             "s / epoch", "precision"], rows), "", ctx.source(*srcs)])
+    return "\n".join([table(["teacher (results folder)", "valid NDCG@10 by epoch", "best valid", "best epoch",
+                             "train loss at best", "s / epoch", "training minutes", "device", "precision"], rows),
+                      "", ctx.source(*srcs)])
+
+
+def llm_vs_small(ctx: Ctx, small: str, *llm: str) -> str:
+    """The LLM teacher's best validation NDCG@10 against the small teacher's seeds."""
+    sp = f"{RESULTS}/{small}"
+    seeds = load_json(sp)["seeds"]
+    mean = sum(x["valid_ndcg@10"] for x in seeds) / len(seeds)
+    best = max(seeds, key=lambda x: x["valid_ndcg@10"])
+    rows = []
+    for f in llm:
+        path = f"{RESULTS}/{f}"
+        d = load_json(path)
+        d = d.get("teacher_training", d)
+        v = d["best_valid"]["ndcg@10"]
+        rows.append([f"`{f}`", num(v), ratio(v / mean), ratio(v / best["valid_ndcg@10"])])
+    return "\n".join([
+        table(["LLM teacher", "best valid NDCG@10", f"÷ small teacher, mean of {len(seeds)} seeds ({num(mean)})",
+               f"÷ small teacher, best seed (seed {best['seed']}, {num(best['valid_ndcg@10'])})"], rows), "",
+        ctx.source(*[f"{RESULTS}/{f}" for f in llm], sp)])
 
 
 RENDERERS = {
@@ -244,4 +273,5 @@ RENDERERS = {
     "job-stages": job_stages,
     "job-importance": job_importance,
     "training-curves": training_curves,
+    "llm-vs-small": llm_vs_small,
 }

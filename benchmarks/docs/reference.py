@@ -128,6 +128,17 @@ def settings_reference(ctx: Ctx) -> str:
                       f"{ctx.link('`serving/settings.py`', 'serving/settings.py')} (`ServingSettings`).</small>"])
 
 
+def data_columns(ctx: Ctx) -> str:
+    """The column names a generic interactions/items table may use, from the loader itself."""
+    from compressor.data import loaders
+
+    rows = [[f"`{to}`", ", ".join(f"`{c}`" for c in getattr(loaders, name))]
+            for to, name in (("user", "_USER_COLS"), ("item", "_ITEM_COLS"), ("timestamp", "_TIME_COLS"))]
+    return "\n".join([table(["column", "accepted names (the first one present is used)"], rows), "",
+                      f"<small>Rendered by `python -m benchmarks.docs` from "
+                      f"{ctx.link('`compressor/data/loaders.py`', 'compressor/data/loaders.py')}.</small>"])
+
+
 # ----------------------------------------------------------------------------- HTTP API
 _SPEC_SCRIPT = """
 import json, sys
@@ -202,4 +213,5 @@ RENDERERS = {
     "cli-reference": cli_reference,
     "http-reference": http_reference,
     "settings-reference": settings_reference,
+    "data-columns": data_columns,
 }
