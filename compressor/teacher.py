@@ -12,8 +12,6 @@ import copy
 import hashlib
 import json
 import logging
-import time
-import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -22,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from compressor import distributed as dist
@@ -35,29 +32,23 @@ from compressor.modeling import (
     count_parameters,
     decoder_parts,
     hidden_states,
-    pick_device,
     save_model,
     set_recsys_meta,
 )
 from compressor.training import (
-    EarlyStopping,
+    RESUMABLE_FIELDS,
+    Loop,
+    Trainer,
     WeightAverage,
     autocast,
     cosine_schedule,
     device_description,
     make_optimizer,
-    read_checkpoint,
-    resolve_precision,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
     set_seed,
 )
 
 SUMMARY_FILE = "training_summary.json"
 CHECKPOINT_FILE = "checkpoint.pt"
-# TrainConfig fields that say how (or how long) to train, not what: a resume may change them.
-RESUMABLE_FIELDS = ("max_minutes", "device", "parallel")
 log = logging.getLogger("compressor")
 
 
@@ -211,6 +202,124 @@ def _unprefixed(state: dict, prefix: str = "model.") -> dict:
     return {k.removeprefix(prefix): v for k, v in state.items()}
 
 
+class TeacherTask:
+    """Next-item training of one model, as a `training.Task`: the teacher, or a student fine-tuned
+    without distillation. `model` is trained in place and ends with its best validation state.
+
+    Under FSDP a copy is sharded, so `model` stays whole (on the CPU) for rank 0's validation and
+    the result. With `train.ema_decay` the weight average is the model: validated, kept and saved
+    (the raw weights' validation goes into the history as `valid_raw`)."""
+
+    def __init__(self, model: PreTrainedModel, data: RecData, max_len: int, train: TrainConfig,
+                 device: torch.device):
+        self.model, self.max_len, self.train, self.device = model, max_len, train, device
+        self.sharded = dist.active() and train.parallel == "fsdp"
+        self.trained = copy.deepcopy(model) if self.sharded else model.to(device)
+        if self.sharded and train.ema_decay is not None:
+            raise CompressorError("train.ema_decay needs the whole model on every rank: use train.parallel=ddp")
+        # the average lives where validation runs (rank 0), next to the weights it follows
+        self.average = WeightAverage(self.trained, train.ema_decay) if train.ema_decay is not None and dist.is_main() else None
+        self.seqs = data.train_sequences()
+        self.windows = training_windows(self.seqs, max_len, per_sequence=train.recent_windows)
+        # random cuts add at most one window per sequence; the schedule clamps at its end
+        n_windows = len(self.windows) + (len(self.seqs) if train.random_windows and not train.recent_windows else 0)
+        # each rank runs ceil(windows / ranks) windows an epoch (DistributedSampler's split)
+        per_rank = -(-n_windows // dist.world_size())
+        self.steps_per_epoch = -(-per_rank // train.batch_size)
+        self.hooks = add_hidden_dropout(self.trained, train.hidden_dropout) if train.hidden_dropout > 0 else []
+        self.module, self.units, self.find_unused = NextItemLoss(self.trained), list(decoder_parts(self.trained).layers), False
+        self.valid = data.split("valid")
+        self.steps, self._gathered = 0, (-1, None)
+
+    def attach(self, par: dist.Parallel) -> None:
+        self.par = par
+        # after sharding: FSDP's optimizer must hold the sharded parameters
+        t = self.train
+        self.opt = make_optimizer(self.trained, t.lr, t.weight_decay, t.betas, t.embedding_lr)
+        self.sched = cosine_schedule(self.opt, self.steps_per_epoch * t.epochs, t.warmup_steps)
+
+    def batches(self, epoch: int, rng: np.random.Generator):
+        t = self.train
+        if t.random_windows:
+            self.windows = training_windows(self.seqs, self.max_len, rng, per_sequence=t.recent_windows)
+        if dist.world_size() == 1:
+            mine, batch_rng = self.windows, rng
+        else:
+            # every rank draws the same permutation and keeps its share of it; the order inside
+            # the share comes from a per-rank generator, so `rng` stays in step on every rank
+            mine = [self.windows[i] for i in dist.shard(rng.permutation(len(self.windows)))]
+            batch_rng = np.random.default_rng([t.seed, epoch, dist.rank()])
+        return window_batches(mine, self.max_len, t.batch_size, batch_rng, t.group_by_length)
+
+    def loss(self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The loss of one batch: the seam for another objective (a sampled softmax). It runs
+        through the wrapped `NextItemLoss` so that DDP / FSDP see the whole forward."""
+        return self.par.net(ids, mask, labels)
+
+    def step(self, batch) -> dict:
+        ids, mask, labels = (torch.from_numpy(x).to(self.device) for x in batch)
+        self.trained.train()
+        with autocast(self.device, self.train.precision):
+            loss = self.loss(ids, mask, labels)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.trained.parameters(), 1.0)
+        self.opt.step()
+        self.sched.step()
+        if self.average is not None:
+            self.average.update(self.trained)
+        self.steps += 1
+        return {"loss": loss.item()}
+
+    def gather(self) -> None:
+        """FSDP: the whole weights exist only when gathered (every rank takes part), once per step."""
+        if self.sharded and self._gathered[0] != self.steps:
+            self._gathered = (self.steps, self.par.full_state())
+            if dist.is_main():
+                self.model.load_state_dict(_unprefixed(self._gathered[1]))
+
+    def _judged(self) -> PreTrainedModel:
+        return self.average.model if self.average is not None else self.model
+
+    def validate(self) -> tuple[dict, dict]:
+        metrics = _validate(self._judged(), self.valid, self.max_len, self.device if self.sharded else None)
+        raw = {"valid_raw": _validate(self.model, self.valid, self.max_len, None)} if self.average is not None else {}
+        return metrics, raw
+
+    def snapshot(self) -> dict:
+        return {k: v.detach().clone() for k, v in self._judged().state_dict().items()}
+
+    def state_dict(self) -> dict:
+        state = self._gathered[1] if self.sharded else self.par.full_state()
+        optimizer = self.par.optimizer_state(self.opt)
+        if not dist.is_main():
+            return {}
+        return {"model": _unprefixed(state), "optimizer": optimizer, "scheduler": self.sched.state_dict(),
+                "average": self.average.state_dict() if self.average is not None else None}
+
+    def load_state_dict(self, ck: dict) -> None:
+        self.par.load_full_state(_prefixed(ck["model"]))
+        self.par.load_optimizer_state(self.opt, ck["optimizer"])
+        self.sched.load_state_dict(ck["scheduler"])
+        if self.average is not None:
+            self.average.load_state_dict(ck["average"])
+
+    def finish(self, best: dict | None) -> None:
+        for h in self.hooks:
+            h.remove()
+        # never validated (a time cap before the first validation): the final weights, gathered
+        if self.sharded and dist.broadcast_object(best is None):
+            state = self.par.full_state()
+            if dist.is_main():
+                self.model.load_state_dict(_unprefixed(state))
+        if best is None and self.average is not None:  # never validated: the average is still the model
+            best = self.average.model.state_dict()
+        if best is not None:
+            self.model.load_state_dict(best)
+        dist.broadcast_module(self.model)  # rank 0 alone kept the best state
+        self.model.eval()
+
+
 def train_recommender(
     model: PreTrainedModel,
     data: RecData,
@@ -220,182 +329,34 @@ def train_recommender(
     checkpoint_dir: str | Path | None = None,
     fingerprint: str = "",
 ) -> dict:
-    """Train `model` in place on next-item prediction; keeps the best validation state.
+    """Train `model` in place on next-item prediction (`TeacherTask` in `training.Trainer`); keeps
+    the best validation state.
 
-    Under torchrun every rank trains on its share of each epoch's batches (`train.parallel`:
-    DDP or FSDP); rank 0 validates, decides when to stop, and writes. `checkpoint_dir`: write
-    `checkpoint.pt` there after every epoch (model, optimizer, schedule, RNG states, early
-    stopping, best state, history) and resume from one found there, which must carry
-    `fingerprint` (what it was trained on and for).
-
-    Returns a summary: epochs run, best validation metrics, seconds per epoch, history."""
-    set_seed(train.seed)
-    if dist.world_size() > 1:
-        # own dropout masks per rank; the weights were initialised before this, alike everywhere
-        torch.manual_seed(train.seed + dist.rank())
-    device = pick_device(train.device)
-    precision = resolve_precision(device, train.precision)  # decided (and warned about) once
-    sharded = dist.active() and train.parallel == "fsdp"
-    # FSDP shards a copy, so `model` stays whole (on the CPU) for rank 0's validation and the result
-    trained = copy.deepcopy(model) if sharded else model.to(device)
-    if sharded and train.ema_decay is not None:
-        raise CompressorError("train.ema_decay needs the whole model on every rank: use train.parallel=ddp")
-    # the average lives where validation runs (rank 0), next to the weights it follows
-    average = WeightAverage(trained, train.ema_decay) if train.ema_decay is not None and dist.is_main() else None
-    seqs = data.train_sequences()
-    windows = training_windows(seqs, max_len, per_sequence=train.recent_windows)
-    # random cuts add at most one window per sequence; the schedule clamps at its end
-    n_windows = len(windows) + (len(seqs) if train.random_windows and not train.recent_windows else 0)
-    # each rank runs ceil(windows / ranks) windows an epoch (DistributedSampler's split)
-    per_rank = -(-n_windows // dist.world_size())
-    steps_per_epoch = -(-per_rank // train.batch_size)
-    hooks = add_hidden_dropout(trained, train.hidden_dropout) if train.hidden_dropout > 0 else []
-    par = dist.Parallel(NextItemLoss(trained), train.parallel, units=list(decoder_parts(trained).layers),
-                        device=device)
-    # after sharding: FSDP's optimizer must hold the sharded parameters
-    opt = make_optimizer(trained, train.lr, train.weight_decay, train.betas, train.embedding_lr)
-    sched = cosine_schedule(opt, steps_per_epoch * train.epochs, train.warmup_steps)
-    stopper = EarlyStopping(train.patience)
-    valid = data.split("valid")
-    rng = np.random.default_rng(train.seed)
-    best_state, best_metrics, history = None, {}, []
-    stop_reason, first_epoch, elapsed = "epochs", 0, 0.0
+    `checkpoint_dir`: write `checkpoint.pt` there after every epoch and resume from one found
+    there, which must carry `fingerprint` (what it was trained on and for). The time cap stops
+    training between epochs. Returns a summary: epochs run, best validation metrics, seconds per
+    epoch, history."""
     ckpt = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
-    if ckpt is not None and ckpt.exists():
-        ck = read_checkpoint(ckpt, "cpu", {"fingerprint", "model", "optimizer", "loop"}, "teacher training")
-        if ck["fingerprint"] != fingerprint:
-            raise CompressorError(f"{ckpt}: written for another configuration or data; delete "
-                                  f"{ckpt.parent} or use another --out")
-        par.load_full_state(_prefixed(ck["model"]))
-        par.load_optimizer_state(opt, ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        stopper.load_state_dict(ck["stopper"])
-        rng.bit_generator.state = ck["numpy_rng"]
-        set_rng_state(ck["torch_rng"][dist.rank() % len(ck["torch_rng"])])
-        if average is not None:
-            average.load_state_dict(ck["average"])
-        best_state, loop = ck["best_state"], ck["loop"]
-        history, best_metrics, stop_reason = loop["history"], loop["best_metrics"], loop["stop_reason"]
-        first_epoch, elapsed = loop["epoch"], loop["elapsed"]
-        log.info(f"{desc}: resuming from {ckpt} after epoch {first_epoch}")
-    resumed_from = first_epoch or None
-
-    def checkpoint(state: dict | None) -> None:
-        """Everything a resume needs; the states are gathered on every rank, written by rank 0.
-        `state`: the model's, gathered already under FSDP (None on ranks other than 0)."""
-        if not sharded:
-            state = par.full_state()
-        optimizer = par.optimizer_state(opt)
-        rngs = dist.all_gather_object(rng_state())
-        if dist.is_main():
-            save_checkpoint({
-                "fingerprint": fingerprint, "model": _unprefixed(state),
-                "optimizer": optimizer, "scheduler": sched.state_dict(), "stopper": stopper.state_dict(),
-                "numpy_rng": rng.bit_generator.state, "torch_rng": rngs, "best_state": best_state,
-                "average": average.state_dict() if average is not None else None,
-                "world_size": dist.world_size(),
-                "loop": {"epoch": len(history), "history": history, "best_metrics": best_metrics,
-                         "stop_reason": stop_reason, "elapsed": time.time() - start},
-            }, ckpt)
-
-    if ckpt is not None and dist.is_main():
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
-    start = time.time() - elapsed
-    bar = tqdm(total=train.epochs, initial=first_epoch, desc=desc, unit="epoch", **dist.bar_options())
-    # a checkpoint written as training stopped (killed before the model was saved) has none left
-    for epoch in range(first_epoch, train.epochs if stop_reason == "epochs" else first_epoch):
-        trained.train()
-        t0, losses = time.time(), []
-        if train.random_windows:
-            windows = training_windows(seqs, max_len, rng, per_sequence=train.recent_windows)
-        if dist.world_size() == 1:
-            mine, batch_rng = windows, rng
-        else:
-            # every rank draws the same permutation and keeps its share of it; the order inside
-            # the share comes from a per-rank generator, so `rng` stays in step on every rank
-            mine = [windows[i] for i in dist.shard(rng.permutation(len(windows)))]
-            batch_rng = np.random.default_rng([train.seed, epoch, dist.rank()])
-        # progress inside the epoch too: an LLM epoch on a CPU takes many minutes
-        steps = tqdm(window_batches(mine, max_len, train.batch_size, batch_rng, train.group_by_length),
-                     desc=f"{desc} epoch {epoch + 1}", unit="step", total=-(-len(mine) // train.batch_size),
-                     leave=False, **dist.bar_options())
-        for ids, mask, labels in steps:
-            with autocast(device, train.precision):
-                loss = par.net(*(torch.from_numpy(x).to(device) for x in (ids, mask, labels)))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            if average is not None:
-                average.update(trained)
-            losses.append(loss.item())
-            steps.set_postfix(loss=f"{losses[-1]:.3f}")
-        total, count = dist.sum_array(np.array([np.sum(losses), len(losses)]))
-        row = {"epoch": epoch + 1, "loss": float(total / count), "epoch_seconds": time.time() - t0}
-        due = (epoch + 1) % train.eval_every == 0 or epoch + 1 == train.epochs
-        # under FSDP the whole model exists only when gathered (every rank takes part)
-        state = par.full_state() if sharded and (due or ckpt is not None) else None
-        if due and dist.is_main():
-            if sharded:
-                model.load_state_dict(_unprefixed(state))
-            # with averaging, the average is the model: validated, kept, saved; the raw weights are logged
-            judged = average.model if average is not None else model
-            metrics = _validate(judged, valid, max_len, device if sharded else None)
-            row["valid"] = metrics
-            if average is not None:
-                row["valid_raw"] = _validate(model, valid, max_len, None)
-            if stopper.step(metrics["ndcg@10"]):
-                stop_reason = "early stopping"
-            if stopper.improved:
-                best_state = {k: v.detach().clone() for k, v in judged.state_dict().items()}
-                best_metrics = {**metrics, "epoch": epoch + 1}
-            bar.set_postfix(loss=f"{row['loss']:.3f}", ndcg10=f"{metrics['ndcg@10']:.4f}",
-                            best=f"{stopper.best:.4f}")
-        if stop_reason == "epochs" and train.max_minutes is not None and (time.time() - start) / 60 > train.max_minutes:
-            stop_reason = "time cap"
-        # rank 0 decides: the others' clocks and (absent) metrics must not stop them elsewhere
-        stop_reason = dist.broadcast_object(stop_reason)
-        history.append(row)
-        if ckpt is not None:
-            checkpoint(state)
-        bar.update(1)
-        if stop_reason != "epochs":
-            break
-    bar.close()
-    if stop_reason == "time cap" and dist.is_main():
-        # loud on purpose: the same config would give another model on a faster or slower machine
-        warnings.warn(f"{desc}: stopped by the time cap ({train.max_minutes} min) after {len(history)} of "
-                      f"{train.epochs} epochs: results depend on machine speed", stacklevel=2)
-    for h in hooks:
-        h.remove()
-    # never validated (a time cap before the first validation): the final weights, gathered
-    if sharded and dist.broadcast_object(best_state is None):
-        state = par.full_state()
-        if dist.is_main():
-            model.load_state_dict(_unprefixed(state))
-    if best_state is None and average is not None:  # never validated: the average is still the model
-        best_state = average.model.state_dict()
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    dist.broadcast_module(model)  # rank 0 alone kept the best state
-    model.eval()
+    loop = Loop(desc=desc, checkpoint=ckpt, fingerprint=fingerprint, required=frozenset({"model", "optimizer"}),
+                what="teacher training")
+    fit = Trainer(train, loop).fit(lambda device, ck: TeacherTask(model, data, max_len, train, device))
+    p = fit.progress
     return {
-        "epochs_run": len(history),
-        "stop_reason": stop_reason,
-        "best_valid": best_metrics,
-        "train_seconds": time.time() - start,
-        "seconds_per_epoch": float(np.mean([h["epoch_seconds"] for h in history])),
-        "train_windows": len(windows),
+        "epochs_run": len(p.history),
+        "stop_reason": p.stop_reason,
+        "best_valid": {**p.best_metrics, "epoch": p.best_epoch} if p.best_metrics else {},
+        "train_seconds": p.elapsed,
+        "seconds_per_epoch": float(np.mean([h["epoch_seconds"] for h in p.history])),
+        "train_windows": len(fit.task.windows),
         "epochs_planned": train.epochs,
-        "device": device_description(device),
-        "precision": precision.precision,
-        "precision_reason": precision.reason,
+        "device": device_description(fit.device),
+        "precision": fit.precision.precision,
+        "precision_reason": fit.precision.reason,
         "world_size": dist.world_size(),
-        "parallel": par.mode,
+        "parallel": fit.parallel,
         "ema_decay": train.ema_decay,
-        "resumed_from_epoch": resumed_from,
-        "history": history,
+        "resumed_from_epoch": fit.resumed_from_epoch,
+        "history": p.history,
     }
 
 

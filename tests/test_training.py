@@ -3,6 +3,7 @@ seeding. Worked by hand on tiny models."""
 
 from __future__ import annotations
 
+import json
 import math
 import random
 
@@ -105,3 +106,100 @@ def test_cpu_trains_in_fp32_unless_bf16_is_asked_for_and_says_so():
         assert torch.is_autocast_enabled("cpu") and (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
     n = torch.get_num_threads()
     assert device_description(cpu) == f"cpu ({n} thread{'' if n == 1 else 's'})"
+
+
+class _LineTask:
+    """y = 2x + 1 learnt by a Linear(1, 1) with noisy targets: small enough to check the loop's
+    bookkeeping exactly. Every draw comes from the loop's generators (data from `rng`, the noise
+    from torch's), so a resumed run must replay an uninterrupted one bit for bit."""
+
+    def __init__(self, device, ck):
+        self.net = nn.Linear(1, 1)
+        self.module, self.units, self.find_unused, self.steps_per_epoch = self.net, [], False, 4
+        self.opt = torch.optim.SGD(self.net.parameters(), lr=0.1)
+        self.x_valid = torch.linspace(-1, 1, 9).unsqueeze(1)
+
+    def attach(self, par):
+        self.par = par
+
+    def batches(self, epoch, rng):
+        x = torch.from_numpy(rng.normal(size=(16, 1))).float()
+        return [(x[i : i + 4], 2 * x[i : i + 4] + 1) for i in range(0, 16, 4)]
+
+    def step(self, batch):
+        x, y = batch
+        loss = ((self.par.net(x) - y - 0.1 * torch.randn_like(y)) ** 2).mean()
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        return {"loss": loss.item()}
+
+    def gather(self):
+        pass
+
+    def validate(self):
+        with torch.no_grad():
+            err = float(((self.net(self.x_valid) - 2 * self.x_valid - 1) ** 2).mean())
+        return {"ndcg@10": -err}, {}
+
+    def snapshot(self):
+        return {k: v.clone() for k, v in self.net.state_dict().items()}
+
+    def state_dict(self):
+        return {"net": self.net.state_dict(), "opt": self.opt.state_dict()}
+
+    def load_state_dict(self, ck):
+        self.net.load_state_dict(ck["net"])
+        self.opt.load_state_dict(ck["opt"])
+
+    def finish(self, best):
+        if best is not None:
+            self.net.load_state_dict(best)
+
+
+def _fit(tmp_path, name, train=None, **loop):
+    from compressor.teacher import TrainConfig
+    from compressor.training import Loop, Trainer
+
+    train = train or TrainConfig(epochs=3, patience=5, seed=3)
+    loop = Loop(checkpoint=tmp_path / name / "ck.pt", log=tmp_path / name / "log.jsonl", fingerprint={"lr": 0.1},
+                required=frozenset({"net"}), progress=False, **loop)
+    (tmp_path / name).mkdir(exist_ok=True)
+    return Trainer(train, loop).fit(_LineTask)
+
+
+def test_a_run_stopped_mid_epoch_and_resumed_replays_the_uninterrupted_run(tmp_path):
+    whole = _fit(tmp_path, "whole")
+    assert (whole.progress.step, whole.progress.stop_reason, len(whole.progress.history)) == (12, "epochs", 3)
+    part = _fit(tmp_path, "part", max_steps=6)  # stops in the middle of the second epoch
+    assert (part.progress.step, part.progress.epoch, part.progress.batch) == (6, 1, 2)
+    assert part.progress.stop_reason == "step limit" and part.progress.history[0] == whole.progress.history[0] | {
+        "epoch_seconds": part.progress.history[0]["epoch_seconds"]}
+    resumed = _fit(tmp_path, "part")  # the step limit lifted: on to the end
+    assert resumed.resumed_from_epoch == 1 and resumed.progress.stop_reason == "epochs"
+    assert [h["loss"] for h in resumed.progress.history] == [h["loss"] for h in whole.progress.history]
+    assert [h["valid"] for h in resumed.progress.history] == [h["valid"] for h in whole.progress.history]
+    assert all(torch.equal(a, b) for a, b in zip(resumed.task.net.parameters(), whole.task.net.parameters(), strict=True))
+    rows = [json.loads(x) for x in (tmp_path / "part" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 13))  # none lost, none repeated
+    assert not any(r.get("final") for r in rows)  # the stopped run's closing validation is dropped
+
+
+def test_the_time_cap_has_one_name_and_a_checkpoint_of_another_config_names_the_difference(tmp_path):
+    from compressor.teacher import TrainConfig
+
+    capped = TrainConfig(epochs=3, max_minutes=1e-9)
+    with pytest.warns(UserWarning, match="time cap .* after 0 of 3 epochs"):
+        between_steps = _fit(tmp_path, "steps", train=capped, stop_between_steps=True)
+    with pytest.warns(UserWarning, match="time cap .* after 1 of 3 epochs"):
+        between_epochs = _fit(tmp_path, "epochs", train=capped)
+    assert between_steps.progress.stop_reason == between_epochs.progress.stop_reason == "time cap"
+    assert (between_steps.progress.step, between_epochs.progress.step) == (0, 4)
+    # validated once at the stop: the weights it ended with are the ones kept
+    assert between_steps.progress.best_metrics and between_steps.progress.last_eval_step == 0
+    from compressor.errors import CompressorError
+    from compressor.training import Loop, Trainer
+
+    other = Loop(checkpoint=tmp_path / "epochs" / "ck.pt", fingerprint={"lr": 0.2}, required=frozenset({"net"}))
+    with pytest.raises(CompressorError, match=r"another configuration or data \(different config: lr\)"):
+        Trainer(TrainConfig(epochs=3), other).fit(_LineTask)

@@ -1,7 +1,8 @@
 """`Distiller`: the state of one distillation run and its optimisation step.
 
-The loop (`trainer.distill`) owns data order, validation, checkpoints and the budget; this
-class owns the models, adapters, optimiser, layer weights and what happens in one step.
+The loop (`training.Trainer`, run by `trainer.distill`) owns data order, validation, checkpoints
+and the budget; this class owns the models, adapters, optimiser, layer weights and what happens
+in one step.
 """
 
 from __future__ import annotations
@@ -88,8 +89,9 @@ class Distiller:
         self.modules = nn.ModuleDict({"student": student, "adapters": self.adapters})
         # under torchrun: gradients all-reduced by DDP. Learnable adapters (student and teacher
         # widths differ) may go unused by a method, which DDP must then be told to look for.
-        unused = any(p.requires_grad for p in self.adapters.parameters())
-        self.net = dist.wrap_ddp(_Forward(self.modules, self.compute), find_unused_parameters=unused)
+        self.find_unused = any(p.requires_grad for p in self.adapters.parameters())
+        self.forward = _Forward(self.modules, self.compute)
+        self.net = self.forward  # what a step calls: `training.Trainer` puts the DDP wrapper here
         t = cfg.train
         self.opt = make_optimizer(self.modules, t.lr, t.weight_decay, t.betas)
         self.sched = cosine_schedule(self.opt, total_steps, t.warmup_steps)
@@ -99,6 +101,7 @@ class Distiller:
             init = mapped_weights(fisher_scores, self.layer_map, cfg.depth_bias, cfg.depth_power)
         else:
             init = np.full(k, 1.0 / k)
+        self.fisher_scores, self.fisher_source = fisher_scores, None  # where the scores came from (set by `distill`)
         self.weights = LayerWeights(init, cfg.ema_eta)
         self.dynamic = self.loss.dynamic and cfg.ema
         self.layer_groups = layer_params(student)
