@@ -71,12 +71,14 @@ class EvalResult:
         return dict(self.metrics)
 
 
-def target_ranks(scores: np.ndarray, histories: list[np.ndarray], targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """0-based rank of each target among all non-special, unseen tokens, and each row's top-10.
+def target_ranks(scores: np.ndarray, histories: list[np.ndarray], targets: np.ndarray,
+                 exclude_seen: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """0-based rank of each target among all non-special, unseen tokens (all tokens when not
+    `exclude_seen`: data that keeps repeats), and each row's top-10.
 
     `scores` is (B, V) and is modified in place (padding and seen items set to -inf)."""
     scores[:, PAD_ID] = -np.inf
-    for i, h in enumerate(histories):
+    for i, h in enumerate(histories if exclude_seen else []):
         scores[i, h] = -np.inf
     t = scores[np.arange(len(targets)), targets]
     # The target itself is never in its history (the protocol dedupes), so it stays finite.
@@ -93,7 +95,7 @@ def evaluate_scorer(scorer: Scorer, split: Split, batch_size: int = 256, progres
     for a in tqdm(it, desc=f"evaluate {split.name}", disable=not progress, leave=False):
         hists = split.histories[a : a + batch_size]
         scores = np.array(scorer(hists), dtype=np.float32, copy=True)
-        r, top = target_ranks(scores, hists, split.targets[a : a + batch_size])
+        r, top = target_ranks(scores, hists, split.targets[a : a + batch_size], split.exclude_seen)
         ranks.append(r)
         tops.append(top)
     rank = np.concatenate(ranks)

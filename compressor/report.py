@@ -161,7 +161,12 @@ def render_markdown(doc: dict) -> str:
             f"({speed.get('machine', {}).get('cores', '?')} cores, no GPU used unless listed: "
             f"{', '.join(speed.get('machine', {}).get('providers', []))}). Data: **{data.get('name')}** "
             f"({data.get('users')} users, fingerprint `{data.get('fingerprint')}`); protocol: leave-one-out, "
-            f"full ranking over the whole catalogue, seen items excluded, {ev.get('users')} test users.", ""]
+            f"full ranking over the whole catalogue, "
+            f"{'repeats kept, seen items ranked too' if doc['config']['data'].get('keep_repeats') else 'seen items excluded'}, "
+            f"{ev.get('users')} test users.", ""]
+    for f in (doc.get("teacher_training") or {}).get("data_filters") or []:
+        out += [f"Data filter {f['filter']}: removed {f['removed_interactions']:,} interactions, "
+                f"{f['removed_users']:,} users and {f['removed_items']:,} items ({f['left_interactions']:,} left).", ""]
     out += ["## Teacher vs student", ""]
     rows = [
         ["decoder layers", t["num_layers"], s["num_layers"], _ratio(s["num_layers"], t["num_layers"])],

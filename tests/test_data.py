@@ -162,3 +162,111 @@ def test_trimming_padding_columns_does_not_change_the_model_output(tiny_data):
         outs = [hidden_states(model, *map(torch.from_numpy, left_pad(hist, width))).last_hidden_state[:, -3:]
                 for width in (12, 3)]
     torch.testing.assert_close(outs[0][:, -2:], outs[1][:, -2:], rtol=1e-5, atol=1e-6)
+
+
+# --- users' data as they have it: column mapping, ratings, repeats, minimum counts, Parquet ---------
+
+
+def _shop(tmp_path, suffix=".csv"):
+    """A shop log with its own column names, ratings, a repeat purchase and a rare item."""
+    import pandas as pd
+
+    rows = [("c1", "s1", 1, 5.0, "x"), ("c1", "s2", 2, 4.0, "x"), ("c1", "s1", 3, 5.0, "x"), ("c1", "s3", 4, 2.0, "x"),
+            ("c2", "s1", 1, 4.0, "x"), ("c2", "s2", 2, 5.0, "x"), ("c2", "s3", 3, 5.0, "x"), ("c2", "s9", 4, 5.0, "x"),
+            ("c3", "s2", 1, 3.0, "x"), ("c3", "s1", 2, 4.0, "x"), ("c1", "s4", 5, 4.0, "x"), ("c2", "s4", 5, 5.0, "x")]
+    df = pd.DataFrame(rows, columns=["customer_id", "sku", "ts", "stars", "unused"])
+    path = tmp_path / f"interactions{suffix}"
+    df.to_parquet(path, index=False, row_group_size=3) if suffix == ".parquet" else df.to_csv(path, index=False)
+    return tmp_path
+
+
+COLS = {"user": "customer_id", "item": "sku", "timestamp": "ts", "rating": "stars"}
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_an_explicit_column_mapping_reads_only_those_columns(tmp_path, suffix):
+    data = load_interactions(_shop(tmp_path, suffix), columns=COLS)
+    assert list(data.events.columns) == ["user", "item", "timestamp", "rating"]
+    assert len(data.events) == 12 and set(data.events["user"]) == {"c1", "c2", "c3"}
+    with pytest.raises(DataError, match="sku_id"):
+        load_interactions(tmp_path, columns={**COLS, "item": "sku_id"})
+    with pytest.raises(DataError, match="applies to the generic format"):
+        load_interactions("ml-latest-small", columns=COLS)
+
+
+def test_parquet_is_read_in_row_groups(tmp_path, monkeypatch):
+    from compressor.data import loaders
+
+    monkeypatch.setattr(loaders, "PARQUET_BATCH_ROWS", 2)  # 12 rows in 3-row groups, 2 rows per batch
+    assert load_interactions(_shop(tmp_path, ".parquet"), columns=COLS).events["timestamp"].tolist() == \
+        [1, 2, 3, 4, 1, 2, 3, 4, 1, 2, 5, 5]
+
+
+def test_filters_record_what_each_removed(tmp_path):
+    from compressor.data.config import DataConfig
+
+    cfg = DataConfig(name=str(_shop(tmp_path)), columns=COLS, min_rating=4, min_item_interactions=2, kcore=True,
+                     min_user_interactions=2)
+    data = cfg.load()
+    rating, repeats, core = data.interactions.filters
+    assert rating["filter"] == "rating >= 4" and rating["removed_interactions"] == 2  # 2 and 3 stars
+    assert repeats["filter"].startswith("repeated") and repeats["removed_interactions"] == 1  # c1's second s1
+    assert core["filter"] == "k-core: users >= 2, items >= 2 (2 rounds)"
+    # c3 (1 item after the rating filter) goes, then s9 (1 buyer) and s3 (1 buyer after the rating filter)
+    assert core["removed_users"] == 1 and core["removed_items"] == 2 and core["left_interactions"] == 6
+    assert [[data.vocab.item(t) for t in data.sequences[u]] for u in ("c1", "c2")] == [["s1", "s2", "s4"]] * 2
+
+
+def test_kcore_repeats_the_minimum_counts_until_stable():
+    import pandas as pd
+
+    from compressor.data.filters import _min_counts
+
+    # users 1 {a, b}, 2 {a, c}, 3 {c}; at least 2 each: user 3 goes, then b and c (1 buyer each);
+    # one pass stops there, with users 1 and 2 holding one item each; k-core goes on and empties it
+    ev = pd.DataFrame({"user": [1, 1, 2, 2, 3], "item": ["a", "b", "a", "c", "c"], "timestamp": range(5)})
+    once, _ = _min_counts(ev, 2, 2, kcore=False)
+    core, rounds = _min_counts(ev, 2, 2, kcore=True)
+    assert once["user"].tolist() == [1, 2] and once["item"].tolist() == ["a", "a"]
+    assert core.empty and rounds == 3
+
+
+def test_kept_repeats_stay_in_the_sequence_and_evaluation_ranks_seen_items(tmp_path):
+    from compressor.data.config import DataConfig
+    from compressor.evaluate import evaluate_scorer
+
+    _write(tmp_path / "interactions.csv", "user,item,timestamp\nr1,a,1\nr1,b,2\nr1,a,3\nr1,c,4\nr1,a,5\n")
+    data = DataConfig(name=str(tmp_path), keep_repeats=True).load()
+    assert [data.vocab.item(t) for t in data.sequences["r1"]] == ["a", "b", "a", "c", "a"]
+    assert data.interactions.filters == []
+    test = data.split("test")
+    assert not test.exclude_seen and data.vocab.item(test.targets[0]) == "a"  # the target is in the history
+
+    def first_item_first(hists):  # ranks each history's first item (here a) first
+        s = np.zeros((len(hists), data.vocab.size), dtype=np.float32)
+        for i, h in enumerate(hists):
+            s[i, h[0]] = 1.0
+        return s
+
+    assert evaluate_scorer(first_item_first, test).metrics["hr@5"] == 1.0
+    plain = DataConfig(name=str(tmp_path)).load()  # repeats dropped: a, b, c; the seen-item rule holds
+    assert [plain.vocab.item(t) for t in plain.sequences["r1"]] == ["a", "b", "c"] and plain.split("test").exclude_seen
+
+
+def test_a_filter_that_leaves_nothing_says_so(tmp_path):
+    from compressor.data.config import DataConfig
+
+    with pytest.raises(DataError, match="removed every interaction"):
+        DataConfig(name=str(_shop(tmp_path)), columns=COLS, min_rating=6).load()
+    with pytest.raises(DataError, match="needs a rating column"):
+        DataConfig(name=str(_shop(tmp_path)), columns={"user": "customer_id", "item": "sku", "timestamp": "ts"},
+                   min_rating=4).load()
+
+
+def test_default_filters_leave_the_bundled_data_as_it_was():
+    from compressor.data.config import DataConfig
+
+    data = DataConfig().load()
+    plain = prepare("ml-latest-small")
+    assert data.vocab.same_as(plain.vocab) and data.interactions.filters == []
+    assert all(np.array_equal(data.sequences[u], plain.sequences[u]) for u in plain.sequences)

@@ -13,7 +13,7 @@ import hashlib
 import io
 import urllib.request
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -42,6 +42,7 @@ class Interactions:
     items: pd.DataFrame
     name: str
     source: str
+    filters: list[dict] = field(default_factory=list)  # what each filter removed (compressor.data.filters)
 
     def fingerprint(self) -> str:
         """A short hash of the events, so artifacts can say which data built them."""
@@ -135,14 +136,28 @@ _ITEM_COLS = ("item", "item_id", "itemid", "itemId", "movieId", "product_id")
 _TIME_COLS = ("timestamp", "time", "ts", "datetime", "date")
 
 
-def _read_table(path: Path) -> pd.DataFrame:
+PARQUET_BATCH_ROWS = 1 << 20  # rows converted to pandas at a time: the Arrow copy stays one batch
+
+
+def _read_parquet(path: Path, columns: list[str] | None) -> pd.DataFrame:
+    """Only `columns` (all when None), one batch of row groups at a time, so the whole file is never
+    held twice (Arrow and pandas)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise DataError(f"{path}: reading Parquet needs pyarrow (pip install '.[parquet]')") from e
+    f = pq.ParquetFile(path)
+    if columns is not None and (missing := [c for c in columns if c not in f.schema_arrow.names]):
+        raise DataError(f"{path}: no column {missing[0]!r} (has {f.schema_arrow.names})")
+    parts = [b.to_pandas() for b in f.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns)]
+    return pd.concat(parts, ignore_index=True) if parts else f.schema_arrow.empty_table().to_pandas()
+
+
+def _read_table(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
     if path.suffix == ".parquet":
-        try:
-            return pd.read_parquet(path)
-        except ImportError as e:
-            raise DataError(f"{path}: reading Parquet needs pyarrow (pip install '.[parquet]')") from e
+        return _read_parquet(path, columns)
     sep = "\t" if path.suffix in (".tsv", ".tab") else ","
-    return pd.read_csv(path, sep=sep)
+    return pd.read_csv(path, sep=sep, usecols=columns)
 
 
 def _rename_first(df: pd.DataFrame, candidates: tuple[str, ...], to: str) -> pd.DataFrame:
@@ -152,16 +167,25 @@ def _rename_first(df: pd.DataFrame, candidates: tuple[str, ...], to: str) -> pd.
     return df
 
 
-def _read_generic(path: Path, items_path: Path | None = None) -> Interactions:
+def _read_generic(path: Path, items_path: Path | None = None, columns: dict[str, str] | None = None) -> Interactions:
     """A table of user, item, timestamp[, rating]; `path` is the file, or a folder holding
-    `interactions.(csv|tsv|parquet)` and optionally `items.(csv|tsv|parquet)`."""
+    `interactions.(csv|tsv|parquet)` and optionally `items.(csv|tsv|parquet)`. `columns` names the
+    file's own columns ({"user": "customer_id", "item": "sku", ...}); without it they are guessed
+    from common names. With it only those columns are read (the item file's id column is
+    `columns["item"]` too when it has one, else a common name)."""
     folder = path if path.is_dir() else path.parent
     if path.is_dir():
         found = [p for p in sorted(path.iterdir()) if p.stem == "interactions" and p.suffix in (".csv", ".tsv", ".parquet")]
         if not found:
             raise DataError(f"{path}: no interactions.csv/.tsv/.parquet in this folder")
         path = found[0]
-    events = _read_table(path)
+    if columns:
+        try:
+            events = _read_table(path, list(columns.values())).rename(columns={v: k for k, v in columns.items()})
+        except ValueError as e:  # CSV usecols names a column the file lacks
+            raise DataError(f"{path}: data.columns {columns}: {e}") from e
+    else:
+        events = _read_table(path)
     events = _rename_first(events, _USER_COLS, "user")
     events = _rename_first(events, _ITEM_COLS, "item")
     events = _rename_first(events, _TIME_COLS, "timestamp")
@@ -172,7 +196,10 @@ def _read_generic(path: Path, items_path: Path | None = None) -> Interactions:
         items_path = cands[0] if cands else None
     items = None
     if items_path is not None:
-        items = _rename_first(_read_table(items_path), _ITEM_COLS, "item")
+        items = _read_table(items_path)
+        if columns and columns.get("item") in items.columns:
+            items = items.rename(columns={columns["item"]: "item"})
+        items = _rename_first(items, _ITEM_COLS, "item")
         if "item" not in items.columns:
             raise DataError(f"{items_path}: the item file needs an item id column")
     return _finish(events, items, path.stem if path.stem != "interactions" else folder.name, str(path))
@@ -233,15 +260,18 @@ def resolve_data_path(name_or_path: str | Path) -> Path:
     raise DataError(f"no such dataset or path: {s} (bundled: {', '.join(BUNDLED)})")
 
 
-def load_interactions(name_or_path: str | Path, fmt: str = "auto") -> Interactions:
-    """Load a dataset by bundled name or path; `fmt` is `auto` or one of FORMATS."""
+def load_interactions(name_or_path: str | Path, fmt: str = "auto", columns: dict[str, str] | None = None) -> Interactions:
+    """Load a dataset by bundled name or path; `fmt` is `auto` or one of FORMATS; `columns` maps
+    user/item/timestamp/rating to a generic file's own column names."""
     path = resolve_data_path(name_or_path)
     if fmt == "auto":
         fmt = detect_format(path)
     if fmt not in _READERS:
         raise DataError(f"unknown format {fmt!r}; choose one of {', '.join(('auto',) + FORMATS)}")
+    if columns and fmt != "generic":
+        raise DataError(f"{path}: data.columns applies to the generic format (a CSV/Parquet table), not {fmt}")
     try:
-        data = _READERS[fmt](path)
+        data = _read_generic(path, columns=columns) if columns else _READERS[fmt](path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError, KeyError) as e:
         raise DataError(f"{path}: could not read as {fmt}: {e}") from e
     except FileNotFoundError as e:

@@ -1,6 +1,8 @@
 """The evaluation protocol, implemented once and used by every stage.
 
-- implicit feedback: every rating is an interaction; a repeated (user, item) keeps its first time;
+- implicit feedback: every rating is an interaction; a repeated (user, item) keeps its first time
+  (unless `keep_repeats`: then every repeat stays, and evaluation no longer excludes seen items,
+  since re-consuming them is what such data predicts: music, grocery);
 - each user's items in time order, ties broken stably by file order;
 - leave-one-out: the last item is the test target, the second-to-last the validation target,
   the rest is training data (users with fewer than 3 items are training-only);
@@ -31,6 +33,7 @@ class Split:
     users: list
     histories: list[np.ndarray]  # token ids, oldest first (never empty)
     targets: np.ndarray  # token ids
+    exclude_seen: bool = True  # rank the target among unseen items only (False: data with repeats)
 
     def __len__(self) -> int:
         return len(self.users)
@@ -40,7 +43,8 @@ class Split:
         if n >= len(self):
             return self
         idx = np.sort(np.random.default_rng(seed).choice(len(self), n, replace=False))
-        return Split(self.name, [self.users[i] for i in idx], [self.histories[i] for i in idx], self.targets[idx])
+        return Split(self.name, [self.users[i] for i in idx], [self.histories[i] for i in idx], self.targets[idx],
+                     self.exclude_seen)
 
 
 @dataclass
@@ -50,6 +54,7 @@ class RecData:
     interactions: Interactions
     vocab: ItemVocab
     sequences: dict  # user id -> token ids in time order
+    keep_repeats: bool = False  # sequences keep repeated items; splits then do not exclude seen items
 
     @property
     def name(self) -> str:
@@ -70,27 +75,34 @@ class RecData:
             users.append(u)
             hists.append(s[: len(s) - cut])
             targets.append(s[len(s) - cut])
-        return Split(name, users, hists, np.asarray(targets, dtype=np.int64))
+        return Split(name, users, hists, np.asarray(targets, dtype=np.int64), exclude_seen=not self.keep_repeats)
 
     def history(self, user) -> np.ndarray:
         """A known user's whole history (serving recommends what comes after all of it)."""
         return self.sequences[user]
 
 
-def build_sequences(inter: Interactions, vocab: ItemVocab) -> dict:
+def build_sequences(inter: Interactions, vocab: ItemVocab, keep_repeats: bool = False) -> dict:
     ev = inter.events.reset_index(drop=True)
     ev = ev.assign(_order=np.arange(len(ev)))
     ev = ev.sort_values(["user", "timestamp", "_order"], kind="mergesort")
-    ev = ev.drop_duplicates(["user", "item"], keep="first")
+    if not keep_repeats:
+        ev = ev.drop_duplicates(["user", "item"], keep="first")
     tokens = vocab.tokens(ev["item"].tolist())
     users = ev["user"].to_numpy()
     bounds = np.flatnonzero(users[1:] != users[:-1]) + 1
     starts = np.concatenate([[0], bounds])
     ends = np.concatenate([bounds, [len(users)]])
-    return {users[a].item(): tokens[a:b] for a, b in zip(starts, ends, strict=True)}
+    # numpy integers become Python ints; string ids (object arrays) are str already
+    return {_python(users[a]): tokens[a:b] for a, b in zip(starts, ends, strict=True)}
 
 
-def prepare(data: str | Path | Interactions, fmt: str = "auto", vocab: ItemVocab | None = None) -> RecData:
+def _python(value):
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def prepare(data: str | Path | Interactions, fmt: str = "auto", vocab: ItemVocab | None = None,
+            keep_repeats: bool = False) -> RecData:
     """Load (if needed) and put a dataset through the protocol.
 
     With `vocab` given (a trained model's), interactions with items outside it are dropped, so
@@ -105,10 +117,10 @@ def prepare(data: str | Path | Interactions, fmt: str = "auto", vocab: ItemVocab
         if not known.any():
             raise DataError(f"{inter.source}: no item of this data is in the model's vocabulary")
         inter = Interactions(inter.events[known.to_numpy()], inter.items, inter.name, inter.source)
-    seqs = build_sequences(inter, vocab)
+    seqs = build_sequences(inter, vocab, keep_repeats)
     if not any(len(s) >= 3 for s in seqs.values()):
         raise DataError(f"{inter.source}: no user has the 3 interactions leave-one-out needs")
-    return RecData(inter, vocab, seqs)
+    return RecData(inter, vocab, seqs, keep_repeats)
 
 
 def pd_unique(series) -> list:

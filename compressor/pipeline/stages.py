@@ -170,7 +170,8 @@ def stage_teacher(ctx: Context) -> TrainedTeacher:
     model, summary = train_teacher(ctx.data, tcfg, ctx.path("models/teacher"),
                                    checkpoint_dir=ctx.work_dir("checkpoints/teacher"))  # resumable
     return TrainedTeacher(model=Path("models/teacher"), max_len=tcfg.max_len,
-                          num_layers=model.config.num_hidden_layers, training={k: summary[k] for k in keep})
+                          num_layers=model.config.num_hidden_layers,
+                          training={**{k: summary[k] for k in keep}, "data_filters": ctx.data.interactions.filters})
 
 
 def stage_importance(ctx: Context) -> LayerImportance:
