@@ -82,3 +82,7 @@ def test_every_page_region_has_a_renderer():
         for name, _ in regions((ROOT / page).read_text()):
             assert name in RENDERERS, f"{page}: {name}"
 
+
+
+def test_the_readme_stays_short():
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 300

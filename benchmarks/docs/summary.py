@@ -76,4 +76,34 @@ def summary(ctx: Ctx) -> str:
                                "one run of each job; speed is ONNX Runtime on the job's machine.")
 
 
-RENDERERS = {"summary": summary}
+def _machine(folder: str) -> str:
+    from benchmarks.docs.teachers import folder_machine
+
+    m, _ = folder_machine(folder)
+    return f"{m.get('logical_cores') or m.get('cores')} CPU cores ({m['cpu']})"
+
+
+def job_times(ctx: Ctx) -> str:
+    """The quick start's measured times: one bullet per job, linked to its report."""
+    import re
+
+    from benchmarks.docs.core import read_text
+
+    doc, src = report(JOBS["default"])
+    job_min = sum(doc["stage_seconds"].values()) / 60
+    out = [f"- command 1 (the default job): {ctx.link(f'{job_min:.1f} min', src)} "
+           f"(the sum of its stage times) on {_machine(JOBS['default'])}, plus the install;"]
+    doc, src = report(JOBS["llm"])
+    tt = f"{RESULTS}/{JOBS['llm']}/time.txt"
+    text = read_text(tt)
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", text)[1]
+    minutes = sum(float(p) * 60 ** i for i, p in enumerate(reversed(wall.split(":")))) / 60
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)[1]) / 2**20
+    prec = doc["teacher_training"]["precision"]
+    out.append(f"- command 3 (the LLM job) on {_machine(JOBS['llm'])}, training in "
+               f"{prec}: {ctx.link(f'{minutes:.1f} min', tt)} wall clock, peak RSS "
+               f"{ctx.link(f'{rss:.1f} GiB', tt)};")
+    return "\n".join(out)
+
+
+RENDERERS = {"summary": summary, "job-times": job_times}
