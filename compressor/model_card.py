@@ -1,5 +1,7 @@
 """`README.md` model cards: YAML front matter (licence, data and its licence, metrics with the
 evaluation protocol, intended use) and a short body, for model and artifact directories.
+Metric values are in the Hugging Face `model-index` format (task, dataset and split, metrics), so
+the Hub and `huggingface_hub.ModelCard(...).data.eval_results` read them.
 
 The card only restates what the directory's own files record (config, summaries, manifest);
 fields it cannot know are left out rather than guessed.
@@ -48,9 +50,36 @@ def dataset_license(dataset: str | None) -> dict:
     return {"name": "unknown", "terms": "the training data's own terms apply; check them before use"}
 
 
-def _metrics(metrics: dict | None, split: str) -> list[dict]:
-    return [{"name": k, "value": round(float(metrics[k]), 6), "split": split}
-            for k in METRIC_KEYS if metrics and isinstance(metrics.get(k), int | float)]
+METRIC_NAMES = {"ndcg@5": "NDCG@5", "ndcg@10": "NDCG@10", "hr@5": "HR@5", "hr@10": "HR@10", "mrr": "MRR",
+                "coverage@10": "catalogue coverage@10"}
+TASK = {"type": "sequential-recommendation", "name": "Next-item recommendation (full ranking over the catalogue)"}
+
+
+def _metrics(metrics: dict | None) -> dict[str, float]:
+    return {k: round(float(metrics[k]), 6) for k in METRIC_KEYS
+            if metrics and isinstance(metrics.get(k), int | float)}
+
+
+def model_index(name: str, dataset: str | None, metrics: dict[str, float], split: str) -> list[dict]:
+    """Hugging Face `model-index` front matter (what the Hub and `huggingface_hub.ModelCard` read
+    as evaluation results): one result, this task on this dataset's split, one entry per metric."""
+    data = Path(str(dataset)).name if dataset else "unknown"
+    return [{"name": name, "results": [{
+        "task": dict(TASK),
+        "dataset": {"type": data, "name": data, "split": split},
+        "metrics": [{"type": k, "value": v, "name": f"{METRIC_NAMES[k]} ({split} split)", "verified": False}
+                    for k, v in metrics.items()],
+    }]}]
+
+
+def card_metrics(card: dict) -> tuple[dict[str, float], str | None]:
+    """({metric: value}, split) of a card's front matter, from its `model-index`."""
+    for entry in card.get("model-index") or []:
+        for result in entry.get("results") or []:
+            values = {m["type"]: m["value"] for m in result.get("metrics") or []}
+            if values:
+                return values, (result.get("dataset") or {}).get("split")
+    return {}, None
 
 
 def build_card(kind: str, architecture: str, parameters: int, num_layers: int, hidden_size: int,
@@ -76,7 +105,11 @@ def build_card(kind: str, architecture: str, parameters: int, num_layers: int, h
     front["model"] = {"kind": kind, "architecture": architecture, "parameters": int(parameters),
                       "num_layers": int(num_layers), "hidden_size": int(hidden_size), "num_items": int(num_items),
                       **({"teacher_layers": list(teacher_layers)} if teacher_layers else {})}
-    front["metrics"] = _metrics(metrics, metrics_split)
+    values = _metrics(metrics)
+    front["metrics"] = list(values)  # metric ids, as the Hub's card metadata expects; values below
+    if values:
+        front["model-index"] = model_index(
+            f"recsys-compressor {kind}: {architecture}, {int(num_layers)} layers", dataset, values, metrics_split)
     front["evaluation_protocol"] = PROTOCOL
     front["intended_use"] = INTENDED_USE
     front.update(extra or {})
@@ -87,7 +120,7 @@ def build_card(kind: str, architecture: str, parameters: int, num_layers: int, h
         "hidden state scores every item of the catalogue.",
         "",
         f"- Data: {dataset or 'unknown'}. Licence of the data: {lic['terms']}.",
-        f"- Metrics ({metrics_split} split): " + (", ".join(f"{m['name']} {m['value']:.4f}" for m in front["metrics"])
+        f"- Metrics ({metrics_split} split): " + (", ".join(f"{METRIC_NAMES[k]} {v:.4f}" for k, v in values.items())
                                                  or "none recorded in this directory") + ".",
         f"- Protocol: {PROTOCOL['split']}; {PROTOCOL['ranking']}; seen items {PROTOCOL['seen_items'].split(':')[0]}.",
         f"- Intended use: {INTENDED_USE}",
@@ -111,8 +144,9 @@ def artifact_card(fields: dict) -> str:
         split = "valid"
         src = Path(str(fields.get("source_model_dir", ""))) / CARD_FILE
         try:
-            metrics = {m["name"]: m["value"] for m in read_front_matter(src).get("metrics", [])}
-        except (OSError, ValueError, TypeError, KeyError, yaml.YAMLError):
+            metrics, split = card_metrics(read_front_matter(src))
+            split = split or "valid"
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, yaml.YAMLError):
             metrics = None  # no card there (an older model directory): say nothing rather than guess
     recsys, parity = fields.get("recsys") or {}, (fields.get("parity") or {}).get("model.onnx", {})
     adapted = recsys.get("adapted_from")

@@ -139,6 +139,31 @@ def data_columns(ctx: Ctx) -> str:
                       f"{ctx.link('`compressor/data/loaders.py`', 'compressor/data/loaders.py')}.</small>"])
 
 
+def model_card_example(ctx: Ctx, folder: str) -> str:
+    """The card `compressor/model_card.py` writes for a job's student, with that job's test metrics."""
+    from benchmarks.docs.core import RESULTS, load_json
+    from compressor.model_card import build_card
+
+    path = f"{RESULTS}/{folder}/report.json"
+    r = load_json(path)
+    s = r["student"]
+    import pandas as pd
+
+    if r["data"]["name"] != "ml-latest-small":
+        raise DocsError(f"{path}: the example card needs the bundled data's catalogue")
+    items = pd.read_csv(ROOT / "compressor/datasets/ml-latest-small/ratings.csv")["movieId"].nunique()
+    text = build_card("student", s["architecture"], s["parameters"], s["num_layers"], s["hidden_size"],
+                      items, r["data"]["name"],
+                      r["evaluation"]["metrics"]["student"], "test", teacher_layers=s.get("teacher_layers"),
+                      data_fingerprint=r["data"]["fingerprint"], library="onnx")
+    front = text.split("\n---\n", 1)[0] + "\n---"
+    return "\n".join(["```yaml", front, "```", "",
+                      f"<small>Rendered by `python -m benchmarks.docs`: "
+                      f"{ctx.link('`compressor/model_card.py`', 'compressor/model_card.py')} `build_card` on the "
+                      f"student of {ctx.link(f'`{path}`', path)} (the item count from the bundled ratings: the "
+                      "report does not record it; an artifact's card takes it from its manifest).</small>"])
+
+
 # ----------------------------------------------------------------------------- HTTP API
 _SPEC_SCRIPT = """
 import json, sys
@@ -214,4 +239,5 @@ RENDERERS = {
     "http-reference": http_reference,
     "settings-reference": settings_reference,
     "data-columns": data_columns,
+    "model-card": model_card_example,
 }
