@@ -70,6 +70,10 @@ def estimate_stages(cfg: Any, users: int, items: int, interactions: int) -> list
     return out
 
 
+def _size(n: int) -> str:
+    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
+
+
 def check_budget(cfg: Any, users: int, items: int, interactions: int, budget_bytes: int) -> list[StageMemory]:
     """The estimates, or a one-line CompressorError naming the first stage over `budget_bytes` and
     by how much."""
@@ -77,8 +81,8 @@ def check_budget(cfg: Any, users: int, items: int, interactions: int, budget_byt
     for s in stages:
         if s.bytes > budget_bytes:
             raise CompressorError(
-                f"memory: the {s.stage} stage needs about {s.bytes / GIB:.1f} GiB ({s.what}), "
-                f"{(s.bytes - budget_bytes) / GIB:.1f} GiB over the budget of {budget_bytes / GIB:.1f} GiB "
+                f"memory: the {s.stage} stage needs about {_size(s.bytes)} ({s.what}), "
+                f"{_size(s.bytes - budget_bytes)} over the budget of {_size(budget_bytes)} "
                 f"(data: {users:,} users, {items:,} items, {interactions:,} interactions); lower the batch "
                 "size or max_len, or raise data.memory_budget_gib")
     return stages

@@ -38,5 +38,5 @@ def test_a_run_past_the_budget_stops_before_training_with_one_line(tmp_path, cap
     code = main(["run", "--config", "smoke", "--out", str(out), f"data.name={data}", "data.memory_budget_gib=0.001"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) >= 1
-    assert err[-1].startswith("compressor run: error: memory: the ") and "over the budget of 0.0 GiB" in err[-1]
+    assert err[-1].startswith("compressor run: error: memory: the ") and "over the budget of 1.0 MiB" in err[-1]
     assert not out.exists()  # nothing trained, nothing half-written
