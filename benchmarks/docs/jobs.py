@@ -257,9 +257,10 @@ def llm_vs_small(ctx: Ctx, small: str, *llm: str) -> str:
     for f in llm:
         path = f"{RESULTS}/{f}"
         d = load_json(path)
+        seed = (d.get("config") or {}).get("teacher", d.get("config", {})).get("train", {}).get("seed")
         d = d.get("teacher_training", d)
         v = d["best_valid"]["ndcg@10"]
-        rows.append([f"`{f}`", num(v), ratio(v / mean), ratio(v / best["valid_ndcg@10"])])
+        rows.append([f"seed {seed} (`{f.split('/')[0]}`)", num(v), ratio(v / mean), ratio(v / best["valid_ndcg@10"])])
     return "\n".join([
         table(["LLM teacher", "best valid NDCG@10", f"÷ small teacher, mean of {len(seeds)} seeds ({num(mean)})",
                f"÷ small teacher, best seed (seed {best['seed']}, {num(best['valid_ndcg@10'])})"], rows), "",
