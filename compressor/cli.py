@@ -173,10 +173,26 @@ def cmd_lowrank(args: argparse.Namespace) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
+    if Path(args.source).is_dir():  # an artifact: every method judged by the quality budget
+        from compressor.config import load_config
+        from compressor.data import prepare
+        from compressor.data.vocab import ItemVocab
+        from compressor.quantize_budget import QuantizeConfig, quantize_artifact
+
+        flags = [f"methods=[{args.method}]"] if args.method != "auto" else []
+        cfg = load_config(QuantizeConfig, args.config, flags + _overrides(args))
+        data = prepare(args.data, args.format, vocab=ItemVocab.load(args.source))
+        res = quantize_artifact(args.source, args.out, data, cfg, args.model_dir, log.info)
+        if res.chosen is None:
+            raise CompressorError(f"{res.refusal}; no graph written (measurements: {args.out}/quantization.md)")
+        log.info(f"{res.chosen} graph saved to {res.chosen_path}: the fastest within the budget; measurements in "
+                 f"{args.out}/quantization.md")
+        return
     from compressor.quantize import quantize_onnx
 
-    out = quantize_onnx(args.onnx_file, args.out, mode=args.mode, per_channel=args.per_channel)
-    before, after = Path(args.onnx_file).stat().st_size, out.stat().st_size
+    out = quantize_onnx(args.source, args.out, mode=args.mode, per_channel=args.per_channel,
+                        block_size=args.block_size, accuracy_level=args.accuracy_level)
+    before, after = Path(args.source).stat().st_size, out.stat().st_size
     log.info(f"{args.mode} model saved to {out}: {before / 2**20:.2f} MB -> {after / 2**20:.2f} MB")
 
 
@@ -398,12 +414,22 @@ def build_parser() -> argparse.ArgumentParser:
     config_args(p, "LowRankConfig", "modules=[gate_proj,up_proj] samples=256")
     p.set_defaults(func=cmd_lowrank)
 
-    p = command("quantize", help="int8 (CPU) or fp16 (GPU) version of an exported ONNX model")
-    p.add_argument("onnx_file")
-    p.add_argument("--out", required=True, help="ONNX file to write")
-    p.add_argument("--mode", choices=["int8", "fp16"], default="int8")
+    p = command("quantize", help="quantize an artifact within a quality budget (or one ONNX file, unjudged)")
+    p.add_argument("source", help="an artifact directory (budgeted search) or an ONNX file (--mode, no budget)")
+    p.add_argument("--out", required=True, help="directory for the chosen graph and the measurements (artifact), "
+                   "or the ONNX file to write")
+    p.add_argument("--method", default="auto", help="artifact: one method (int8_per_tensor, int8, int8_static, "
+                   "int4, fp16, fisher_mixed) or auto (every method of the config; the fastest within the budget)")
+    p.add_argument("--model-dir", help="artifact: the model it was exported from (fisher_mixed; default: the "
+                   "manifest's source_model_dir)")
+    data_args(p, required=False)
+    p.add_argument("--mode", choices=["int8", "int4", "fp16"], default="int8", help="ONNX file: the method")
     p.add_argument("--per-tensor", dest="per_channel", action="store_false",
                    help="int8: one scale per weight tensor instead of one per output channel")
+    p.add_argument("--block-size", type=int, help="ONNX file, int4: weights per scale (default: QuantizeConfig's)")
+    p.add_argument("--accuracy-level", type=int, help="ONNX file, int4: MatMulNBits compute type, 4 = int8 "
+                   "(default: QuantizeConfig's)")
+    config_args(p, "QuantizeConfig (artifact)", "min_topk_agreement=0.97 block_size=64")
     p.set_defaults(func=cmd_quantize)
 
     p = command("run", help="the whole job: teacher -> importance -> student -> distil -> export -> report")

@@ -43,6 +43,7 @@ from compressor.modeling import (
     model_max_len,
     recsys_meta,
 )
+from compressor.quantize_budget import QuantizeConfig
 from compressor.speed import ort_session
 
 INPUT_NAMES = ("input_ids", "attention_mask")
@@ -71,10 +72,15 @@ class ExportConfig(BaseModel):
     batch_size: int = Field(64, ge=1, description="batch size of the parity check")
     opset: int | None = Field(None, description="ONNX opset; None = the exporter's default")
     attn: Literal["sdpa", "eager"] = Field("sdpa", description="attention implementation the graph is traced with")
-    quantize: Literal["int8", "fp16"] | None = Field(None, description="also write model.<mode>.onnx")
-    serve_quantized: bool = Field(False, description="serving loads the quantized graph by default")
+    quantize: Literal["int8", "int8_per_tensor", "int8_static", "int4", "fp16", "fisher_mixed", "auto"] | None = Field(
+        None, description="also write model.<method>.onnx, judged against the float graph by `quantization`'s "
+        "budget; auto = try every method of `quantization.methods` and keep the fastest within the budget")
+    serve_quantized: bool = Field(False, description="serving loads the quantized graph by default, if it is "
+                                  "within the budget and passes the gate (else float is served: a refusal)")
     quantized_min_topk_agreement: float = Field(
-        0.9, ge=0, le=1, description="top-k agreement the quantized graph needs when it is the one served")
+        0.9, ge=0, le=1, description="the gate: top-k agreement with PyTorch the quantized graph needs when it is "
+        "the one served")
+    quantization: QuantizeConfig = Field(QuantizeConfig(), description="methods and quality budget of `quantize`")
     seed: int = 0
 
 
@@ -290,19 +296,43 @@ def _versions() -> dict:
             "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
 
 
-def _quantize(tmp: Path, model: PreTrainedModel, histories, max_len: int, cfg: ExportConfig, num_special: int) -> dict:
+def _quantize(tmp: Path, model: PreTrainedModel, data: RecData, histories, max_len: int, cfg: ExportConfig,
+              num_special: int) -> tuple[dict, dict, str | None]:
+    """`cfg.quantize` on the float graph, judged by the budget (compressor.quantize_budget). Kept: the
+    named method's graph (even outside the budget: evaluated and timed, not served), or with "auto"
+    the fastest within the budget; it then meets the gate against PyTorch (ranking only: a quantized
+    graph never meets the float tolerances). Returns (parity by file, the search's record, the file
+    to serve or None: a refusal, recorded with its reason, not an error)."""
+    import logging
+    import shutil
+
+    from compressor.quantize_budget import graph_name, search_quantization
+
+    qcfg = cfg.quantization if cfg.quantize == "auto" else cfg.quantization.model_copy(
+        update={"methods": [cfg.quantize]})
+    weight, bias = item_embeddings(model)
+    work = tmp / ".quantize"
     try:
-        from compressor.quantize import quantize_onnx
-    except ImportError as e:
-        raise CompressorError(f"--quantize needs compressor.quantize ({e})") from e
-    dst = tmp / art.QUANTIZED_ONNX[cfg.quantize]
-    quantize_onnx(tmp / art.MODEL_ONNX, dst, mode=cfg.quantize)
-    # A quantized graph never meets the float atol: only its ranking is judged.
-    parity = check_parity(dst, model, histories, max_len, None, cfg.quantized_min_topk_agreement,
-                          cfg.topk, cfg.batch_size, num_special)
-    if cfg.serve_quantized:
-        require_parity(parity, f"quantized ({cfg.quantize}) graph")
-    return parity
+        res = search_quantization(tmp / art.MODEL_ONNX, work, data.split("valid"), weight, bias, max_len, qcfg,
+                                  model, logging.getLogger("compressor").info)
+        keep = res.chosen if cfg.quantize == "auto" else cfg.quantize
+        parity, name = {}, graph_name(keep) if keep in res.graphs else None
+        if name:
+            shutil.move(res.graphs[keep], tmp / name)
+            parity[name] = check_parity(tmp / name, model, histories, max_len, None, cfg.quantized_min_topk_agreement,
+                                        cfg.topk, cfg.batch_size, num_special)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    doc = {**res.doc, "method": cfg.quantize, "file": name, "served": False}
+    if cfg.serve_quantized and res.chosen is None:
+        doc["refusal"] = res.refusal
+    elif cfg.serve_quantized:
+        try:
+            require_parity(parity[name], f"quantized ({keep}) graph")
+            doc["served"] = True
+        except CompressorError as e:
+            doc["refusal"] = str(e)
+    return parity, doc, name if doc["served"] else None
 
 
 def export_artifact(
@@ -332,9 +362,11 @@ def export_artifact(
                               cfg.score_rtol)
         require_parity(parity, f"export of {model_dir}")
         parity_all = {art.MODEL_ONNX: parity}
+        quantization, served_quantized = None, None
         if cfg.quantize:
-            parity_all[art.QUANTIZED_ONNX[cfg.quantize]] = _quantize(tmp, model, histories, max_len, cfg,
-                                                                     vocab.num_special)
+            parity_q, quantization, served_quantized = _quantize(tmp, model, data, histories, max_len, cfg,
+                                                                 vocab.num_special)
+            parity_all.update(parity_q)
         weight, bias = item_embeddings(model)
         np.save(tmp / art.EMBEDDINGS, weight)
         if bias is not None:
@@ -344,7 +376,7 @@ def export_artifact(
         histories_json = {str(u): [vocab.item(t) for t in seq] for u, seq in data.sequences.items()}
         art.write_json(tmp / art.USER_HISTORIES, histories_json)
         onnx_files = {p.name: p.stat().st_size for p in sorted(tmp.glob("model*.onnx*"))}
-        serve = art.QUANTIZED_ONNX[cfg.quantize] if cfg.quantize and cfg.serve_quantized else art.MODEL_ONNX
+        serve = served_quantized or art.MODEL_ONNX
         manifest = art.write_manifest(tmp, {
             "kind": meta.kind or "teacher",
             "architecture": model.config.model_type,
@@ -361,6 +393,7 @@ def export_artifact(
             "serve_model": serve,
             "io": {"inputs": list(INPUT_NAMES), "output": OUTPUT_NAME, "padding": "left", "pad_id": vocab.pad_id},
             "parity": parity_all,
+            "quantization": quantization,  # methods tried, budget, chosen, served or the refusal (None: not asked)
             "onnx": onnx_meta,
             "metrics": metrics or {},
             "recsys": meta.to_json(),

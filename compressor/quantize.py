@@ -1,21 +1,31 @@
-"""Quantize an exported ONNX query encoder and check it against the float graph.
+"""Quantize an exported ONNX query encoder: the methods, one registry (`QUANTIZERS`).
 
-- `int8`: ONNX Runtime dynamic quantization for CPU serving: weights int8 once, activations
-  quantized on the fly per call (no calibration data). The graph is pre-processed first
-  (shape inference + ONNX Runtime graph optimisation), as ONNX Runtime recommends.
-- `fp16`: every float tensor converted to float16 for GPU serving, inputs and outputs kept
-  as they were (int64 ids/mask in, float32 `hidden` out), so callers do not change.
+- `int8`: ONNX Runtime dynamic quantization for CPU serving: weights int8 once (per output
+  channel or per tensor), activations quantized on the fly per call (no calibration data). The
+  graph is pre-processed first (shape inference + ONNX Runtime graph optimisation), as ONNX
+  Runtime recommends.
+- `int8_static`: QDQ int8 with activation ranges calibrated on validation histories (MinMax),
+  weights per channel; ONNX Runtime's CPU guidance for VNNI/AMX machines (uint8 activations,
+  int8 weights, no reduced range).
+- `int4`: weight-only 4-bit (`MatMulNBits`): block-wise scales along the input dimension;
+  `block_size` and `accuracy_level` (the int8/fp32 compute type of the kernel) are knobs.
+- `fp16`: every float tensor converted to float16, inputs and outputs kept as they were (int64
+  ids/mask in, float32 `hidden` out), so callers do not change.
+- bf16 has no method: ONNX Runtime's CPU provider has no bf16 MatMul kernel (`bf16_support`
+  checks it on the running build and says why).
 
-`compare_onnx` scores both graphs on the same histories (`hidden @ item_embeddings.T`, seen
-items and padding excluded, as served) and reports top-10 agreement, the largest hidden-state
-difference and, given targets, NDCG@10 / HR@10 of each.
+Every method quantizes the MatMuls with a constant weight (the decoder's linears; the attention
+products of two activations stay float) and takes `exclude`: node names kept in float (mixed
+precision: `compressor.quantize_budget`). `compare_onnx` scores two graphs on the same histories
+(`hidden @ item_embeddings.T`, seen items and padding excluded, as served).
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +36,29 @@ from compressor.errors import CompressorError
 from compressor.speed import ort_session
 
 OUTPUT_NAME = "hidden"
+
+
+@dataclass
+class QuantJob:
+    """What a quantizer is given: the float graph, where to write, and the knobs."""
+
+    src: Path
+    dst: Path
+    tmp: Path  # scratch directory, removed afterwards
+    per_channel: bool = True  # int8: one scale per output column of a weight
+    exclude: Sequence[str] = ()  # MatMul node names kept in float
+    calibration: Sequence[dict] | None = None  # int8_static: ONNX Runtime feeds (input_ids, attention_mask)
+    block_size: int = 0  # int4: weights per scale along the input dimension (quantize_onnx fills it)
+    accuracy_level: int = 0  # int4: MatMulNBits compute type (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8)
+    notes: dict = field(default_factory=dict)  # what the quantizer wants recorded
+
+
+def weight_matmuls(graph) -> list[str]:
+    """Names of the MatMul nodes whose second input is a constant weight (the decoder's linears),
+    in graph order: the nodes every method quantizes and mixed precision may keep in float."""
+    consts = {i.name for i in graph.graph.initializer}
+    consts |= {o for n in graph.graph.node if n.op_type == "Constant" for o in n.output}
+    return [n.name for n in graph.graph.node if n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] in consts]
 
 
 def _load(src: Path):
@@ -43,56 +76,149 @@ def _load(src: Path):
     return model
 
 
-def _int8(src: Path, dst: Path, per_channel: bool, tmp: Path) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def _preprocessed(job: QuantJob) -> Path:
+    """Shape inference + basic graph optimisation (ONNX Runtime's advice before int8); MatMul node
+    names survive it, so `exclude` still names the same nodes."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    pre = tmp / "pre.onnx"
+    pre = job.tmp / "pre.onnx"
     try:
-        quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
+        quant_pre_process(str(job.src), str(pre), skip_symbolic_shape=False)
     except Exception:  # symbolic shape inference does not know every op; plain ONNX inference then
-        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        quant_pre_process(str(job.src), str(pre), skip_symbolic_shape=True)
+    return pre
+
+
+def _targets(path: Path, exclude: Sequence[str]) -> list[str]:
+    """The weight MatMuls of the graph at `path` to quantize: all but `exclude` (which must exist)."""
+    import onnx
+
+    names = weight_matmuls(onnx.load(str(path), load_external_data=False))
+    unknown = sorted(set(exclude) - set(names))
+    if unknown:
+        raise CompressorError(f"nodes to keep in float are not weight MatMuls of the graph: {unknown[:5]}")
+    return [n for n in names if n not in set(exclude)]
+
+
+def _int8(job: QuantJob) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    pre = _preprocessed(job)
     # MatMul only: quantizing the embedding Gather too would change the query's input vectors
     # for little gain (its table is read, not multiplied).
-    quantize_dynamic(str(pre), str(dst), per_channel=per_channel, weight_type=QuantType.QInt8,
-                     op_types_to_quantize=["MatMul", "Gemm"])
+    quantize_dynamic(str(pre), str(job.dst), per_channel=job.per_channel, weight_type=QuantType.QInt8,
+                     op_types_to_quantize=["MatMul"], nodes_to_quantize=_targets(pre, job.exclude))
 
 
-def _fp16(src: Path, dst: Path, per_channel: bool, tmp: Path) -> None:
+class _Feeds:
+    """ONNX Runtime's CalibrationDataReader protocol over a list of feeds."""
+
+    def __init__(self, feeds: Sequence[dict]):
+        self._it = iter(feeds)
+
+    def get_next(self) -> dict | None:
+        return next(self._it, None)
+
+
+def _int8_static(job: QuantJob) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if not job.calibration:
+        raise CompressorError("int8_static needs calibration histories")
+    pre = _preprocessed(job)
+    quantize_static(str(pre), str(job.dst), _Feeds(job.calibration), quant_format=QuantFormat.QDQ,
+                    per_channel=job.per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    op_types_to_quantize=["MatMul"], nodes_to_quantize=_targets(pre, job.exclude),
+                    calibrate_method=CalibrationMethod.MinMax, extra_options={"MatMulConstBOnly": True})
+
+
+def _int4(job: QuantJob) -> None:
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = onnx.load(str(job.src))
+    keep = set(weight_matmuls(model)) - set(_targets(job.src, job.exclude))
+    q = MatMulNBitsQuantizer(model, bits=4, block_size=job.block_size, is_symmetric=False,
+                             accuracy_level=job.accuracy_level, nodes_to_exclude=sorted(keep),
+                             op_types_to_quantize=("MatMul",))
+    q.process()
+    q.model.save_model_to_file(str(job.dst), use_external_data_format=False)
+    job.notes["matmulnbits_nodes"] = sum(n.op_type == "MatMulNBits" for n in q.model.model.graph.node)
+
+
+def _fp16(job: QuantJob) -> None:
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
-    onnx.save(model, str(dst))
+    _targets(job.src, job.exclude)  # the names must exist
+    model = convert_float_to_float16(onnx.load(str(job.src)), keep_io_types=True,
+                                     node_block_list=list(job.exclude) or None)
+    onnx.save(model, str(job.dst))
 
 
-# mode -> fn(src, dst, per_channel, scratch dir)
-QUANTIZERS: dict[str, Callable[[Path, Path, bool, Path], None]] = {"int8": _int8, "fp16": _fp16}
+# mode -> fn(job): writes job.dst
+QUANTIZERS: dict[str, Callable[[QuantJob], None]] = {
+    "int8": _int8, "int8_static": _int8_static, "int4": _int4, "fp16": _fp16,
+}
 
 
-def quantize_onnx(src: str | Path, dst: str | Path, mode: str = "int8", per_channel: bool = True) -> Path:
+def bf16_support() -> tuple[bool, str]:
+    """Whether this ONNX Runtime build's providers run a bf16 MatMul, and why not (checked by
+    creating a one-node bf16 graph, not assumed)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    bf = TensorProto.BFLOAT16
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "bf16",
+                          [helper.make_tensor_value_info("x", bf, [2, 8]), helper.make_tensor_value_info("w", bf, [8, 8])],
+                          [helper.make_tensor_value_info("y", bf, [2, 8])])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 10
+    providers = ort.get_available_providers()
+    try:
+        onnx.checker.check_model(model)
+        ort.InferenceSession(model.SerializeToString(), providers=providers)
+    except Exception as e:
+        return False, (f"ONNX Runtime {ort.__version__} ({', '.join(providers)}) has no bf16 MatMul kernel: "
+                       f"{str(e).splitlines()[0][:160]}")
+    return True, f"ONNX Runtime {ort.__version__} runs a bf16 MatMul ({', '.join(providers)})"
+
+
+def quantize_onnx(src: str | Path, dst: str | Path, mode: str = "int8", per_channel: bool = True,
+                  exclude: Sequence[str] = (), calibration: Sequence[dict] | None = None,
+                  block_size: int | None = None, accuracy_level: int | None = None) -> Path:
     """Write the quantized graph of `src` to `dst` (atomically: a temp file, then rename).
 
-    `per_channel` (int8 only) gives each output column of a weight its own scale. Measured on
+    `per_channel` (int8 methods) gives each output column of a weight its own scale. Measured on
     a 16-layer, 64-wide Llama (one training epoch) on ml-latest-small's 610 test users (1 thread):
     top-10 agreement with float 0.9966 per channel vs 0.9936 per tensor, max |diff| of the
     query vector 0.013 vs 0.018, the same latency (both ~0.92x float per request, ~0.85x per
-    batch of 64) and 1% more bytes; so it is the default. benchmarks/pruning.py measures both."""
+    batch of 64) and 1% more bytes; so it is the default. `exclude`: MatMul node names kept in
+    float; `calibration`: feeds for int8_static; `block_size`, `accuracy_level`: int4 (None: the
+    defaults of `compressor.quantize_budget.QuantizeConfig`)."""
+    if block_size is None or accuracy_level is None:
+        from compressor.quantize_budget import QuantizeConfig
+
+        defaults = QuantizeConfig()
+        block_size = defaults.block_size if block_size is None else block_size
+        accuracy_level = defaults.accuracy_level if accuracy_level is None else accuracy_level
     if mode not in QUANTIZERS:
         raise CompressorError(f"unknown quantization mode {mode!r}; choose one of {', '.join(QUANTIZERS)}")
     src, dst = Path(src), Path(dst)
     _load(src)
     dst.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".quantize.", dir=dst.parent) as tmp:
-        out = Path(tmp) / dst.name
+        job = QuantJob(src, Path(tmp) / dst.name, Path(tmp), per_channel, tuple(exclude), calibration,
+                       block_size, accuracy_level)
         try:
-            QUANTIZERS[mode](src, out, per_channel, Path(tmp))
+            QUANTIZERS[mode](job)
         except CompressorError:
             raise
         except Exception as e:  # ORT's quantizer raises many types; the user needs the cause in one line
             raise CompressorError(f"{mode} quantization of {src} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
-        _check_runs(out)
-        os.replace(out, dst)
+        _check_runs(job.dst)
+        os.replace(job.dst, dst)
     return dst
 
 

@@ -72,8 +72,8 @@ def collect(run_dir: Path, cfg, records: dict) -> dict:
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "config": cfg.model_dump(mode="json"),
         "data": manifests["student"].get("data", {}),
-        "teacher": {k: manifests["teacher"].get(k) for k in ("num_layers", "hidden_size", "parameters", "onnx_files", "parity", "architecture")},
-        "student": {k: manifests["student"].get(k) for k in ("num_layers", "teacher_layers", "hidden_size", "parameters", "onnx_files", "parity", "architecture")},
+        "teacher": {k: manifests["teacher"].get(k) for k in ("num_layers", "hidden_size", "parameters", "onnx_files", "parity", "architecture", "quantization")},
+        "student": {k: manifests["student"].get(k) for k in ("num_layers", "teacher_layers", "hidden_size", "parameters", "onnx_files", "parity", "architecture", "quantization")},
         "teacher_training": records["teacher"].summary,
         "selection": records["truncate"].summary,
         "importance": {
@@ -244,6 +244,7 @@ def render_markdown(doc: dict) -> str:
             "query vector's largest difference relative to its largest component (scale-aware: LLM "
             "hidden states have outlier dimensions) and the top-k item agreement.", "",
             _table(["graph", "max abs diff", "max relative diff", "top-k agreement", "histories", "gate"], rows), ""]
+    out += _quantization_section(doc)
     out += ["## Time per stage", "", _table(["stage", "seconds"], [[k, _fmt(v, 1)] for k, v in doc["stage_seconds"].items()]),
             "", "![stage times](stage_times.png)", ""]
     if doc["stages_skipped_this_run"]:
@@ -251,6 +252,19 @@ def render_markdown(doc: dict) -> str:
     vers = doc.get("versions", {})
     out += ["Versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()), ""]
     return "\n".join(out)
+
+
+def _quantization_section(doc: dict) -> list[str]:
+    """The export stage's quantization search (compressor.quantize_budget), per artifact."""
+    from compressor.quantize_report import markdown
+
+    out = []
+    for art in ("student", "teacher"):
+        q = (doc.get(art) or {}).get("quantization")
+        if q:
+            out += [f"## Quantization of the {art} (quality budget against its float graph)", "",
+                    *markdown(q, "quantization.png")]
+    return out
 
 
 def _teacher_training_line(tt: dict) -> str:
@@ -297,6 +311,11 @@ def write_report(run_dir: str | Path, cfg, records: dict) -> list[str]:
     files = [plot_quality_vs_size(doc, run_dir / "quality_vs_size.png").name,
              plot_latency_vs_size(doc, run_dir / "latency_vs_size.png").name,
              plot_stage_times(doc, run_dir / "stage_times.png").name]
+    quantized = {a: doc[a]["quantization"] for a in ("student", "teacher") if (doc.get(a) or {}).get("quantization")}
+    if quantized:
+        from compressor.quantize_report import plot as plot_quantization
+
+        files.append(plot_quantization(quantized, run_dir / "quantization.png").name)
     importance = _output(run_dir, records, "importance", "importance")
     for png in ("importance_by_method.png", "importance_by_depth.png", "selected_layers.png"):
         src = importance.parent / png if importance is not None else None

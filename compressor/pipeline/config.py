@@ -126,7 +126,8 @@ class RunConfig(BaseModel):
     lowrank: LowRankConfig = Field(LowRankConfig(), description="low-rank factorization after pruning; "
                                    "ratio and energy null = off")
     distill: DistillSection = DistillSection()
-    export: ExportConfig = Field(ExportConfig(), description="export.quantize: int8|fp16 adds a quantized graph")
+    export: ExportConfig = Field(ExportConfig(quantize="auto"), description="the job quantizes too (export.quantize: "
+                                 "auto: every method judged by export.quantization's budget, the fastest within it kept)")
     evaluate: EvaluateConfig = EvaluateConfig()
     speed: SpeedConfig = SpeedConfig()
 
