@@ -30,7 +30,7 @@ from benchmarks.common import (
     write_results,
 )
 
-# The grid run for issue #14 (README, "The LLM teacher"), in two rounds. First: the recipe as
+# The grid run for issue #14 (docs/results/llm.md, "How the recipe was chosen"), in two rounds. First: the recipe as
 # first shipped, the item table centred (its text rows are nearly parallel), higher rates, and no
 # text at all. Second: the text table at higher rates, and the first recipe in bf16 autocast (a
 # CPU with AVX512-BF16 runs its step ~1.8x faster; same steps, so this checks what bf16 costs).

@@ -20,7 +20,7 @@ Strategy = Callable[..., list[int]]
 
 # The one default strategy: the pipeline's `selection.strategy`, `compressor truncate --keep` and
 # the quality benchmark. On the default teacher the first layers carry the model and top_k keeps
-# them; `validated` confirmed it there (README, "Choosing a layer set on validation").
+# them; `validated` confirmed it there (docs/results/earlier-small.md, "Which layers matter, and which set to keep").
 DEFAULT_STRATEGY = "top_k"
 
 

@@ -102,7 +102,7 @@ class TrainConfig(BaseModel):
 # The teacher's recipe: the generic defaults above plus windows re-cut every epoch (which let
 # training run longer before validation stalled), length-grouped batches, and the number of
 # epochs of an 8-layer teacher that fits the default job in 15 minutes on 2 cores, chosen on
-# validation (README: "The teacher recipe").
+# validation (docs/results/default.md, "How the teacher recipe was chosen").
 # fp32: the small teacher gains little from bf16, and fp32 gives the same model on every CPU (auto
 # would train in bf16 on a CPU with AMX and in fp32 on one without, so the default job's numbers
 # would depend on the machine).
