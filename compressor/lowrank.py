@@ -17,13 +17,13 @@ multiply-adds per token than the dense layer (a linear's FLOPs per token equal i
 Reloading: the factorized model is not a stock checkpoint (a stock LlamaForCausalLM has one
 q_proj.weight where this one has q_proj.u / q_proj.v). The ranks are recorded in
 `config.recsys["lowrank"]["ranks"]`, and `compressor.modeling.load_model` rebuilds the
-factorized modules (`load_factorized`) before loading the saved tensors strictly. Everything
-downstream (distillation, ONNX export, evaluation) goes through `load_model`.
+factorized modules (`modeling.load_factorized`, with `LowRankLinear`) before loading the saved
+tensors strictly. Everything downstream (distillation, ONNX export, evaluation) goes through
+`load_model`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -32,20 +32,23 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from compressor.data.protocol import RecData, prepare
-from compressor.errors import ArtifactError, CompressorError
+from compressor.errors import CompressorError
 from compressor.fisher import ProbeSet, parameter_fisher
 from compressor.modeling import (
-    RecsysMeta,
+    LowRankLinear,
     count_parameters,
     decoder_parts,
+    dense_weight,
+    load_model,
     model_max_len,
     pick_device,
     recsys_meta,
     save_model,
+    set_module,
     set_recsys_meta,
 )
 
@@ -86,24 +89,6 @@ class LowRankConfig(BaseModel):
         return self.ratio is not None or self.energy is not None
 
 
-class LowRankLinear(nn.Module):
-    """y = U(V x) + b: a dense (in → out) linear as two thinner ones through rank r."""
-
-    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool):
-        super().__init__()
-        self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        self.v = nn.Linear(in_features, rank, bias=False)
-        self.u = nn.Linear(rank, out_features, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.u(self.v(x))
-
-
-def _dense_weight(module: nn.Module) -> torch.Tensor:
-    """The (out, in) weight of an nn.Linear or a GPT-2 Conv1D (which stores (in, out))."""
-    return module.weight.T if isinstance(module, Conv1D) else module.weight
-
-
 def target_linears(model: PreTrainedModel, modules: list[str] | None = None) -> dict[str, nn.Module]:
     """Dense linears of the decoder layers by full module path, optionally only those whose last
     name is in `modules`; the embeddings and the output head (the item table) are never touched."""
@@ -115,11 +100,6 @@ def target_linears(model: PreTrainedModel, modules: list[str] | None = None) -> 
             if isinstance(m, nn.Linear | Conv1D) and (not modules or name.split(".")[-1] in modules):
                 out[f"{prefix}.{name}"] = m
     return out
-
-
-def _set_module(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent, _, child = path.rpartition(".")
-    setattr(model.get_submodule(parent), child, new)
 
 
 def weighted_svd(weight: torch.Tensor, row_weights: torch.Tensor | None = None):
@@ -207,15 +187,15 @@ def factorize(model: PreTrainedModel, data: RecData | None, cfg: LowRankConfig, 
         model.to(home)
         row_weights = [(f.T if isinstance(m, Conv1D) else f).double().sum(1).sqrt().cpu()
                        for f, m in zip(fisher, targets.values(), strict=True)]
-    svds = [weighted_svd(_dense_weight(m), rw) for m, rw in zip(targets.values(), row_weights, strict=True)]
-    shapes = [tuple(_dense_weight(m).shape) for m in targets.values()]
+    svds = [weighted_svd(dense_weight(m), rw) for m, rw in zip(targets.values(), row_weights, strict=True)]
+    shapes = [tuple(dense_weight(m).shape) for m in targets.values()]
     ranks = choose_ranks([s for _, s, _, _ in svds], shapes, cfg)
     matrices, kept = [], {}
     for (path, m), (u, s, vh, d), (o, i), r in zip(targets.items(), svds, shapes, ranks, strict=True):
         row = {"module": path, "shape": [o, i], "rank": r, "params_before": o * i, "params_after": o * i}
         if r is not None:
             uf, vf = factors(u, s, vh, d, r)
-            w = _dense_weight(m).detach().double().cpu()
+            w = dense_weight(m).detach().double().cpu()
             e = s.pow(2)
             row.update(params_after=r * (o + i), dropped_energy=float(e[r:].sum() / e.sum().clamp_min(1e-300)),
                        relative_error=float((w - uf @ vf).norm() / w.norm().clamp_min(1e-300)))
@@ -225,7 +205,7 @@ def factorize(model: PreTrainedModel, data: RecData | None, cfg: LowRankConfig, 
                 new.v.weight.copy_(vf)
                 if m.bias is not None:
                     new.u.bias.copy_(m.bias)
-            _set_module(model, path, new)
+            set_module(model, path, new)
             kept[path] = r
         matrices.append(row)
     if not kept:
@@ -242,64 +222,11 @@ def factorize(model: PreTrainedModel, data: RecData | None, cfg: LowRankConfig, 
     return model, report
 
 
-def restructure(model: PreTrainedModel, ranks: dict[str, int]) -> PreTrainedModel:
-    """Swap each dense linear named in `ranks` for an (untrained) `LowRankLinear` of that rank:
-    the module tree a saved factorized checkpoint's tensors fit."""
-    for path, r in ranks.items():
-        try:
-            m = model.get_submodule(path)
-        except AttributeError as e:
-            raise ArtifactError(f"recorded low-rank module {path!r} is not in {type(model).__name__}") from e
-        o, i = _dense_weight(m).shape
-        _set_module(model, path, LowRankLinear(i, o, int(r), m.bias is not None).to(m.weight.dtype))
-    return model
-
-
-def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    index = directory / "model.safetensors.index.json"
-    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists()
-             else ["model.safetensors"])
-    state = {}
-    for f in files:
-        if not (directory / f).exists():
-            raise ArtifactError(f"{directory}: missing weight file {f}")
-        state.update(load_file(directory / f))
-    return state
-
-
-def load_factorized(directory: str | Path, config, attn: str = "sdpa") -> PreTrainedModel:
-    """Build the model from `config`, factorize the recorded modules, load the saved tensors.
-    Every tensor must fit and every parameter must be loaded (tied ones through their twin)."""
-    directory = Path(directory)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)
-    restructure(model, RecsysMeta.of(config).lowrank["ranks"])
-    state = _read_tensors(directory)
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shape mismatch: ranks and tensors disagree
-        raise ArtifactError(f"{directory}: tensors do not fit the recorded low-rank shapes ({e})") from e
-    # Tied parameters (the output head = the item embeddings) are saved once, under one name.
-    shared: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        shared.setdefault(id(p), []).append(name)
-    twins = {n for names in shared.values() if len(names) > 1 and any(x in state for x in names) for n in names}
-    buffers = {n for n, _ in model.named_buffers()}
-    missing = [k for k in missing if k not in twins and k not in buffers]
-    if missing or unexpected:
-        raise ArtifactError(f"{directory}: low-rank checkpoint does not match its recorded ranks "
-                            f"(missing {missing[:3]}, unexpected {list(unexpected)[:3]})")
-    return model.eval()
-
-
 def lowrank_dir(model_dir: str | Path, out_dir: str | Path, cfg: LowRankConfig,
                 data: RecData | str | Path | None = None, progress: bool = True) -> tuple[Path, dict]:
     """Load a model directory, factorize it, save a new one (item vocabulary, recsys metadata with
     the ranks, and `lowrank_report.json`); returns its path and that report. `data` (name, path or
     RecData) is read for Fisher only."""
-    from compressor.modeling import load_model
-
     model, vocab = load_model(model_dir)
     max_len = model_max_len(model)
     if cfg.scorer == "fisher" and data is not None and not isinstance(data, RecData):

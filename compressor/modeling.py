@@ -16,8 +16,10 @@ from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers.pytorch_utils import Conv1D
 
 from compressor.data.vocab import VOCAB_FILE, ItemVocab
 from compressor.errors import ArtifactError
@@ -137,10 +139,13 @@ def load_model(directory: str | Path, attn: str = "sdpa") -> tuple[PreTrainedMod
     corrupt config.json, truncated model.safetensors, ...) is an ArtifactError naming the directory."""
     directory = require_model_dir(directory)
     vocab = ItemVocab.load(directory)
-    load_model_config(directory)  # config errors first: they name the file
+    config = load_model_config(directory)  # config errors first: they name the file
     try:
-        model = _factorized(directory, attn) or AutoModelForCausalLM.from_pretrained(
-            directory, attn_implementation=attn, dtype=torch.float32)
+        if RecsysMeta.of(config).lowrank:
+            model = load_factorized(directory, config, attn)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(directory, config=config, attn_implementation=attn,
+                                                         dtype=torch.float32)
     except Exception as e:  # SafetensorError (truncated weights), OSError, ValueError, RuntimeError (shapes)
         raise _load_error(directory, e) from e
     if model.config.vocab_size != vocab.size:
@@ -151,15 +156,82 @@ def load_model(directory: str | Path, attn: str = "sdpa") -> tuple[PreTrainedMod
     return model, vocab
 
 
-def _factorized(directory: Path, attn: str) -> PreTrainedModel | None:
-    """A low-rank checkpoint (ranks in `config.recsys["lowrank"]`) rebuilt by compressor.lowrank;
-    None for every other checkpoint, which stock `from_pretrained` loads."""
-    config = AutoConfig.from_pretrained(directory)
-    if not RecsysMeta.of(config).lowrank:
-        return None
-    from compressor.lowrank import load_factorized
+# ---------------------------------------------------------------------------- low-rank checkpoints
+# A factorized model (compressor.lowrank) is not a stock checkpoint: a stock LlamaForCausalLM has one
+# q_proj.weight where it has q_proj.u / q_proj.v. Its ranks are in `config.recsys["lowrank"]`, and
+# `load_model` rebuilds those modules before loading the tensors (model files are read here only).
 
-    return load_factorized(directory, config, attn)
+
+class LowRankLinear(nn.Module):
+    """y = U(V x) + b: a dense (in → out) linear as two thinner ones through rank r."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.v = nn.Linear(in_features, rank, bias=False)
+        self.u = nn.Linear(rank, out_features, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.u(self.v(x))
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """The (out, in) weight of an nn.Linear or a GPT-2 Conv1D (which stores (in, out))."""
+    return module.weight.T if isinstance(module, Conv1D) else module.weight
+
+
+def set_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent), child, new)
+
+
+def restructure(model: PreTrainedModel, ranks: dict[str, int]) -> PreTrainedModel:
+    """Swap each dense linear named in `ranks` for an (untrained) `LowRankLinear` of that rank:
+    the module tree a saved factorized checkpoint's tensors fit."""
+    for path, r in ranks.items():
+        try:
+            m = model.get_submodule(path)
+        except AttributeError as e:
+            raise ArtifactError(f"recorded low-rank module {path!r} is not in {type(model).__name__}") from e
+        o, i = dense_weight(m).shape
+        set_module(model, path, LowRankLinear(i, o, int(r), m.bias is not None).to(m.weight.dtype))
+    return model
+
+
+def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    index = directory / "model.safetensors.index.json"
+    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists()
+             else ["model.safetensors"])
+    state = {}
+    for f in files:
+        if not (directory / f).exists():
+            raise ArtifactError(f"{directory}: missing weight file {f}")
+        state.update(load_file(directory / f))
+    return state
+
+
+def load_factorized(directory: str | Path, config, attn: str = "sdpa") -> PreTrainedModel:
+    """Build the model from `config`, factorize the recorded modules, load the saved tensors.
+    Every tensor must fit and every parameter must be loaded (tied ones through their twin)."""
+    directory = Path(directory)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)
+    restructure(model, RecsysMeta.of(config).lowrank["ranks"])
+    state = _read_tensors(directory)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatch: ranks and tensors disagree
+        raise ArtifactError(f"{directory}: tensors do not fit the recorded low-rank shapes ({e})") from e
+    # Tied parameters (the output head = the item embeddings) are saved once, under one name.
+    shared: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        shared.setdefault(id(p), []).append(name)
+    twins = {n for names in shared.values() if len(names) > 1 and any(x in state for x in names) for n in names}
+    buffers = {n for n, _ in model.named_buffers()}
+    missing = [k for k in missing if k not in twins and k not in buffers]
+    if missing or unexpected:
+        raise ArtifactError(f"{directory}: low-rank checkpoint does not match its recorded ranks "
+                            f"(missing {missing[:3]}, unexpected {list(unexpected)[:3]})")
+    return model.eval()
 
 
 def save_model(model: PreTrainedModel, vocab: ItemVocab, directory: str | Path, extra: dict | None = None) -> Path:

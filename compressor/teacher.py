@@ -35,6 +35,7 @@ from compressor.modeling import (
     save_model,
     set_recsys_meta,
 )
+from compressor.pretrained import adapt_llm, check_item_init
 from compressor.training import (
     RESUMABLE_FIELDS,
     Loop,
@@ -134,8 +135,6 @@ class TeacherConfig(BaseModel):
     @field_validator("item_init")
     @classmethod
     def _known_item_init(cls, v: str) -> str:
-        from compressor.pretrained import check_item_init
-
         return check_item_init(v)
 
     @field_validator("train", mode="before")
@@ -386,8 +385,6 @@ def train_teacher(data: RecData, cfg: TeacherConfig, out: str | Path,
     `checkpoint_dir`: resumable training (see `train_recommender`); its checkpoint is deleted
     once the model is saved. Under torchrun every rank trains and rank 0 saves."""
     if cfg.pretrained:
-        from compressor.pretrained import adapt_llm
-
         set_seed(cfg.train.seed)
         model = adapt_llm(cfg.pretrained, data, cfg.max_len, cfg.item_init)
     else:

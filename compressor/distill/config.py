@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from compressor.distill.losses import LOSSES
 from compressor.teacher import TrainConfig
 
 # Distillation fine-tunes an already-trained student (a truncated teacher), so the budget is
@@ -119,8 +120,6 @@ class DistillConfig(BaseModel):
     @field_validator("method")
     @classmethod
     def _known_method(cls, v: str) -> str:
-        from compressor.distill.losses import LOSSES
-
         if v not in LOSSES:
             raise ValueError(f"unknown distillation method {v!r}; choose one of {', '.join(LOSSES)}")
         return v

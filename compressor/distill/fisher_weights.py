@@ -23,13 +23,12 @@ import torch
 
 from compressor.errors import CompressorError
 from compressor.fisher import depth_bias_factors, normalise
+from compressor.importance import load_importance, method_scores, validate_importance
 
 
 def read_fisher_scores(source: str | Path | dict, n_layers: int) -> np.ndarray:
     """Per-teacher-layer Fisher scores from an `importance.json` (path, or its parsed content),
     read and checked by the importance stage's own reader."""
-    from compressor.importance import load_importance, method_scores, validate_importance
-
     doc = validate_importance(source, "importance") if isinstance(source, dict) else load_importance(source)
     if doc["num_layers"] != n_layers:
         raise CompressorError(f"importance: {doc['num_layers']} layers scored, the teacher has {n_layers}")

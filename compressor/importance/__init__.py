@@ -31,9 +31,12 @@ from compressor.importance.base import (
     ImportanceConfig,
     LayerScores,
     capture_layer_io,
+    depth_bands,
+    depth_shares,
     skip_layers,
 )
 from compressor.importance.fisher import fisher, gradient
+from compressor.importance.plots import plot_importance
 from compressor.importance.similarity import angular, attention, block_influence
 from compressor.modeling import decoder_parts, pick_device
 from compressor.select import SELECTION, top_k
@@ -102,19 +105,6 @@ def top_k_overlap(a, b, k: int) -> float:
     whether an estimator finds the layers a k-layer student would keep; Spearman over all layers
     then mostly ranks noise."""
     return len(set(top_k(a, k)) & set(top_k(b, k))) / k
-
-
-def depth_bands(num_layers: int, bands: int = 3) -> list[range]:
-    """Contiguous layer ranges from the bottom up, as equal as possible (30 layers: 0-9, 10-19, 20-29)."""
-    return [range(int(c[0]), int(c[-1]) + 1) for c in np.array_split(np.arange(num_layers), bands) if len(c)]
-
-
-def depth_shares(weights, bands: int = 3) -> list[float]:
-    """Share of a method's importance weight in each `depth_bands` range: whether the lower or the
-    upper layers matter more (the FISHER-LD paper's RQ2) in one number per band."""
-    w = np.clip(np.asarray(weights, dtype=np.float64), 0, None)
-    total = w.sum()
-    return [float(w[list(r)].sum() / total) if total > 0 else 0.0 for r in depth_bands(len(w), bands)]
 
 
 def default_keep(num_layers: int) -> list[int]:
@@ -193,8 +183,6 @@ def write_importance(result: ImportanceResult, out_dir: str | Path) -> Path:
 
 
 def _write_importance(result: ImportanceResult, out_dir: str | Path) -> Path:
-    from compressor.importance.plots import plot_importance
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     doc = result.to_json()

@@ -8,6 +8,7 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from transformers import PreTrainedModel
@@ -161,3 +162,16 @@ def skip_layers(model: PreTrainedModel, indices) -> Iterator[None]:
     finally:
         for h in handles:
             h.remove()
+
+
+def depth_bands(num_layers: int, bands: int = 3) -> list[range]:
+    """Contiguous layer ranges from the bottom up, as equal as possible (30 layers: 0-9, 10-19, 20-29)."""
+    return [range(int(c[0]), int(c[-1]) + 1) for c in np.array_split(np.arange(num_layers), bands) if len(c)]
+
+
+def depth_shares(weights, bands: int = 3) -> list[float]:
+    """Share of a method's importance weight in each `depth_bands` range: whether the lower or the
+    upper layers matter more (the FISHER-LD paper's RQ2) in one number per band."""
+    w = np.clip(np.asarray(weights, dtype=np.float64), 0, None)
+    total = w.sum()
+    return [float(w[list(r)].sum() / total) if total > 0 else 0.0 for r in depth_bands(len(w), bands)]

@@ -10,6 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from compressor.importance.base import depth_bands, depth_shares  # noqa: E402
+
 
 def _minmax(v) -> np.ndarray:
     v = np.asarray(v, dtype=np.float64)
@@ -41,8 +43,6 @@ def plot_importance(doc: dict, out_dir: str | Path) -> list[Path]:
     paths.append(out / "importance_by_method.png")
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
-
-    from compressor.importance import depth_bands, depth_shares
 
     names = list(doc["methods"])
     shares = np.array([depth_shares(doc["methods"][n]["weights"]) for n in names])
