@@ -148,7 +148,7 @@ def job_models(ctx: Ctx, folder: str) -> str:
     add("batch-1 latency (ms, median)", timing["teacher"]["batch_1"]["ms_median"],
         timing["student"]["batch_1"]["ms_median"], lambda x: f"{x:.2f}")
     add("batch-64 throughput (histories/s)", timing["teacher"]["batch_64"]["per_second"],
-        timing["student"]["batch_64"]["per_second"], lambda x: f"{x:,.1f}")
+        timing["student"]["batch_64"]["per_second"], lambda x: f"{x:,.1f}" if x < 100 else f"{x:,.0f}")
     out = [table(["", "teacher", "student", "student ÷ teacher"], rows)]
     int8 = [k for k in ("teacher (int8)", "student (int8)") if k in timing]
     if int8:

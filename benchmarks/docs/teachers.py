@@ -51,7 +51,7 @@ TEACHERS: dict[str, Teacher] = {
         "retired", "runs/teacher12", None,
         ("lowrank/lowrank.json", "rows.0.ndcg@10")),
     "llm-8ep": Teacher(
-        "retired SmolLM2-135M teacher: 8-epoch schedule, fixed window cuts (stopped after 7, best epoch 4)",
+        "retired SmolLM2-135M teacher: 8-epoch schedule, fixed window cuts",
         "retired", "runs/llm/models/teacher", None,
         ("llm_quality/common.json", "teacher.test.ndcg@10")),
     "llm-5ep": Teacher(
