@@ -208,7 +208,10 @@ def http_reference(ctx: Ctx) -> str:
     """Each endpoint: its purpose, request fields and responses, from the OpenAPI document."""
     spec = openapi()
     out = []
-    for path, ops in spec["paths"].items():
+    first = ["/recommend", "/rank", "/item", "/embed"]  # the service's own API, then BentoML's
+    paths = sorted(spec["paths"], key=lambda p: (first.index(p) if p in first else len(first), p))
+    for path in paths:
+        ops = spec["paths"][path]
         for method, op in ops.items():
             out += [f"### `{method.upper()} {path}`", "", _esc(op.get("description") or op.get("summary") or ""), ""]
             body = ((op.get("requestBody") or {}).get("content") or {}).get("application/json", {}).get("schema")
