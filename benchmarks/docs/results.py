@@ -19,7 +19,7 @@ from benchmarks.docs.core import (
     signed,
     table,
 )
-from benchmarks.docs.teachers import FOLDERS, TEACHERS, provenance
+from benchmarks.docs.teachers import FOLDERS, TEACHERS, provenance, results_folders
 
 
 def _src(folder: str, name: str) -> str:
@@ -30,7 +30,7 @@ def _src(folder: str, name: str) -> str:
 def provenance_table(ctx: Ctx, *folders: str) -> str:
     """Which teacher and machine each folder was measured on (all folders when none is named)."""
     if not folders:
-        folders = tuple(sorted(p.name for p in (ROOT / RESULTS).iterdir() if p.is_dir()))
+        folders = tuple(results_folders())
     rows = []
     for f in folders:
         p = provenance(f)

@@ -105,6 +105,7 @@ FOLDERS: dict[str, tuple[str | None, str]] = {
     "retrieval": (None, "synthetic item vectors: no model"),
     "overload": (None, "a tiny test artifact (4 layers, hidden 32): the service's admission control, not a model"),
     "ddp_throughput": (None, "an untrained default architecture: training throughput only"),
+    "scaling": (None, "synthetic catalogues, a smoke-sized model trained for each size: time and memory only"),
 }
 
 MODEL_FIELDS_IGNORED = ("device", "precision", "parallel", "path")
@@ -219,10 +220,29 @@ def provenance(folder: str) -> dict:
     return doc
 
 
+def results_folders() -> list[str]:
+    """The results folders the documentation covers: those with a file under version control (a
+    benchmark still writing an uncommitted folder does not make the pages stale); every folder
+    when this is not a git checkout."""
+    import subprocess
+
+    all_dirs = sorted(p.name for p in (ROOT / RESULTS).iterdir() if p.is_dir())
+    try:
+        r = subprocess.run(["git", "ls-files", "--", RESULTS], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return all_dirs
+    if r.returncode != 0:
+        return all_dirs
+    tracked = {Path(line).relative_to(RESULTS).parts[0] for line in r.stdout.splitlines() if line.count("/") >= 3}
+    return [d for d in all_dirs if d in tracked]
+
+
 def provenance_files() -> dict[str, str]:
     """{repository path: content} of every folder's provenance.json."""
-    folders = sorted(p.name for p in (ROOT / RESULTS).iterdir() if p.is_dir())
+    folders = results_folders()
     unmapped = [f for f in folders if f not in FOLDERS]
     if unmapped:
-        raise DocsError(f"results folders with no teacher in benchmarks/docs/teachers.py: {', '.join(unmapped)}")
+        raise DocsError(f"results folders with no teacher: {', '.join(unmapped)}; add each to FOLDERS in "
+                        "benchmarks/docs/teachers.py (the teacher it was measured on, or None and why), "
+                        "then run `python -m benchmarks.docs`")
     return {f"{RESULTS}/{f}/provenance.json": json.dumps(provenance(f), indent=2) + "\n" for f in folders}
