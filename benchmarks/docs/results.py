@@ -60,7 +60,9 @@ def teachers_table(ctx: Ctx) -> str:
 def teacher_seeds(ctx: Ctx, *folders: str) -> str:
     """Seeds of one or more teacher recipes side by side (validation decides, test reported)."""
     docs = [load_json(_src(f, "teacher_seeds.json")) for f in folders]
-    labels = [", ".join(d.get("overrides") or []) or "config as is" for d in docs]
+    labels = [", ".join([f"{d['teacher']['train']['epochs']} epochs"]
+                        + [o for o in d.get("overrides") or [] if not o.startswith("teacher.train.epochs=")])
+              for d in docs]
     heads = ["seed"]
     for lab in labels:
         heads += [f"valid ({lab})", f"test ({lab})", "× EASE", "test − EASE [95% CI]"]
