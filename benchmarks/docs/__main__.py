@@ -16,8 +16,9 @@ RENDERERS = {**jobs.RENDERERS, **results.RENDERERS, **reference.RENDERERS, **sum
 
 
 def pages() -> list[str]:
-    """README.md and every Markdown page of docs/ (not the results folders it links to)."""
-    found = ["README.md"]
+    """README.md, benchmarks/README.md and every Markdown page of docs/ (not the results folders
+    it links to)."""
+    found = ["README.md", "benchmarks/README.md"]
     docs = ROOT / "docs"
     if docs.is_dir():
         found += sorted(str(p.relative_to(ROOT)) for p in docs.rglob("*.md")
