@@ -94,6 +94,13 @@ class QuantizeConfig(BaseModel):
             raise ValueError(f"unknown quantization methods {unknown}; choose from {', '.join(METHODS)}")
         return v
 
+    @field_validator("block_size")
+    @classmethod
+    def _power_of_two(cls, v: int) -> int:
+        if v & (v - 1):
+            raise ValueError(f"block_size {v}: MatMulNBits takes a power of 2 (16, 32, 64, 128, ...)")
+        return v
+
     @field_validator("mixed_base")
     @classmethod
     def _base(cls, v: str) -> str:
@@ -278,7 +285,8 @@ def search_quantization(float_path: str | Path, out_dir: str | Path, valid: Spli
     float_path, out_dir = Path(float_path), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     judged = valid.subset(cfg.users, cfg.seed)
-    rest = [i for i, u in enumerate(valid.users) if u not in set(judged.users)]
+    judged_users = set(judged.users)
+    rest = [i for i, u in enumerate(valid.users) if u not in judged_users]
     calib_idx = rest if len(rest) >= cfg.calibration_users else list(range(len(valid)))
     pick = np.random.default_rng(cfg.seed + 1).permutation(calib_idx)[: cfg.calibration_users]
     calibration = Split(valid.name, [valid.users[i] for i in pick], [valid.histories[i] for i in pick],

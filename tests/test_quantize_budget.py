@@ -121,6 +121,8 @@ def test_unknown_method_and_bad_exclusion_are_clear_errors(tiny, tmp_path):
 
     with pytest.raises(ValueError, match="unknown quantization methods"):
         QuantizeConfig(methods=["int3"])
+    with pytest.raises(ValueError, match="power of 2"):
+        QuantizeConfig(block_size=48)
     with pytest.raises(CompressorError, match="not weight MatMuls"):
         quantize_onnx(tiny[1], tmp_path / "x.onnx", "int4", exclude=["no_such_node"])
     assert not (tmp_path / "x.onnx").exists()
