@@ -59,6 +59,11 @@ def _fields(model: type[BaseModel], prefix: str = "") -> list[list[str]]:
         if sub is not None:
             rows += _fields(sub, f"{prefix}{name}.")
             continue
+        models = [a for a in typing.get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if models:  # an optional section (`X | None`): the section's own row, then its fields
+            rows.append([f"`{prefix}{name}`", _type_name(ann), _default(field), _esc(field.description or "")])
+            rows += _fields(models[0], f"{prefix}{name}.")
+            continue
         rows.append([f"`{prefix}{name}`", _type_name(ann), _default(field), _esc(field.description or "")])
     return rows
 
