@@ -337,16 +337,42 @@ def cmd_synth(args: argparse.Namespace) -> None:
 
 def cmd_recommend(args: argparse.Namespace) -> None:
     from compressor.artifact import load_manifest
-    from compressor.data import prepare
-    from compressor.data.vocab import ItemVocab
-    from compressor.recommend import check_options, recommend_all
+    from compressor.recommend import check_options, recommend_all, write_item_embeddings
 
-    check_options(args.out, args.k, args.batch_size)  # before any data is read
+    check_options(args.out, args.k, args.batch_size, args.engine)  # before any data is read
+    if args.items_out and not args.items_out.endswith(".parquet"):
+        raise CompressorError(f"--items-out {args.items_out}: give a .parquet file name")
+    ray_only = [f for f, v in (("--address", args.address), ("--actors", args.actors),
+                               ("--max-restarts", args.max_restarts)) if v is not None]
+    if args.engine == "ray":
+        from compressor.recommend_ray import RayOptions, import_ray, recommend_ray
+
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise CompressorError("--engine ray runs once, not under torchrun (Ray spreads the work itself)")
+        import_ray()  # a missing extra is reported before any data is read
+        options = RayOptions(address=args.address, actors=args.actors, batch_size=args.batch_size,
+                             threads=args.threads, progress=not (args.quiet or os.environ.get("TQDM_DISABLE")),
+                             **({"max_restarts": args.max_restarts} if args.max_restarts is not None else {}))
+    elif ray_only:
+        raise CompressorError(f"{', '.join(ray_only)}: only with --engine ray")
     load_manifest(args.model_dir)  # an artifact directory (`compressor export`), not a checkpoint
-    data = prepare(args.data, args.format, vocab=ItemVocab.load(args.model_dir))
-    r = recommend_all(args.model_dir, data, args.k, args.out, args.batch_size, args.onnx, args.threads)
-    part = f" (part {r.rank + 1} of {r.world_size}; every rank wrote its own)" if r.world_size > 1 else ""
-    log.info(f"top-{args.k} items of {r.users:,} users written to {r.path}{part}")
+    data = None
+    if args.data:
+        from compressor.data import prepare
+        from compressor.data.vocab import ItemVocab
+
+        data = prepare(args.data, args.format, vocab=ItemVocab.load(args.model_dir))
+    if args.engine == "ray":
+        r = recommend_ray(args.model_dir, args.k, args.out, options, data, args.histories, args.onnx)
+        log.info(f"top-{args.k} items of {r.users:,} users written to {r.path}/ ({r.parts} part(s); "
+                 f"{r.actors} actor(s) x {r.threads} thread(s), {r.seconds:.1f} s)")
+    else:
+        r = recommend_all(args.model_dir, data, args.k, args.out, args.batch_size, args.onnx, args.threads,
+                          histories=args.histories)
+        part = f" (part {r.rank + 1} of {r.world_size}; every rank wrote its own)" if r.world_size > 1 else ""
+        log.info(f"top-{args.k} items of {r.users:,} users written to {r.path}{part}")
+    if args.items_out and int(os.environ.get("RANK", "0")) == 0:
+        log.info(f"item embeddings written to {write_item_embeddings(args.model_dir, args.items_out)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -471,14 +497,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("recommend", help="every user's top-k through an exported artifact (ONNX Runtime) -> Parquet")
     p.add_argument("model_dir", help="artifact directory (from `compressor export` or a run's teacher/ or student/)")
-    data_args(p)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="the users of a dataset: bundled name (ml-latest-small) or a folder/file "
+                        "of interactions")
+    source.add_argument("--histories", help="Parquet file or directory of histories: columns user, items "
+                        "(list of item ids, oldest first)")
+    p.add_argument("--format", default="auto", help="format of --data: auto, ml-latest, ml-100k, ml-1m or generic")
     p.add_argument("--k", type=int, default=10, help="items per user (default 10), seen items excluded")
-    p.add_argument("--out", required=True, help="Parquet file to write; under torchrun each rank writes "
-                   "OUT_STEM-RRRRR-of-NNNNN.parquet beside it")
+    p.add_argument("--out", required=True, help="local engine: Parquet file to write (under torchrun each rank "
+                   "writes OUT_STEM-RRRRR-of-NNNNN.parquet beside it); ray: a new directory of Parquet parts")
+    p.add_argument("--engine", default="local", choices=("local", "ray"), help="local (this process; the "
+                   "default) or ray (Ray Data actors; pip install 'recsys-compressor[ray]')")
+    p.add_argument("--address", help="ray: the cluster to join (auto or HOST:PORT); default: start a local Ray "
+                   "with this machine's cores")
+    p.add_argument("--actors", type=int, help="ray: scoring actors, each one ONNX Runtime session "
+                   "(default: the cluster's CPUs)")
+    p.add_argument("--max-restarts", type=int, help="ray: restarts allowed per actor that dies; its lost "
+                   "blocks are retried (default 3; 0 fails the run at the first death)")
     p.add_argument("--batch-size", type=int, default=256, help="users per ONNX Runtime call (memory: "
                    "batch x catalogue x 4 bytes)")
     p.add_argument("--onnx", help="graph of the artifact to run (default: its serve_model), e.g. model.int8.onnx")
-    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: the runtime's)")
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads, per actor under ray (default: "
+                   "the runtime's; ray: CPUs / actors)")
+    p.add_argument("--items-out", help="also write the artifact's item embeddings (item, vector[, bias]) to "
+                   "this Parquet file, for an external index")
     p.set_defaults(func=cmd_recommend, distributed=True)
 
     p = command("distill", help="distil a teacher into a student (FISHER-LD or a baseline)")

@@ -89,3 +89,17 @@ def test_a_model_checkpoint_is_not_an_artifact(tiny_teacher_dir, ratings_dir, tm
     assert main(["recommend", str(tiny_teacher_dir), "--data", str(ratings_dir), "--out", str(tmp_path / "r.parquet")]) == 2
     err = capsys.readouterr().err
     assert "manifest.json" in err and len(err.strip().splitlines()) == 1
+
+
+def test_items_out_is_the_artifacts_catalogue_for_an_external_index(tiny_artifact_dir, ratings_dir, tmp_path):
+    from compressor.data.vocab import ItemVocab
+
+    items = tmp_path / "items.parquet"
+    assert main(["recommend", str(tiny_artifact_dir), "--data", str(ratings_dir), "--out", str(tmp_path / "r.parquet"),
+                 "--items-out", str(items), "-q"]) == 0
+    got = pd.read_parquet(items)
+    vocab = ItemVocab.load(tiny_artifact_dir)
+    emb = np.load(tiny_artifact_dir / "item_embeddings.npy")
+    assert list(got.columns) == ["item", "vector"]  # the tiny Llama's head has no bias
+    assert got["item"].tolist() == vocab.items
+    assert np.array_equal(np.stack(got["vector"].to_numpy()), emb[vocab.num_special:])
