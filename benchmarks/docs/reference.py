@@ -169,6 +169,40 @@ def model_card_example(ctx: Ctx, folder: str) -> str:
                       "report does not record it; an artifact's card takes it from its manifest).</small>"])
 
 
+EXTRA_USES = {  # what each extra is for (the packages come from pyproject.toml)
+    "cpu": "export, speed measurement, serving, batch scoring (CPU builds)",
+    "gpu": "the same on CUDA: install instead of `cpu`, never both (they install the same modules)",
+    "serve": "the HTTP service",
+    "bench": "load tests",
+    "llm": "pretrained LLM teachers from GGUF files",
+    "parquet": "Parquet input, `compressor recommend` output",
+    "ray": "batch scoring on a Ray cluster (`compressor recommend --engine ray`)",
+    "docs": "the documentation site",
+    "dev": "development: what the quick start installs",
+}
+
+
+def extras(ctx: Ctx) -> str:
+    """The package's extras and what they install, from pyproject.toml."""
+    import re
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    rows = []
+    for name, reqs in project["optional-dependencies"].items():
+        names = []
+        for r in reqs:
+            m = re.match(r"recsys-compressor\[([^\]]+)\]", r)
+            names += [f"the `{x}` extra" for x in m[1].split(",")] if m else [re.split(r"[<>=!~;\[ ]", r)[0]]
+        if name == "dev":
+            inner = [n for n in names if n.startswith("the `")]
+            names = [f"every extra but `gpu` ({len(inner)})"] + [n for n in names if not n.startswith("the `")]
+        rows.append([f"`{name}`", ", ".join(names), EXTRA_USES.get(name, "—")])
+    return "\n".join([table(["extra", "installs", "for"], rows), "",
+                      f"<small>Rendered by `python -m benchmarks.docs` from "
+                      f"{ctx.link('`pyproject.toml`', 'pyproject.toml')}.</small>"])
+
+
 # ----------------------------------------------------------------------------- HTTP API
 _SPEC_SCRIPT = """
 import json, sys
@@ -248,4 +282,5 @@ RENDERERS = {
     "settings-reference": settings_reference,
     "data-columns": data_columns,
     "model-card": model_card_example,
+    "extras": extras,
 }
