@@ -23,6 +23,7 @@ import numpy as np
 
 from compressor.atomic import atomic_write
 from compressor.errors import ArtifactError, CompressorError
+from compressor.ids import parse_id
 
 FORMAT = "recsys-locust-payloads/1"
 MIN_SEQUENCE = 3  # leave-one-out needs a valid and a test item after at least one input item
@@ -59,12 +60,9 @@ def build_payloads(sequences: dict[str, list], source: str, n_users: int = 500, 
     users = [eligible[i] for i in rng.permutation(len(eligible))[:n_users]]
     hist_users = [eligible[i] for i in rng.permutation(len(eligible))[:n_histories]]
 
-    def as_id(u: str):  # keep the served id type: MovieLens users are ints
-        return int(u) if u.lstrip("-").isdigit() else u
-
     return {
         "format": FORMAT, "source": source, "seed": seed,
-        "user_ids": [as_id(u) for u in users],
+        "user_ids": [parse_id(u) for u in users],
         "histories": [list(sequences[u][:-1]) for u in hist_users],
     }
 

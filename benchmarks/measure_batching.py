@@ -27,6 +27,7 @@ import requests
 from benchmarks.processes import bentoml_server, server_env
 from compressor.artifact import load_manifest
 from compressor.errors import CompressorError
+from compressor.ids import parse_id
 
 SETTINGS = {"no batching": {"RECSYS_BATCHING": "0"}, "adaptive batching": {"RECSYS_BATCHING": "1"}}
 
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="measure_batching.") as work:
         try:
             load_manifest(args.artifact)  # not an artifact directory: one line, before any server starts
-            users = [int(u) if u.lstrip("-").isdigit() else u
+            users = [parse_id(u)
                      for u in json.loads((args.artifact / "user_histories.json").read_text())]
             for r in range(args.rounds):
                 for i, (name, settings) in enumerate(SETTINGS.items()):

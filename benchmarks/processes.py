@@ -156,13 +156,15 @@ ROOT = Path(__file__).resolve().parents[1]
 SERVICE = "serving.service:Recommender"
 
 
-def bentoml_cmd(port: int, host: str = "127.0.0.1", service: str = SERVICE) -> list[str]:
-    """`bentoml serve` of this interpreter's environment, bound to `host` explicitly."""
+def bentoml_cmd(port: int, host: str = "127.0.0.1", service: str = SERVICE,
+                python: Path | None = None) -> list[str]:
+    """`bentoml serve` of this interpreter's environment (or of `python`'s), bound to `host`
+    explicitly. `service` is an import path or a built Bento's tag."""
     import sys
 
     bentoml = Path(sys.executable).with_name("bentoml")
-    return [str(bentoml) if bentoml.exists() else "bentoml", "serve", service, "--host", host,
-            "--port", str(port)]
+    serve = [str(python), "-m", "bentoml"] if python else [str(bentoml) if bentoml.exists() else "bentoml"]
+    return [*serve, "serve", service, "--host", host, "--port", str(port)]
 
 
 def server_env(home: Path, **recsys: str) -> dict[str, str]:
@@ -201,14 +203,15 @@ PORT_ATTEMPTS = 3  # starts of `bentoml serve` when a port was taken between cho
 
 @contextmanager
 def bentoml_server(env: dict, log: Path, ready_timeout: float = 120.0, host: str = "127.0.0.1",
-                   service: str = SERVICE) -> Iterator[Server]:
+                   service: str = SERVICE, python: Path | None = None, cwd: Path = ROOT) -> Iterator[Server]:
     """`bentoml serve` on a free port of `host`, ready (/readyz 200) on entry; its whole process
     group is stopped on exit, also on failure. Raises CompressorError if it exits or is not
-    ready in time (with the log's tail)."""
+    ready in time (with the log's tail). `python` and `cwd`: serve from another environment and
+    folder (a built Bento served where this project is not importable)."""
     with ProcessGroup() as group:
         for attempt in range(PORT_ATTEMPTS):
             port = free_port(host)
-            proc = group.start(bentoml_cmd(port, host, service), log, env=env, cwd=ROOT)
+            proc = group.start(bentoml_cmd(port, host, service, python), log, env=env, cwd=cwd)
             url = f"http://{host}:{port}"
             try:
                 ready_s = wait_ready(url + "/readyz", proc, ready_timeout, log)

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from compressor.atomic import atomic_write_json
+from compressor.atomic import atomic_write, atomic_write_json
 from compressor.errors import ArtifactError
 
 FORMAT_VERSION = 1
@@ -39,6 +39,7 @@ EMBEDDINGS = "item_embeddings.npy"
 BIAS = "item_bias.npy"
 ITEMS = "items.json"
 USER_HISTORIES = "user_histories.json"
+CARD_FILE = "README.md"  # the model card (its text: compressor.model_card), in artifacts and model directories
 REQUIRED = (MODEL_ONNX, VOCAB, EMBEDDINGS, ITEMS, USER_HISTORIES)
 # Manifest fields serving and the report rely on; a manifest without them is not ours.
 REQUIRED_FIELDS = ("format_version", "kind", "architecture", "num_layers", "hidden_size", "max_len",
@@ -67,11 +68,12 @@ def write_json(path: Path, payload) -> None:
     atomic_write_json(path, payload, indent=1)
 
 
-def write_manifest(directory: Path, fields: dict) -> dict:
-    """Write the model card, describe every file now in `directory` and write `manifest.json` (last)."""
-    from compressor.model_card import CARD_FILE, artifact_card  # needs yaml: only writers import it
-
-    (directory / CARD_FILE).write_text(artifact_card(fields), encoding="utf-8")
+def write_manifest(directory: Path, fields: dict, card: str | None = None) -> dict:
+    """Write the model card (`card`, Markdown, as README.md), describe every file now in
+    `directory` and write `manifest.json` (last). The card is made by the caller
+    (`compressor.model_card`): serving imports this module, and the Bento ships only what it needs."""
+    if card is not None:
+        atomic_write(directory / CARD_FILE, card)
     manifest = {"format_version": FORMAT_VERSION, **fields, "files": describe_files(directory)}
     missing = [n for n in REQUIRED if n not in manifest["files"]]
     if missing:

@@ -35,6 +35,7 @@ from compressor import artifact as art
 from compressor.data.protocol import RecData, left_pad, prepare
 from compressor.data.vocab import ItemVocab
 from compressor.errors import ArtifactError, CompressorError
+from compressor.model_card import artifact_card
 from compressor.modeling import (
     QueryEncoder,
     count_parameters,
@@ -377,7 +378,7 @@ def export_artifact(
         art.write_json(tmp / art.USER_HISTORIES, histories_json)
         onnx_files = {p.name: p.stat().st_size for p in sorted(tmp.glob("model*.onnx*"))}
         serve = served_quantized or art.MODEL_ONNX
-        manifest = art.write_manifest(tmp, {
+        fields = {
             "kind": meta.kind or "teacher",
             "architecture": model.config.model_type,
             "num_layers": model.config.num_hidden_layers,
@@ -404,5 +405,6 @@ def export_artifact(
             "versions": _versions(),
             "export_seconds": round(time.perf_counter() - t0, 2),
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        })
+        }
+        manifest = art.write_manifest(tmp, fields, card=artifact_card(fields))
     return ArtifactResult(Path(out_dir), manifest)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-CARD_FILE = "README.md"
+from compressor.artifact import CARD_FILE
 
 # MovieLens (every size) is GroupLens' research licence: no commercial use without permission,
 # redistribution only under the same terms. Weights fitted to it inherit those limits, so the

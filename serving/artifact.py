@@ -10,6 +10,7 @@ import numpy as np
 
 from compressor import artifact as art
 from compressor.errors import ArtifactError
+from compressor.ids import lookup
 
 
 @dataclass
@@ -35,16 +36,9 @@ class ServingArtifact:
         return int(self.manifest["max_len"])
 
     def token(self, item) -> int | None:
-        """Token of a dataset item id; JSON clients may send "1" for 1 (or 1 for "1"). A bool is
-        never an id (True == 1 in Python, so it would otherwise find item 1)."""
-        if isinstance(item, bool) or not isinstance(item, int | str):
-            return None
-        tok = self._token.get(item)
-        if tok is None and isinstance(item, str) and item.lstrip("-").isdigit():
-            tok = self._token.get(int(item))
-        if tok is None and isinstance(item, int):
-            tok = self._token.get(str(item))
-        return tok
+        """Token of a dataset item id under any of its spellings (`compressor.ids`); None when it
+        is not exactly a catalogue id."""
+        return lookup(self._token, item)
 
     def item_info(self, token: int) -> dict:
         return self.metadata[int(token) - self.num_special]

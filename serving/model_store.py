@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import bentoml
+import yaml
 
 from compressor.artifact import load_manifest
 from compressor.errors import ArtifactError
@@ -39,6 +40,23 @@ def save_to_store(artifact_dir: str | Path, name: str) -> str:
                                labels={"kind": str(manifest.get("kind", "unknown"))}) as model:
         shutil.copytree(src, model.path, dirs_exist_ok=True)
     return str(model.tag)
+
+
+def built_bento_model(cwd: Path | None = None) -> str | None:
+    """The model a built Bento carries, when this process serves one: `bentoml serve TAG` imports
+    the service with the Bento's `src/` as the working directory, beside its `bento.yaml`, whose
+    `models` list the tags (concrete versions) the build packed. None outside a Bento, or when
+    the Bento carries no model or several (then RECSYS_MODEL_TAG must say which)."""
+    cwd = cwd or Path.cwd()
+    info = cwd.parent / "bento.yaml"
+    if cwd.name != "src" or not info.is_file():
+        return None
+    try:
+        models = (yaml.safe_load(info.read_text()) or {}).get("models") or []
+    except (OSError, yaml.YAMLError):
+        return None
+    tags = [m.get("tag") if isinstance(m, dict) else m for m in models]
+    return str(tags[0]) if len(tags) == 1 and tags[0] else None
 
 
 def resolve_artifact_dir(model_tag: str | None, artifact_dir: Path) -> Path:

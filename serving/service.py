@@ -16,12 +16,14 @@ Errors: {"error": "..."} with 400 bad input, 404 unknown user or item, 413 body 
 415 not JSON, 503 + Retry-After overloaded or still loading, 504 timeout (serving/guard.py).
 Settings: serving/settings.py (RECSYS_* environment; table in serving/README.md).
 RECSYS_MODEL_TAG=name:version serves a BentoML Model Store version instead of RECSYS_ARTIFACT_DIR
-(serving/model_store.py).
+(serving/model_store.py); the service then references it as a `bentoml.models.BentoModel`, and a
+Bento built with it (bentofile.yaml `models:`) carries the model and serves it from its own store.
 
-Start-up: `bentoml serve` imports this module in its own process first; there a bad setting or
-a bad artifact is one line on stderr and exit code 2, before any worker starts (a worker that
-fails in BentoML 1.4 is restarted forever and the server never answers). Each worker then
-loads the engine in a background thread, so /readyz answers 503 (not a hang) until it is warm.
+Start-up: a bad setting is one line on stderr and exit code 2 when `bentoml serve` imports this
+module; a bad artifact is one line and exit code 2 from the deployment hook (`@on_deployment`,
+run once by `bentoml serve` before any worker starts: a worker that fails in BentoML 1.4 is
+restarted forever and the server never answers). Each worker then loads the engine in a
+background thread, so /readyz answers 503 (not a hang) until it is warm.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import numpy as np
 from starlette.responses import JSONResponse
 
 from compressor.errors import CompressorError
+from serving.model_store import built_bento_model, resolve_artifact_dir
 from serving.settings import ServingSettings, SettingsError, get_settings, unknown_variables
 
 
@@ -56,11 +59,13 @@ S = _settings_or_exit()
 
 
 def _served_dir(s: ServingSettings) -> ServingSettings:
-    """RECSYS_MODEL_TAG, when set, replaces RECSYS_ARTIFACT_DIR by the store's copy; an unknown
-    tag is one line and exit code 2, like a bad setting."""
+    """RECSYS_MODEL_TAG, when set, replaces RECSYS_ARTIFACT_DIR by the store's copy; inside a built
+    Bento with neither set, the model the Bento was built with is served. An unknown tag is one
+    line and exit code 2, like a bad setting."""
+    if not s.model_tag and "artifact_dir" not in s.model_fields_set:
+        s = s.model_copy(update={"model_tag": built_bento_model()})
     if not s.model_tag:
         return s
-    from serving.model_store import resolve_artifact_dir
     try:
         return s.model_copy(update={"artifact_dir": resolve_artifact_dir(s.model_tag, s.artifact_dir)})
     except CompressorError as e:
@@ -124,10 +129,6 @@ def preflight() -> None:
         raise SystemExit(2) from None
 
 
-if bentoml.server_context.worker_index is None and S.preflight:
-    preflight()  # not in a worker: this is `bentoml serve` (or build) importing the service
-
-
 def _answer(route: str, schema: type, fn: Callable[..., dict], *args) -> object:
     """Run an engine call; its errors become `{"error": message}` with 400 / 404 and one INFO
     log line (a client's mistake: no traceback)."""
@@ -155,6 +156,15 @@ def _embed_api() -> Callable:
                  traffic={"timeout": S.request_timeout_s}, http={"host": S.host},
                  logging={"access": {"enabled": S.access_log}})
 class Recommender:
+    if S.model_tag:  # the served artifact as a Model Store model: `bentoml build` packs it
+        artifact_model = bentoml.models.BentoModel(S.model_tag)
+
+    @bentoml.on_deployment
+    def _check_artifact() -> None:
+        """Once per `bentoml serve`, before the workers start (not at `bentoml build`)."""
+        if S.preflight:
+            preflight()
+
     def __init__(self) -> None:
         logging.getLogger("bentoml._internal.server.http_app").addFilter(ClientErrorLogFilter())
         self.engine: RecommenderEngine | None = None
@@ -226,13 +236,17 @@ class Recommender:
 
 def openapi() -> dict:
     """BentoML's spec plus what it cannot know: the error bodies and statuses of serving/guard.py
-    and `_answer`, the Retry-After header, and the one-of user_id/history rule."""
+    and `_answer`, the Retry-After header, the one-of user_id/history rule, and /embed's response
+    shape (BentoML describes any ndarray as a flat array of numbers; it is one row per history)."""
     spec = json.loads(json.dumps(Recommender.openapi_spec.asdict()))  # plain JSON: string keys
     schemas = spec.setdefault("components", {}).setdefault("schemas", {})
     body = error_schema()
     schemas.update(body.pop("$defs", {}))
     schemas["ErrorBody"] = body
     ref = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+    spec["paths"]["/embed"]["post"]["responses"]["200"]["content"]["application/json"]["schema"] = {
+        "type": "array", "description": "one query vector (hidden_size floats) per history, in request order",
+        "items": {"type": "array", "items": {"type": "number"}}}
     for path in API_PATHS:
         op = spec["paths"][path]["post"]
         for code, text in ERROR_RESPONSES.items():

@@ -8,6 +8,7 @@ input (issue #12) is in tests/test_hostile.py. The settings model and its README
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -143,6 +144,10 @@ BAD = [
     ("/rank", {"user_id": 999999, "candidates": [1]}, 404, "unknown user_id"),
     ("/rank", {"history": [1]}, 400, "candidates"),
     ("/item", {"item": 1}, 400, "item_id"),
+    # ids are parsed one way (compressor.ids): Unicode digits, leading zeros are not the int id
+    ("/rank", {"user_id": 1, "candidates": [1, "\u00b2"]}, 400, "not in the catalogue"),
+    ("/recommend", {"history": ["\u00b2", "\u0663", "01"]}, 400, "none of the history's items"),
+    ("/item", {"item_id": "\u00b9"}, 404, "unknown item_id"),
 ]
 
 
@@ -359,3 +364,18 @@ def test_a_port_taken_before_the_bind_is_retried_on_a_fresh_one(tiny_artifact_di
             assert requests.get(srv.url + "/readyz", timeout=10).status_code == 200
     finally:
         busy.close()
+
+
+def test_fuzzing_the_openapi_spec_finds_no_server_error(server, tmp_path):
+    """Schemathesis against the served spec (/docs.json), bounded in time, with a fixed seed: any
+    5xx, or a response that its own schema does not describe, fails the build."""
+    st = Path(sys.executable).with_name("st")
+    cmd = [str(st), "--no-color", "run", f"{server}/docs.json", "--checks", "not_a_server_error,response_schema_conformance",
+           "--max-time", "60", "--seed", "20261203", "--generation-database", "none", "--workers", "1",
+           "--max-examples", "300", "--suppress-health-check", "all"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path,
+                          env={**os.environ, "SCHEMATHESIS_HOOKS": ""})
+    report = done.stdout[-6000:] + done.stderr[-2000:]
+    (tmp_path / "schemathesis.txt").write_text(done.stdout + done.stderr)
+    assert done.returncode == 0, report
+    assert "/recommend" in done.stdout and "/rank" in done.stdout, report  # it tested the APIs

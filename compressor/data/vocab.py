@@ -14,6 +14,7 @@ import numpy as np
 
 from compressor.atomic import atomic_write_json
 from compressor.errors import ArtifactError
+from compressor.ids import id_spellings
 
 VOCAB_FILE = "item_vocab.json"
 SPECIAL_TOKENS = ("[PAD]",)
@@ -63,14 +64,9 @@ class ItemVocab:
         return self.items[int(token) - self.num_special]
 
     def coerce(self, item):
-        """An item id as the vocabulary spells it (JSON clients may send "1" for 1)."""
-        if item in self._index:
-            return item
-        if isinstance(item, str) and item.lstrip("-").isdigit() and int(item) in self._index:
-            return int(item)
-        if isinstance(item, int) and str(item) in self._index:
-            return str(item)
-        return item
+        """An item id as the vocabulary spells it (JSON clients may send "1" for 1; `compressor.ids`);
+        unchanged when it is not in the vocabulary."""
+        return next((key for key in id_spellings(item) if key in self._index), item)
 
     @classmethod
     def from_items(cls, items) -> ItemVocab:
