@@ -90,7 +90,7 @@ def plot(docs: dict[str, dict], path: str | Path) -> Path:
                        label=f"{model}: budget {doc['budget']['min_topk_agreement']}")
         ax.axvline(1.0, color="grey", lw=0.6)
         ax.set_xlabel(label)
-        ax.legend(fontsize=7, loc="lower left")
+        ax.legend(fontsize=7, loc="best")
     axes[0].set_ylabel("top-k agreement with float (validation)")
     fig.suptitle("Quantization: agreement vs speed (o within the budget, x outside)")
     fig.tight_layout()
