@@ -58,9 +58,10 @@ class ExportConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     score_rtol: float | None = Field(
-        1e-3, ge=0, description="max |score_onnx - score_torch| over the items each history ranks (both "
+        1e-2, ge=0, description="max |score_onnx - score_torch| over the items each history ranks (both "
         "graphs' top-k), relative to the standard deviation of that history's scores over the catalogue: "
-        "what serving sees, scale-free (None = not judged)")
+        "what serving sees, scale-free (None = not judged). A correct SmolLM2-135M graph's worst history "
+        "reached 2.4e-3 in fp32 rounding; a graph with one wrong weight matrix is at 0.1 and above")
     rtol: float | None = Field(
         None, ge=0, description="max |hidden_onnx - hidden_torch| per history, relative to that history's "
         "largest |hidden_torch|, accepted (None = reported, not judged: one ill-conditioned history can "
@@ -237,7 +238,8 @@ def check_parity(
     return {
         "max_abs_diff": max_diff, "max_rel_diff": max_rel, "median_rel_diff": float(np.median(rel)),
         "p99_rel_diff": float(np.percentile(rel, 99)), "max_abs_diff_scores": max_score_diff,
-        "max_score_rel_diff": max_score_rel, "topk_agreement": agreement, "k": k, "n": len(histories),
+        "max_score_rel_diff": max_score_rel, "median_score_rel_diff": float(np.median(score_rel)),
+        "topk_agreement": agreement, "k": k, "n": len(histories),
         "padded_rows": padded, "atol": atol, "rtol": rtol, "score_rtol": score_rtol,
         "min_topk_agreement": min_topk_agreement,
         "passed": bool((atol is None or max_diff <= atol) and (rtol is None or max_rel <= rtol)
