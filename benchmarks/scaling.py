@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -69,7 +71,11 @@ class _RssSampler:
     def __init__(self, pid: int, period: float) -> None:
         import psutil
 
-        self.proc, self.period, self.samples = psutil.Process(pid), period, []
+        self.period, self.samples = period, []
+        try:
+            self.proc = psutil.Process(pid)
+        except psutil.Error:  # gone already: nothing to sample
+            self.proc = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
@@ -77,7 +83,7 @@ class _RssSampler:
     def _loop(self) -> None:
         import psutil
 
-        while not self._stop.is_set():
+        while self.proc is not None and not self._stop.is_set():
             try:
                 procs = [self.proc, *self.proc.children(recursive=True)]
                 rss = 0
@@ -110,13 +116,12 @@ def _measured(cmd: list[str], period: float, timeout_s: float, log_path: Path) -
             code = proc.wait()
         samples = sampler.stop()
     lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
+    errors = [ln for ln in lines if " error: " in ln]  # the CLI's one-line error, when there is one
     return {"returncode": code, "seconds": time.time() - start, "samples": samples,
-            "last_line": lines[-1] if lines else ""}
+            "last_line": (errors or lines or [""])[-1]}
 
 
 def _env() -> dict:
-    import os
-
     return {**os.environ, "TQDM_DISABLE": "1"}
 
 
@@ -152,7 +157,8 @@ def measure_size(cfg: ScalingConfig, items: int) -> dict:
     work = Path(cfg.work) / f"items-{items}"
     data, run_dir = work / "data", work / "run"
     work.mkdir(parents=True, exist_ok=True)
-    row: dict = {"items": items, "users": users, "interactions": interactions}
+    row: dict = {"items": items, "users": users, "interactions": interactions,
+                 "measured_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "load_average_1m": round(os.getloadavg()[0], 2)}
     if not (data / "interactions.parquet").exists():
         syn = _measured([sys.executable, "-m", "compressor", "synth", "--users", str(users), "--items", str(items),
                          "--interactions", str(interactions), "--seed", str(cfg.seed), "--out", str(data)],
@@ -160,6 +166,7 @@ def measure_size(cfg: ScalingConfig, items: int) -> dict:
         if syn["returncode"] != 0:
             raise RuntimeError(f"synth failed for {items} items: {syn['last_line']}")
         row["synth"] = {"seconds": syn["seconds"], "peak_rss_gib": _gib(_peak(syn["samples"]))}
+    shutil.rmtree(run_dir, ignore_errors=True)  # every stage runs and is measured (none skipped as up to date)
     job = _measured([sys.executable, "-m", "compressor", "run", "--config", cfg.config, "--out", str(run_dir),
                      f"data.name={data}", *REDUCED, *cfg.overrides],
                     cfg.sample_seconds, cfg.timeout_minutes * 60, work / "run.log")
@@ -188,9 +195,14 @@ def exponents(rows: list[dict], key: str) -> dict[str, list[float | None]]:
     return out
 
 
-def run(cfg: ScalingConfig) -> dict:
-    """Measure every size in `cfg.items` (ascending); the results document."""
-    rows = [measure_size(cfg, n) for n in sorted(cfg.items)]
+def run(cfg: ScalingConfig, earlier: dict | None = None) -> dict:
+    """Measure every size in `cfg.items` (ascending); the results document. Sizes that `earlier`
+    (a previous results document of the same settings) measured are kept, not measured again, so
+    a larger size can be added to a finished run."""
+    same = earlier is not None and {k: v for k, v in earlier["config"].items() if k != "items"} == \
+        {k: v for k, v in cfg.model_dump().items() if k != "items"}
+    kept = {r["items"]: r for r in earlier["sizes"]} if same else {}
+    rows = [kept.get(n) or measure_size(cfg, n) for n in sorted(cfg.items)]
     finished = [r for r in rows if r.get("stages")]
     return {"config": cfg.model_dump(), "reduced_budget": REDUCED, "machine": machine_info(), "sizes": rows,
             "exponent_seconds": exponents(finished, "seconds"), "exponent_peak_rss": exponents(finished, "peak_rss_gib")}
@@ -280,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="benchmarks/results/scaling")
     ap.add_argument("--work", default="runs/scaling")
     ap.add_argument("--timeout-minutes", type=float, default=120.0)
+    ap.add_argument("--add", action="store_true", help="keep the sizes OUT/scaling.json measured with the same "
+                    "settings; measure only the others")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="job config overrides")
     args = ap.parse_args(argv)
 
@@ -287,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = ScalingConfig(items=args.items, interactions_per_item=args.interactions_per_item,
                             interactions_per_user=args.interactions_per_user, seed=args.seed, config=args.config,
                             overrides=args.overrides, work=args.work, timeout_minutes=args.timeout_minutes)
-        doc = run(cfg)
+        previous = Path(args.out) / "scaling.json"
+        doc = run(cfg, json.loads(previous.read_text()) if args.add and previous.exists() else None)
         write_results(args.out, "scaling", doc, _markdown, _plot)
         print(f"scaling: results in {args.out}/scaling.md")
 

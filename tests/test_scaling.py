@@ -7,7 +7,7 @@ import json
 import math
 from datetime import UTC, datetime
 
-from benchmarks.scaling import ScalingConfig, _stage_rows, exponents, main
+from benchmarks.scaling import ScalingConfig, _stage_rows, exponents, main, run
 
 
 def test_exponents_are_log_log_slopes_between_sizes():
@@ -48,6 +48,14 @@ def test_tiny_sizes_end_to_end_with_the_job_refused_by_the_memory_check(tmp_path
     assert "job refused (exit 2)" in md and "teacher.train.recent_windows=1" in md
     assert (out / "scaling.png").stat().st_size > 1000
     assert (work / "items-30" / "data" / "interactions.parquet").exists()
+
+
+def test_sizes_measured_earlier_with_the_same_settings_are_kept():
+    cfg = ScalingConfig(items=[10, 20], work="/nonexistent")  # nothing is measured: both sizes are kept
+    earlier = {"config": {**cfg.model_dump(), "items": [10, 20, 40]},
+               "sizes": [{"items": n, "stages": {"teacher": {"seconds": n / 10}}} for n in (10, 20, 40)]}
+    doc = run(cfg, earlier)
+    assert [r["items"] for r in doc["sizes"]] == [10, 20] and doc["exponent_seconds"]["teacher"] == [1.0]
 
 
 def test_bad_arguments_are_one_line(capsys):
