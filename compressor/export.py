@@ -60,8 +60,8 @@ class ExportConfig(BaseModel):
     score_rtol: float | None = Field(
         1e-2, ge=0, description="max |score_onnx - score_torch| over the items each history ranks (both "
         "graphs' top-k), relative to the standard deviation of that history's scores over the catalogue: "
-        "what serving sees, scale-free (None = not judged). A correct SmolLM2-135M graph's worst history "
-        "reached 2.4e-3 in fp32 rounding; a graph with one wrong weight matrix is at 0.1 and above")
+        "what serving sees, scale-free (None = not judged); fp32 rounding stays far below it even on an "
+        "LLM's worst history, a graph with one wrong weight matrix lands far above it (tests/test_export.py)")
     rtol: float | None = Field(
         None, ge=0, description="max |hidden_onnx - hidden_torch| per history, relative to that history's "
         "largest |hidden_torch|, accepted (None = reported, not judged: one ill-conditioned history can "
