@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import logging
 import os
@@ -78,27 +77,9 @@ def cmd_train_teacher(args: argparse.Namespace) -> None:
           f"{summary['epochs_run']} epochs ({summary['stop_reason']}), valid NDCG@10 {best.get('ndcg@10', 0):.4f}")
 
 
-def _evaluated(spec: str, data, split: str, loaded=None):
-    """(EvalResult, extra JSON) of a baseline name or a model directory on `data`'s `split`;
-    `loaded` is the directory's (model, vocab) when the caller has read it already."""
-    from compressor.baselines import BASELINES, evaluate_baseline
-
-    if spec in BASELINES:
-        result, info = evaluate_baseline(spec, data, split)
-        return result, ({"fit": info} if info else {})
-    from compressor.evaluate import evaluate_model
-    from compressor.modeling import load_model, model_max_len
-
-    model, vocab = loaded or load_model(spec)
-    if not vocab.same_as(data.vocab):
-        raise CompressorError(f"{spec}: its item vocabulary differs from the one evaluated against "
-                              f"({vocab.num_items} vs {data.vocab.num_items} items)")
-    return evaluate_model(model, data.split(split), model_max_len(model), progress=True), {}
-
-
 def cmd_evaluate(args: argparse.Namespace) -> None:
+    from compressor.compare import compare, evaluate_named
     from compressor.data import prepare
-    from compressor.evaluate import paired_bootstrap
     from compressor.modeling import load_model
 
     if args.baseline and args.model_dir:
@@ -109,14 +90,14 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     loaded = load_model(args.model_dir) if args.model_dir else None
     data = prepare(args.data, args.format, vocab=loaded[1] if loaded else None)
     name = args.baseline or str(args.model_dir)
-    result, extra = _evaluated(name, data, args.split, loaded)
+    result, extra = evaluate_named(name, data, args.split, loaded, progress=True)
     payload = {**result.to_json(), "model": name, "split": args.split, **extra}
     if args.against:
         payload["against"] = {}
         for rival in args.against:
-            other, _ = _evaluated(rival, data, args.split)
-            payload["against"][rival] = {m: {"other": other.metrics[m], **paired_bootstrap(
-                result.per_user[m], other.per_user[m])} for m in ("ndcg@10", "hr@10")}
+            other, _ = evaluate_named(rival, data, args.split, progress=True)
+            payload["against"][rival] = {m: {"other": other.metrics[m], **d} for m, d in
+                                         compare(result, other, ("ndcg@10", "hr@10")).items()}
             d = payload["against"][rival]["ndcg@10"]
             log.info(f"NDCG@10 {result.metrics['ndcg@10']:.4f} vs {rival} {other.metrics['ndcg@10']:.4f}: "
                   f"difference {d['mean_diff']:+.4f}, 95% interval [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]"
@@ -245,54 +226,49 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 
 
 def cmd_truncate(args: argparse.Namespace) -> None:
-    from compressor.importance import DEFAULT_METHOD, check_method, load_importance, method_scores
-    from compressor.modeling import load_model_config, model_max_len
-    from compressor.select import DEFAULT_STRATEGY, choose_layers, parse_layers
-    from compressor.truncate import truncate_dir
+    from compressor.data import prepare
+    from compressor.importance import (
+        DEFAULT_METHOD,
+        ImportanceConfig,
+        check_method,
+        estimate,
+        layer_scores,
+    )
+    from compressor.modeling import model_max_len
+    from compressor.select import DEFAULT_STRATEGY, parse_layers
+    from compressor.truncate import choose_and_truncate
 
     if (args.layers is None) == (args.keep is None):
         raise CompressorError("give either --layers 0,5,10 or --keep K (with --method/--strategy)")
     if args.layers is not None and (args.method or args.strategy or args.importance):
         raise CompressorError("--method/--strategy/--importance go with --keep, not --layers")
-    L = load_model_config(args.teacher_dir).num_hidden_layers  # GPT-2's n_layer too
     method = check_method(args.method or DEFAULT_METHOD)
     source: dict = {}  # where the scores came from, recorded beside the choice
+    read: dict = {}
 
-    @functools.cache
-    def teacher_and_data():  # read once, only if importance or validation needs them
-        from compressor.data import prepare
-        from compressor.modeling import load_model
+    def data(vocab):  # read once, only if importance or validation needs it
+        if "data" not in read:
+            read["data"] = prepare(args.data, args.format, vocab=vocab)
+        return read["data"]
 
-        model, vocab = load_model(args.teacher_dir)
-        return model, prepare(args.data, args.format, vocab=vocab)
-
-    def scores() -> list[float]:
+    def scores(num_layers: int, teacher) -> list[float]:
         if args.importance:
-            doc = load_importance(args.importance)
-            if doc["num_layers"] != L:
-                raise CompressorError(f"{args.importance} scores {doc['num_layers']} layers, the teacher has {L}")
-            found, source["importance"] = method_scores(doc, method), str(args.importance)
-        else:
-            from compressor.importance import ImportanceConfig, estimate
-
-            model, data = teacher_and_data()
+            found = layer_scores(args.importance, method, num_layers)
+            source["importance"] = str(args.importance)
+        else:  # no importance file: this one method, estimated now
             cfg = ImportanceConfig(**({"samples": args.samples} if args.samples else {}))
-            found, source["importance"] = estimate(model, data, method, model_max_len(model), cfg).scores, "computed"
+            model, vocab = teacher()
+            found = estimate(model, data(vocab), method, model_max_len(model), cfg).scores
+            source["importance"] = "computed"
         source["scores"] = found
         return found
 
-    def judge(strategies: list[str], found: list[float], k: int):
-        from compressor.truncate import validated
-
-        model, data = teacher_and_data()
-        return validated(model, strategies, found, k, data, model_max_len(model))
-
-    choice = choose_layers(L, layers=None if args.layers is None else parse_layers(args.layers), keep=args.keep,
-                           method=method, strategy=args.strategy or DEFAULT_STRATEGY, scores=scores, judge=judge)
+    choice = choose_and_truncate(args.teacher_dir, args.out, data, method=method, keep=args.keep,
+                                 layers=None if args.layers is None else parse_layers(args.layers),
+                                 strategy=args.strategy or DEFAULT_STRATEGY, scores=scores, info=source)
     for row in choice.why.get("candidates", []):
         log.info(f"  {row['layers']} ({', '.join(row['strategies'])}): validation NDCG@10 {row['valid_ndcg@10']:.4f}")
-    out = truncate_dir(args.teacher_dir, args.out, choice.layers, {**choice.why, **source})
-    log.info(f"student keeping teacher layers {choice.layers} of {L} saved to {out}")
+    log.info(f"student keeping teacher layers {choice.layers} saved to {args.out}")
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
@@ -300,8 +276,7 @@ def cmd_distill(args: argparse.Namespace) -> None:
 
     from compressor.config import load_config
     from compressor.data import prepare
-    from compressor.distill import DistillConfig, distill
-    from compressor.modeling import load_model
+    from compressor.distill import DistillConfig, distill_dirs
 
     cfg = load_config(DistillConfig, args.config, _overrides(args))
     update = {k: v for k, v in (("method", args.method), ("importance_file", args.importance)) if v}
@@ -309,13 +284,8 @@ def cmd_distill(args: argparse.Namespace) -> None:
         cfg = DistillConfig.model_validate({**cfg.model_dump(), **update})
     except ValidationError as e:
         raise CompressorError(f"config: {e.errors()[0]['msg']}") from e
-    teacher, t_vocab = load_model(args.teacher)
-    student, s_vocab = load_model(args.student)
-    if not t_vocab.same_as(s_vocab):
-        raise CompressorError(f"{args.student} and {args.teacher} have different item vocabularies "
-                              f"({s_vocab.num_items} vs {t_vocab.num_items} items)")
-    data = prepare(args.data, args.format, vocab=t_vocab)
-    r = distill(teacher, student, data, cfg, args.out, resume=args.resume)
+    r = distill_dirs(args.teacher, args.student, lambda vocab: prepare(args.data, args.format, vocab=vocab), cfg,
+                     args.out, resume=args.resume)
     log.info(f"{cfg.method}: student saved to {r.model_dir}: {r.steps} steps ({r.stop_reason}), best valid "
           f"NDCG@10 {r.best_valid.get('ndcg@10', 0):.4f} at step {r.best_step}, {r.seconds:.0f} s")
 

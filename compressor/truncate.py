@@ -11,20 +11,32 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from compressor.data.protocol import RecData
+from compressor.data.vocab import ItemVocab
+from compressor.evaluate import evaluate_model
 from compressor.modeling import (
     count_parameters,
     decoder_parts,
     load_model,
+    load_model_config,
+    model_max_len,
     recsys_meta,
     save_model,
     set_recsys_meta,
 )
-from compressor.select import propose_layer_sets, validate_layers
+from compressor.select import (
+    DEFAULT_STRATEGY,
+    SELECTION,
+    LayerChoice,
+    choose_layers,
+    propose_layer_sets,
+    validate_layers,
+)
 
 TRUNCATION_FILE = "truncation.json"
 # Config lists that are not per layer even when their length happens to equal the depth.
@@ -78,10 +90,16 @@ def truncate(model: PreTrainedModel, layers: list[int]) -> PreTrainedModel:
 
 def truncate_dir(teacher_dir: str | Path, out_dir: str | Path, layers: list[int],
                  info: dict | None = None) -> Path:
-    """Load a teacher directory, keep `layers` (fewer than all), save the student with its item
-    vocabulary and a `truncation.json` (teacher, layers, parameters, and `info` such as the
-    method and strategy that chose the layers)."""
+    """Load a teacher directory, keep `layers` (fewer than all), save the student (`save_truncated`)."""
     teacher, vocab = load_model(teacher_dir)
+    return save_truncated(teacher, vocab, teacher_dir, out_dir, layers, info)
+
+
+def save_truncated(teacher: PreTrainedModel, vocab: ItemVocab, teacher_dir: str | Path, out_dir: str | Path,
+                   layers: list[int], info: dict | None = None) -> Path:
+    """Keep `layers` (fewer than all) of `teacher` (read from `teacher_dir`), save the student with
+    its item vocabulary and a `truncation.json` (teacher, layers, parameters, and `info` such as
+    the method and strategy that chose the layers)."""
     L = teacher.config.num_hidden_layers
     layers = validate_layers(layers, L)
     student = truncate(teacher, layers)
@@ -93,13 +111,42 @@ def truncate_dir(teacher_dir: str | Path, out_dir: str | Path, layers: list[int]
     return save_model(student, vocab, out_dir, {TRUNCATION_FILE: record})
 
 
+def choose_and_truncate(teacher_dir: str | Path, out_dir: str | Path, data: Callable[[ItemVocab], RecData], *,
+                        layers: list[int] | None = None, keep: int | None = None, method: str = "",
+                        strategy: str = DEFAULT_STRATEGY, candidates: Sequence[str] = tuple(SELECTION),
+                        scores: Callable[[int, Callable[[], tuple[PreTrainedModel, ItemVocab]]], list[float]]
+                        | None = None,
+                        info: dict | None = None) -> LayerChoice:
+    """The truncation stage, for the pipeline and `compressor truncate` alike: choose the kept
+    layers (`select.choose_layers`: an explicit list, or `keep` layers by `strategy` over
+    `scores(num_layers, teacher)`, the validated strategy judging proposals on `data(vocab)`'s
+    validation split) and save the student. The choice is checked against the teacher's config
+    before the teacher is read, once, when first needed (`teacher()` gives the model and its
+    vocabulary). `info`: more for `truncation.json`, read when the student is saved."""
+    num_layers = load_model_config(teacher_dir).num_hidden_layers  # GPT-2's n_layer too
+    read: list = []
+
+    def teacher() -> tuple[PreTrainedModel, ItemVocab]:
+        if not read:
+            read.append(load_model(teacher_dir))
+        return read[0]
+
+    def judge(strategies: list[str], found: list[float], k: int):
+        model, vocab = teacher()
+        return validated(model, strategies, found, k, data(vocab), model_max_len(model))
+
+    choice = choose_layers(num_layers, layers=layers, keep=keep, method=method, strategy=strategy,
+                           candidates=candidates, judge=judge,
+                           scores=None if scores is None else lambda: scores(num_layers, teacher))
+    save_truncated(*teacher(), teacher_dir, out_dir, choice.layers, {**choice.why, **(info or {})})
+    return choice
+
+
 def validated(teacher: PreTrainedModel, strategies: list[str], scores: list[float], k: int,
               data: RecData, max_len: int) -> tuple[list[int], list[dict]]:
     """Let each strategy propose k layers, truncate the teacher to every distinct proposal and keep
     the one with the best validation NDCG@10 (untrained, so it measures the layers themselves).
     The test split is never touched. Returns the layers and one row per proposal."""
-    from compressor.evaluate import evaluate_model
-
     valid = data.split("valid")
     rows = []
     for layers, names in propose_layer_sets(strategies, scores, k).items():

@@ -23,16 +23,13 @@ import torch
 
 from compressor.errors import CompressorError
 from compressor.fisher import depth_bias_factors, normalise
-from compressor.importance import load_importance, method_scores, validate_importance
+from compressor.importance import layer_scores
 
 
 def read_fisher_scores(source: str | Path | dict, n_layers: int) -> np.ndarray:
     """Per-teacher-layer Fisher scores from an `importance.json` (path, or its parsed content),
     read and checked by the importance stage's own reader."""
-    doc = validate_importance(source, "importance") if isinstance(source, dict) else load_importance(source)
-    if doc["num_layers"] != n_layers:
-        raise CompressorError(f"importance: {doc['num_layers']} layers scored, the teacher has {n_layers}")
-    scores = np.asarray(method_scores(doc, "fisher"), dtype=np.float64)
+    scores = np.asarray(layer_scores(source, "fisher", n_layers), dtype=np.float64)
     if np.any(scores < 0):
         raise CompressorError("importance: Fisher scores must be non-negative")
     return scores

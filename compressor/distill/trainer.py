@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from compressor import distributed as dist
 from compressor.atomic import atomic_write_json
 from compressor.config import dump_config
 from compressor.data.protocol import RecData, left_pad, training_windows
+from compressor.data.vocab import ItemVocab
 from compressor.distill.config import DistillConfig
 from compressor.distill.fisher_weights import read_fisher_scores
 from compressor.distill.losses import get_loss
@@ -30,7 +32,7 @@ from compressor.distill.step import Distiller, attention_implementation, frozen
 from compressor.errors import CompressorError
 from compressor.evaluate import evaluate_model
 from compressor.fisher import estimate_layer_fisher
-from compressor.modeling import model_max_len, save_model, set_recsys_meta
+from compressor.modeling import load_model, model_max_len, save_model, set_recsys_meta
 from compressor.teacher import next_item_loss
 from compressor.training import RESUMABLE_FIELDS, Loop, Trainer, autocast
 
@@ -100,6 +102,18 @@ def teacher_fisher(teacher, cfg: DistillConfig, importance: dict | None, windows
     with autocast(device, cfg.train.precision):  # gradients of the fp32 parameters stay fp32
         scores = estimate_layer_fisher(teacher, batches, next_item_loss)
     return scores, f"estimated ({len(batches)} batches)"
+
+
+def distill_dirs(teacher_dir: str | Path, student_dir: str | Path, data: Callable[[ItemVocab], RecData],
+                 cfg: DistillConfig, out_dir: str | Path, **kw) -> DistillResult:
+    """`distill` on two model directories, for the pipeline and `compressor distill` alike: both are
+    read (once), must share one item vocabulary, and `data(vocabulary)` is what they are trained on."""
+    teacher, t_vocab = load_model(teacher_dir)
+    student, s_vocab = load_model(student_dir)
+    if not t_vocab.same_as(s_vocab):
+        raise CompressorError(f"{student_dir} and {teacher_dir} have different item vocabularies "
+                              f"({s_vocab.num_items} vs {t_vocab.num_items} items)")
+    return distill(teacher, student, data(t_vocab), cfg, out_dir, **kw)
 
 
 def fingerprint(cfg: DistillConfig) -> dict:

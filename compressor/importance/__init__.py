@@ -239,6 +239,17 @@ def method_scores(doc: dict, method: str) -> list[float]:
     return [float(x) for x in doc["methods"][method]["scores"]]
 
 
+def layer_scores(source: str | Path | dict, method: str, num_layers: int) -> list[float]:
+    """One method's per-layer scores from an importance.json (a path, its directory, or its parsed
+    content), checked against the depth of the model they are for: what every reader (truncation,
+    distillation's Fisher weights; pipeline and CLI alike) goes through."""
+    doc = validate_importance(source, "importance") if isinstance(source, dict) else load_importance(source)
+    if doc["num_layers"] != num_layers:
+        where = "importance" if isinstance(source, dict) else str(source)
+        raise CompressorError(f"{where}: {doc['num_layers']} layers scored, the teacher has {num_layers}")
+    return method_scores(doc, method)
+
+
 def estimate(model: PreTrainedModel, data: RecData, method: str, max_len: int,
              cfg: ImportanceConfig | None = None) -> LayerScores:
     """One method's scores (what `truncate --keep` uses when no importance file is given)."""
@@ -251,5 +262,5 @@ __all__ = [
     "IMPORTANCE", "IMPORTANCE_FILE", "DEFAULT_METHOD", "ALL_METHODS", "DEFAULT_METHODS", "ImportanceConfig",
     "FisherOptions", "LayerScores", "ImportanceResult", "ProbeSet", "fisher_layer_weights",
     "combine", "spearman", "top_k_overlap", "depth_bands", "depth_shares", "run_importance", "write_importance", "load_importance", "validate_importance",
-    "method_scores", "estimate", "check_method", "capture_layer_io", "skip_layers", "loss_and_ndcg",
+    "method_scores", "layer_scores", "estimate", "check_method", "capture_layer_io", "skip_layers", "loss_and_ndcg",
 ]

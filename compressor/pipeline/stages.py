@@ -190,23 +190,17 @@ def stage_importance(ctx: Context) -> LayerImportance:
 
 
 def stage_truncate(ctx: Context) -> TruncatedStudent:
-    from compressor.importance import load_importance, method_scores
-    from compressor.modeling import load_model
-    from compressor.select import choose_layers
-    from compressor.truncate import truncate_dir, validated
+    from compressor.importance import layer_scores
+    from compressor.truncate import choose_and_truncate
 
     sel, teacher = ctx.cfg.selection, ctx.result(TrainedTeacher)
 
-    def judge(strategies: list[str], scores: list[float], k: int):
-        model, _ = load_model(ctx.path(teacher.model))
-        return validated(model, strategies, scores, k, run_data(ctx), teacher.max_len)
+    def scores(num_layers: int, teacher) -> list[float]:
+        return layer_scores(ctx.path(ctx.result(LayerImportance).importance), sel.method, num_layers)
 
-    def scores() -> list[float]:
-        return method_scores(load_importance(ctx.path(ctx.result(LayerImportance).importance)), sel.method)
-
-    choice = choose_layers(teacher.num_layers, layers=sel.layers, keep=sel.keep, method=sel.method,
-                           strategy=sel.strategy, candidates=sel.candidates, scores=scores, judge=judge)
-    truncate_dir(ctx.path(teacher.model), ctx.path("models/truncated"), choice.layers, choice.why)
+    choice = choose_and_truncate(ctx.path(teacher.model), ctx.path("models/truncated"), lambda vocab: run_data(ctx),
+                                 layers=sel.layers, keep=sel.keep, method=sel.method, strategy=sel.strategy,
+                                 candidates=sel.candidates, scores=scores)
     return TruncatedStudent(model=Path("models/truncated"), layers=choice.layers, why=choice.why)
 
 
@@ -233,22 +227,19 @@ def stage_lowrank(ctx: Context) -> FactorizedStudent:
 
 
 def stage_distill(ctx: Context) -> DistilledStudent:
-    from compressor.distill import distill
-    from compressor.modeling import load_model
+    from compressor.distill import distill_dirs
 
     src = _student_input(ctx)
     cfg = ctx.cfg.distill
     if not cfg.enabled:
         return DistilledStudent(model=src, method=None)
-    teacher, _ = load_model(ctx.path(ctx.result(TrainedTeacher).model))
-    student, _ = load_model(ctx.path(src))
     importance = None
     if ctx.has(LayerImportance):
         from compressor.importance import load_importance
 
         importance = load_importance(ctx.path(ctx.result(LayerImportance).importance))
-    result = distill(teacher, student, run_data(ctx), cfg, ctx.work_dir("distill"), importance=importance,
-                     max_len=run_max_len(ctx), resume=True)
+    result = distill_dirs(ctx.path(ctx.result(TrainedTeacher).model), ctx.path(src), lambda vocab: run_data(ctx), cfg,
+                          ctx.work_dir("distill"), importance=importance, max_len=run_max_len(ctx), resume=True)
     training = {k: v for k, v in result.to_json().items() if k not in ("log_path", "model_dir", "method")}
     return DistilledStudent(model=result.model_dir.relative_to(ctx.run_dir),
                             log=result.log_path.relative_to(ctx.run_dir), method=result.method, training=training)
@@ -266,13 +257,9 @@ def stage_export(ctx: Context) -> ExportedArtifacts:
 def stage_evaluate(ctx: Context) -> Evaluation:
     """Test metrics of every model the run made, the baselines, the served ONNX graphs, and
     paired bootstraps of the student against the teacher and the truncated floor."""
-    from compressor.baselines import ease_skip_reason, evaluate_baseline
-    from compressor.evaluate import (
-        artifact_scorer,
-        evaluate_model,
-        evaluate_scorer,
-        paired_bootstrap,
-    )
+    from compressor.baselines import ease_skip_reason
+    from compressor.compare import evaluate_named
+    from compressor.evaluate import artifact_scorer, evaluate_scorer, paired_bootstrap
     from compressor.modeling import count_parameters, load_model
 
     test = run_data(ctx).split("test")
@@ -283,17 +270,17 @@ def stage_evaluate(ctx: Context) -> Evaluation:
     models["student"] = ctx.result(DistilledStudent).model
     results, per_user, params = {}, {}, {}
     for name, path in models.items():
-        model, _ = load_model(ctx.path(path))
-        res = evaluate_model(model, test, run_max_len(ctx))
-        results[name], per_user[name], params[name] = res.metrics, res.per_user["ndcg@10"], count_parameters(model)
+        loaded = load_model(ctx.path(path))
+        res, _ = evaluate_named(ctx.path(path), run_data(ctx), "test", loaded, run_max_len(ctx))
+        results[name], per_user[name], params[name] = res.metrics, res.per_user["ndcg@10"], count_parameters(loaded[0])
     skipped = {}
     for name in ctx.cfg.evaluate.baselines:
         if name == "ease" and (why := ease_skip_reason(run_data(ctx).vocab.num_items, ctx.cfg.evaluate.ease_max_items)):
             ctx.log(f"[evaluate] {why}")
             skipped[name] = why
             continue
-        res, info = evaluate_baseline(name, run_data(ctx), "test")
-        results[name], per_user[name] = {**res.metrics, **({"fit": info} if info else {})}, res.per_user["ndcg@10"]
+        res, extra = evaluate_named(name, run_data(ctx), "test")
+        results[name], per_user[name] = {**res.metrics, **extra}, res.per_user["ndcg@10"]
     for art, path in _onnx_graphs(ctx):
         scorer, _ = artifact_scorer(path.parent, path.name)
         key = f"{art}:{path.name}"
