@@ -120,3 +120,34 @@ def teacher_candidates(teacher_hidden: torch.Tensor, teacher_table: torch.Tensor
             top = vals.topk(min(k, vals.shape[1]), dim=1)
             best_v, best_i = top.values, ids.gather(1, top.indices)
     return torch.cat([best_i, negatives.expand(n, -1)], dim=1)
+
+
+class SampledNextItemLoss(torch.nn.Module):
+    """The teacher's training forward with a sampled softmax: the decoder body, then the loss over
+    each labelled position's target and `negatives` items shared by the batch, drawn from
+    `proposal`. A module, like the full-softmax one, so DDP sees the whole forward. The item head's
+    weight is read directly (tied or not), so the (N, V) logits are never formed; under FSDP that
+    weight is sharded, hence DDP (or one process) only."""
+
+    def __init__(self, model, proposal: Proposal, negatives: int) -> None:
+        super().__init__()
+        self.model, self.proposal, self.negatives = model, proposal, negatives
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        from compressor.modeling import hidden_states
+
+        h = hidden_states(self.model, ids, mask).last_hidden_state
+        keep = labels != -100
+        head = self.model.get_output_embeddings()
+        negs = self.proposal.sample(self.negatives).to(h.device)
+        return sampled_softmax_loss(h[keep], head.weight, labels[keep], negs, self.proposal.log_q.to(h.device),
+                                    getattr(head, "bias", None))
+
+
+def train_proposal(sequences, vocab_size: int, alpha: float, num_special: int = 1) -> Proposal:
+    """Q ∝ (training count + 1)^alpha over the items of `sequences` (token arrays)."""
+    import numpy as np
+
+    flat = np.concatenate(list(sequences)) if len(sequences) else np.zeros(0, dtype=np.int64)
+    counts = torch.from_numpy(np.bincount(flat, minlength=vocab_size).astype(np.float64))
+    return Proposal.popularity(counts, alpha, num_special)

@@ -101,3 +101,27 @@ def test_teacher_candidates_are_the_top_k_found_chunk_by_chunk(batch):
     scores[:, 0] = float("-inf")
     assert cands.shape == (N, 7) and (cands[:, 5:] == negs).all()
     assert torch.equal(cands[:, :5].sort(1).values, scores.topk(5, dim=1).indices.sort(1).values)
+
+
+def test_the_model_level_loss_trains_the_decoder_and_only_the_sampled_item_rows(tiny_data):
+    from compressor.sampled_softmax import SampledNextItemLoss, train_proposal
+    from compressor.teacher import build_teacher
+    from tests.conftest import tiny_teacher_config
+
+    cfg = tiny_teacher_config(num_layers=2)
+    model = build_teacher(cfg, tiny_data.vocab)
+    q = train_proposal(tiny_data.train_sequences(), tiny_data.vocab.size, alpha=0.75)
+    assert q.probs[0] == 0 and q.probs.sum().item() == pytest.approx(1.0)
+    loss_module = SampledNextItemLoss(model, q, negatives=16)
+    ids = torch.tensor([[0, 3, 4, 5], [6, 7, 8, 9]])
+    mask = (ids != 0).long()
+    labels = torch.tensor([[-100, 4, 5, 6], [7, 8, 9, 10]])
+    torch.manual_seed(0)
+    loss = loss_module(ids, mask, labels)
+    assert torch.isfinite(loss) and loss.item() > 0
+    loss.backward()
+    table = model.get_output_embeddings().weight
+    touched = (table.grad.abs().sum(1) > 0).nonzero().flatten().tolist()
+    # tied embeddings: the input ids, the targets and the 16 negatives at most
+    assert len(touched) <= 10 + 16 and all(t in touched for t in (4, 5, 6, 7, 8, 9, 10))
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "layers" in n)
