@@ -20,14 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-from compressor.atomic import atomic_write, atomic_write_json
+from compressor.atomic import atomic_directory, atomic_write, atomic_write_json  # noqa: F401 (re-exported)
 from compressor.errors import ArtifactError
 
 FORMAT_VERSION = 1
@@ -139,28 +134,3 @@ def is_artifact(directory: str | Path) -> bool:
         return False
 
 
-@contextmanager
-def atomic_directory(out: str | Path) -> Iterator[Path]:
-    """Yield a temp directory beside `out`; on success it replaces `out`, on any error it is removed.
-
-    A reader never sees a half-written `out`: it is the old directory or the new one."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; an artifact is an ordinary directory
-        yield tmp
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            if old.exists():
-                shutil.rmtree(old)
-            out.rename(old)
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -8,9 +8,6 @@ recommendation is the output head applied to the last position's final hidden st
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +18,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
+from compressor.atomic import atomic_directory
 from compressor.data.vocab import VOCAB_FILE, ItemVocab
 from compressor.errors import ArtifactError
 from compressor.model_card import CARD_FILE, build_card
@@ -236,28 +234,18 @@ def load_factorized(directory: str | Path, config, attn: str = "sdpa") -> PreTra
 
 def save_model(model: PreTrainedModel, vocab: ItemVocab, directory: str | Path, extra: dict | None = None) -> Path:
     """Write checkpoint + item vocabulary (+ extra JSON files) + a model card (README.md)
-    atomically: a temp dir, then rename."""
+    atomically (`atomic.atomic_directory`: a temp dir, then rename)."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     dataset = next((v["data"] for v in (extra or {}).values() if isinstance(v, dict) and isinstance(v.get("data"), str)), None)
     if dataset:  # recorded in the config, so students cut from this model still name their data
         set_recsys_meta(model, dataset=dataset)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with atomic_directory(directory) as tmp:
         model.save_pretrained(tmp)
         vocab.save(tmp)
         for name, payload in (extra or {}).items():
             (tmp / name).write_text(json.dumps(payload, indent=2, default=str))
         (tmp / CARD_FILE).write_text(_card(model, vocab, extra or {}), encoding="utf-8")
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; a model directory is an ordinary one
-        if directory.exists():
-            shutil.rmtree(directory)
-        tmp.rename(directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 

@@ -22,7 +22,6 @@ precision: `compressor.quantize_budget`). `compare_onnx` scores two graphs on th
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from compressor.atomic import atomic_path
 from compressor.data.protocol import left_pad
 from compressor.data.vocab import PAD_ID
 from compressor.errors import CompressorError
@@ -188,7 +188,7 @@ def bf16_support() -> tuple[bool, str]:
 def quantize_onnx(src: str | Path, dst: str | Path, mode: str = "int8", per_channel: bool = True,
                   exclude: Sequence[str] = (), calibration: Sequence[dict] | None = None,
                   block_size: int | None = None, accuracy_level: int | None = None) -> Path:
-    """Write the quantized graph of `src` to `dst` (atomically: a temp file, then rename).
+    """Write the quantized graph of `src` to `dst` (atomically: `atomic.atomic_path`).
 
     `per_channel` (int8 methods) gives each output column of a weight its own scale. Measured on
     a 16-layer, 64-wide Llama (one training epoch) on ml-latest-small's 610 test users (1 thread):
@@ -208,9 +208,9 @@ def quantize_onnx(src: str | Path, dst: str | Path, mode: str = "int8", per_chan
     src, dst = Path(src), Path(dst)
     _load(src)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".quantize.", dir=dst.parent) as tmp:
-        job = QuantJob(src, Path(tmp) / dst.name, Path(tmp), per_channel, tuple(exclude), calibration,
-                       block_size, accuracy_level)
+    # intermediates (the pre-processed graph) in a scratch directory; the result beside `dst`
+    with tempfile.TemporaryDirectory(prefix=".quantize.", dir=dst.parent) as tmp, atomic_path(dst) as out:
+        job = QuantJob(src, out, Path(tmp), per_channel, tuple(exclude), calibration, block_size, accuracy_level)
         try:
             QUANTIZERS[mode](job)
         except CompressorError:
@@ -218,7 +218,6 @@ def quantize_onnx(src: str | Path, dst: str | Path, mode: str = "int8", per_chan
         except Exception as e:  # ORT's quantizer raises many types; the user needs the cause in one line
             raise CompressorError(f"{mode} quantization of {src} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
         _check_runs(job.dst)
-        os.replace(job.dst, dst)
     return dst
 
 
