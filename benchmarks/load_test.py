@@ -95,7 +95,7 @@ class LoadTestConfig(BaseModel):
 def service_env(cfg: LoadTestConfig, artifact: Path, role: str = "student") -> dict:
     """Identical settings for teacher and student; only the artifact (and, when asked, the ONNX
     file the role serves) differs."""
-    home = Path(tempfile.gettempdir()) / "recsys-bench-bentoml-home"  # outside the project (NOTES.md)
+    home = Path(tempfile.gettempdir()) / "recsys-bench-bentoml-home"  # outside the project, or `bentoml build` packs it
     model_file = getattr(cfg, f"{role}_model_file")
     return {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true",
             "RECSYS_ARTIFACT_DIR": str(artifact.resolve()),

@@ -168,8 +168,9 @@ def bentoml_cmd(port: int, host: str = "127.0.0.1", service: str = SERVICE,
 
 
 def server_env(home: Path, **recsys: str) -> dict[str, str]:
-    """os.environ plus a BentoML home outside the project (NOTES.md), no telemetry, this
-    checkout first on PYTHONPATH (so the server imports this code), and RECSYS_* settings."""
+    """os.environ plus a BentoML home outside the project (inside it, a Bento build packs it), no
+    telemetry, this checkout first on PYTHONPATH (so the server imports this code), and RECSYS_*
+    settings."""
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     return {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true",
             "PYTHONPATH": path, **recsys}

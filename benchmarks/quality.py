@@ -44,6 +44,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
+import json
 import shutil
 import sys
 import time
@@ -85,6 +87,41 @@ def cell_name(method: str, k: int, seed: int) -> str:
     return f"{method}_d{k}_s{seed}"
 
 
+def fingerprint(payload) -> str:
+    """A short hash of everything that decides a result: a stored result is reused only when the
+    rerun's fingerprint is the same (a cell's name alone would reuse numbers of another config)."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def dir_digest(directory: str | Path) -> str:
+    """The content of a model directory's files (weights, config, vocabulary): the teacher itself,
+    not its path."""
+    h = hashlib.sha256()
+    for p in sorted(q for q in Path(directory).rglob("*") if q.is_file()):
+        h.update(p.relative_to(directory).as_posix().encode())
+        with p.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+def cell_key(setup: str, method: str, k: int, seed: int, layers: list[int], scores, base: DistillConfig,
+             scratch_lr: float, prune: dict | None) -> str:
+    """What decides a cell's numbers: the setup (teacher, data, history window), its layers and
+    pruning, and, for a trained cell, the Fisher scores and its whole distillation config."""
+    trained = {} if method == "truncated" else {
+        "fisher_scores": [float(x) for x in scores], "config": base.model_dump(mode="json"),
+        **({"scratch_lr": scratch_lr} if method == "scratch" else {})}
+    return fingerprint({"setup": setup, "method": method, "depth": k, "seed": seed, "layers": layers,
+                        "prune": prune, **trained})
+
+
+def finished(path: Path, key: str) -> dict | None:
+    """A stored result (a cell, the common setup, the overhead) when it was made with `key`."""
+    doc = read_json(path)
+    return doc if doc is not None and doc.get("key") == key else None
+
+
 def test_result(model, data, max_len: int) -> dict:
     r = evaluate_model(model, data.split("test"), max_len)
     return {"test": r.metrics, "per_user_ndcg10": r.per_user["ndcg@10"].tolist()}
@@ -102,7 +139,7 @@ def scratch_student(student, seed: int):
 
 
 def run_cell(args, method: str, k: int, seed: int, teacher, student0, data, base: DistillConfig,
-             scores: np.ndarray, max_len: int, out: Path) -> dict:
+             scores: np.ndarray, max_len: int, out: Path, key: str) -> dict:
     name = cell_name(method, k, seed)
     if method == "truncated":
         return {"cell": name, "method": method, "depth": k, "seed": seed, "seconds": 0.0,
@@ -117,6 +154,9 @@ def run_cell(args, method: str, k: int, seed: int, teacher, student0, data, base
         cfg = base.model_copy(update={"method": method, "train": base.train.model_copy(update={"seed": seed})})
     cfg = DistillConfig.model_validate(cfg.model_dump())
     run_dir = out / "runs" / name
+    if finished(run_dir / "key.json", key) is None:  # an interrupted cell of another config: start afresh
+        shutil.rmtree(run_dir, ignore_errors=True)
+        write_json(run_dir / "key.json", {"key": key})
     fisher_doc = {"num_layers": len(scores),  # importance.json's shape, for its one reader
                   "methods": {"fisher": {"scores": scores.tolist(), "weights": normalise(scores).tolist()}}}
     r = distill(teacher, student, data, cfg, run_dir, importance=fisher_doc,
@@ -358,7 +398,16 @@ def run(args) -> dict:
         if not 1 <= k < L:
             raise CompressorError(f"depth {k}: a student of a {L}-layer teacher keeps 1..{L - 1} layers")
     info = machine_info()
-    common = read_json(out / "common.json")
+    setup = fingerprint({"teacher": dir_digest(args.teacher), "data": data.interactions.fingerprint(),
+                         "max_len": max_len})
+    # the Fisher scores (given, or estimated as `teacher_fisher` does: from these config fields) and
+    # the layers chosen from them
+    t = base.train
+    estimated = {"fisher_batches": base.fisher_batches, "batch_size": t.batch_size, "seed": t.seed,
+                 "precision": t.precision}
+    common_key = fingerprint({"setup": setup, "importance": file_digest(args.importance), "layers": args.layers,
+                              "strategy": args.strategy, "estimated": None if args.importance else estimated})
+    common = finished(out / "common.json", common_key)
     if common is None:
         if args.importance:
             scores, source = read_fisher_scores(args.importance, L), args.importance
@@ -368,7 +417,7 @@ def run(args) -> dict:
                 scores, source = teacher_fisher(teacher, base, None, windows, max_len, "cpu")
         explicit = parse_layer_spec(args.layers)
         layers = {k: explicit.get(k) or select_layers(args.strategy, scores, k) for k in depths}
-        common = {"fisher_scores": list(map(float, scores)), "fisher_source": source, "layers": layers,
+        common = {"key": common_key, "fisher_scores": list(map(float, scores)), "fisher_source": source, "layers": layers,
                   "strategy": "explicit" if args.layers else args.strategy,
                   "teacher": {"path": args.teacher, **test_result(teacher, data, max_len)}}
         write_json(out / "common.json", common)
@@ -380,6 +429,7 @@ def run(args) -> dict:
     if new and not args.report_only:  # a run that adds depths records their layers beside the first ones
         write_json(out / "common.json", {**common, "layers": {str(k): v for k, v in sorted(layers.items())}})
     all_methods = methods + floors
+    overhead = None
     cells = []
     t_start = time.time()
     prune_reports = {}
@@ -392,24 +442,32 @@ def run(args) -> dict:
                 if isinstance(part, dict):
                     part.pop("scores", None)
         student0.eval()
+        prune = None if prune_cfg is None else prune_cfg.model_dump(mode="json")
         for seed in seeds:
             for m in all_methods:
                 if m == "truncated" and seed != seeds[0]:
                     continue
                 path = out / "cells" / f"{cell_name(m, k, seed)}.json"
-                row = read_json(path)
+                key = cell_key(setup, m, k, seed, layers[k], scores, base, args.scratch_lr, prune)
+                row = finished(path, key)
                 if row is None:
                     if args.report_only:
                         continue
                     print(f"[{time.time() - t_start:6.0f}s] depth {k} seed {seed} {m}", flush=True)
-                    row = run_cell(args, m, k, seed, teacher, student0, data, base, scores, max_len, out)
+                    row = {"key": key, **run_cell(args, m, k, seed, teacher, student0, data, base, scores, max_len,
+                                                  out, key)}
                     write_json(path, row)
                 cells.append(row)
         ov_path = out / f"overhead_d{k}.json"
-        if k == depths[0] and args.overhead_steps and not args.report_only and read_json(ov_path) is None:
-            with attention_implementation([teacher], None):
-                write_json(ov_path, {"depth": k, **step_overhead(teacher, student0, data, base, scores, max_len,
-                                                                 args.overhead_steps)})
+        ov_key = fingerprint({"setup": setup, "layers": layers[k], "prune": prune, "config": base.model_dump(mode="json"),
+                              "fisher_scores": [float(x) for x in scores], "steps": args.overhead_steps})
+        if k == depths[0]:
+            overhead = finished(ov_path, ov_key)
+            if overhead is None and args.overhead_steps and not args.report_only:
+                with attention_implementation([teacher], None):
+                    overhead = {"key": ov_key, "depth": k, **step_overhead(teacher, student0, data, base, scores,
+                                                                           max_len, args.overhead_steps)}
+                write_json(ov_path, overhead)
     summary = {
         "teacher": args.teacher, "teacher_layers": L, "data": data.name, "depths": depths, "seeds": seeds,
         "methods": all_methods, "layers": {str(k): layers[k] for k in depths}, "strategy": common["strategy"],
@@ -418,9 +476,9 @@ def run(args) -> dict:
         "config": base.model_dump(mode="json"), "machine": info,
         "prune": None if prune_cfg is None else {"config": prune_cfg.model_dump(mode="json"),
                                                  "by_depth": {str(k): r for k, r in prune_reports.items()}},
-        "overhead": read_json(out / f"overhead_d{depths[0]}.json"),
+        "overhead": overhead,
         "aggregate": aggregate(cells, common["teacher"], depths, all_methods, L),
-        "cells": [{k: v for k, v in c.items() if k != "per_user_ndcg10"} for c in cells],
+        "cells": [{k: v for k, v in c.items() if k not in ("per_user_ndcg10", "key")} for c in cells],
     }
     write_json(out / "quality.json", summary)
     write_report(out, summary)
@@ -431,9 +489,12 @@ def run(args) -> dict:
 
 
 def read_json(path: Path):
-    import json
-
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def file_digest(path: str | None) -> str | None:
+    """The content hash of a file (an importance.json), None for none."""
+    return None if path is None else hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 if __name__ == "__main__":

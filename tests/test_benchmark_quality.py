@@ -70,6 +70,14 @@ def test_quality_benchmark_end_to_end_and_resumable(tiny_teacher_dir, tmp_path, 
     assert main(argv) == 0
     assert "seed" not in capsys.readouterr().out
     assert mtimes == {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
+    # a rerun with another config into the same folder trains its cells again (they are keyed by a
+    # fingerprint of everything that decides them, not by name); the untrained floor does not change
+    assert main(argv + ["--set", "gamma=0.7", "--seeds", "0", "--floors", "truncated", "--overhead-steps", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "seed 0 fisher_ld" in printed and "truncated" not in printed
+    assert json.loads((out / "quality.json").read_text())["config"]["gamma"] == 0.7
+    assert json.loads((out / "cells" / "fisher_ld_d2_s0.json").read_text())["key"] != json.loads(
+        (out / "cells" / "fisher_ld_d2_s1.json").read_text())["key"]
     # --floors picks the floors reported (comparing layer sets needs no scratch student)
     assert main(argv + ["--floors", "truncated", "--report-only"]) == 0
     assert set(json.loads((out / "quality.json").read_text())["aggregate"]["table"]["2"]) == {"fisher_ld", "truncated"}

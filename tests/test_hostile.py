@@ -271,7 +271,7 @@ def _break(kind: str, src: Path, dst: Path) -> dict[str, str]:
         graph = helper.make_graph([helper.make_node("Cast", ["input_ids"], ["out"], to=TensorProto.FLOAT)],
                                   "not_the_encoder", [ids, mask], [out])
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-        model.ir_version = 10  # ONNX Runtime 1.31 reads IR <= 13 (NOTES.md)
+        model.ir_version = 10  # ONNX Runtime 1.31 reads IR <= 13; onnx 1.23's helpers write 14
         onnx.save(model, dst / "model.onnx")
         return {"RECSYS_VERIFY_ARTIFACT": "0"}
     if kind == "truncated_npy":
