@@ -340,7 +340,7 @@ def cmd_recommend(args: argparse.Namespace) -> None:
         r = recommend_all(args.model_dir, data, args.k, args.out, args.batch_size, args.onnx, args.threads,
                           histories=args.histories)
         part = f" (part {r.rank + 1} of {r.world_size}; every rank wrote its own)" if r.world_size > 1 else ""
-        log.info(f"top-{args.k} items of {r.users:,} users written to {r.path}{part}")
+        log.info(f"top-{args.k} items of {r.users:,} users written to {r.path}{part} ({r.seconds:.1f} s)")
     if args.items_out and int(os.environ.get("RANK", "0")) == 0:
         log.info(f"item embeddings written to {write_item_embeddings(args.model_dir, args.items_out)}")
 

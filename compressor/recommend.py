@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,7 @@ class ScoringResult:
     rows: int
     rank: int
     world_size: int
+    seconds: float = 0.0  # scoring and writing (reading the artifact and the data excluded)
 
 
 def _pyarrow():
@@ -283,6 +285,7 @@ def recommend_all(artifact_dir: str | Path, data: RecData | None, k: int, out: s
     bar = dist.bar_options() if progress else {"disable": True}  # TQDM_DISABLE still works on rank 0
     users = rows = 0
     writer = None
+    t0 = time.perf_counter()
     try:
         with tqdm(desc="recommend", unit="user", **bar) as pbar:
             for n, table in _batches(data, histories, batch_size, scorer):
@@ -301,7 +304,7 @@ def recommend_all(artifact_dir: str | Path, data: RecData | None, k: int, out: s
             writer.close()
         tmp.unlink(missing_ok=True)
         raise
-    return ScoringResult(path, users, rows, dist.rank(), dist.world_size())
+    return ScoringResult(path, users, rows, dist.rank(), dist.world_size(), time.perf_counter() - t0)
 
 
 def write_item_embeddings(artifact_dir: str | Path, path: str | Path) -> Path:
