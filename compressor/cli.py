@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from compressor import __version__
@@ -346,8 +347,6 @@ def cmd_recommend(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from compressor.select import DEFAULT_STRATEGY, SELECTION  # numpy only: --help stays quick
-
     parser = _Parser(prog="compressor", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
@@ -358,27 +357,36 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, **kw) -> argparse.ArgumentParser:
         return sub.add_parser(name, parents=[common], **kw)  # every command takes -v/-q
 
-    def config_args(p: argparse.ArgumentParser, model: str, example: str) -> None:
-        """--config and key=value overrides, the same way on every command that takes a config."""
-        p.add_argument("--config", help=f"YAML with {model} fields, or a bundled config name")
-        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=f"override a config field, e.g. {example}")
-        p.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="same as a positional KEY=VALUE")
+    _model_commands(command)
+    _job_commands(command)
+    return parser
 
-    def data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-        p.add_argument("--data", required=required, default="ml-latest-small",
-                       help="bundled name (ml-latest-small) or a folder/file of interactions")
-        p.add_argument("--format", default="auto", help="auto, ml-latest, ml-100k, ml-1m or generic")
 
+def _config_args(p: argparse.ArgumentParser, model: str, example: str) -> None:
+    """--config and key=value overrides, the same way on every command that takes a config."""
+    p.add_argument("--config", help=f"YAML with {model} fields, or a bundled config name")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=f"override a config field, e.g. {example}")
+    p.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="same as a positional KEY=VALUE")
+
+
+def _data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--data", required=required, default="ml-latest-small",
+                   help="bundled name (ml-latest-small) or a folder/file of interactions")
+    p.add_argument("--format", default="auto", help="auto, ml-latest, ml-100k, ml-1m or generic")
+
+
+def _model_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
+    """train-teacher, evaluate, prune, lowrank, quantize, run (in `--help` order)."""
     p = command("train-teacher", help="train the teacher recommender")
-    data_args(p)
+    _data_args(p)
     p.add_argument("--out", required=True, help="model directory to write")
-    config_args(p, "TeacherConfig", "num_layers=4 train.epochs=2")
+    _config_args(p, "TeacherConfig", "num_layers=4 train.epochs=2")
     p.set_defaults(func=cmd_train_teacher, distributed=True)
 
     p = command("evaluate", help="full-ranking metrics of a model directory or a baseline")
     p.add_argument("model_dir", nargs="?")
-    data_args(p)
+    _data_args(p)
     p.add_argument("--split", choices=["test", "valid"], default="test")
     p.add_argument("--baseline", choices=["mostpop", "ease"])
     p.add_argument("--against", action="append", metavar="BASELINE_OR_MODEL_DIR",
@@ -396,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", type=float, help="fraction of decoder weights to zero (unstructured), in [0, 1)")
     p.add_argument("--scorer", help="head/channel importance: fisher (default) or magnitude")
     p.add_argument("--data", default="ml-latest-small", help="data for Fisher scores (validation histories)")
-    config_args(p, "PruneConfig", "scope=per_layer samples=256")
+    _config_args(p, "PruneConfig", "scope=per_layer samples=256")
     p.set_defaults(func=cmd_prune)
 
     p = command("lowrank", help="factorize decoder linears into two thinner ones (plain or Fisher-weighted SVD)")
@@ -407,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scorer", help="fisher (Fisher-weighted SVD, default) or svd")
     p.add_argument("--scope", help="per_matrix (default) or global (one budget over all matrices)")
     p.add_argument("--data", default="ml-latest-small", help="data for the Fisher (validation histories)")
-    config_args(p, "LowRankConfig", "modules=[gate_proj,up_proj] samples=256")
+    _config_args(p, "LowRankConfig", "modules=[gate_proj,up_proj] samples=256")
     p.set_defaults(func=cmd_lowrank)
 
     p = command("quantize", help="quantize an artifact within a quality budget (or one ONNX file, unjudged)")
@@ -418,38 +426,43 @@ def build_parser() -> argparse.ArgumentParser:
                    "int4, fp16, fisher_mixed) or auto (every method of the config; the fastest within the budget)")
     p.add_argument("--model-dir", help="artifact: the model it was exported from (fisher_mixed; default: the "
                    "manifest's source_model_dir)")
-    data_args(p, required=False)
+    _data_args(p, required=False)
     p.add_argument("--mode", choices=["int8", "int4", "fp16"], default="int8", help="ONNX file: the method")
     p.add_argument("--per-tensor", dest="per_channel", action="store_false",
                    help="int8: one scale per weight tensor instead of one per output channel")
     p.add_argument("--block-size", type=int, help="ONNX file, int4: weights per scale (default: QuantizeConfig's)")
     p.add_argument("--accuracy-level", type=int, help="ONNX file, int4: MatMulNBits compute type, 4 = int8 "
                    "(default: QuantizeConfig's)")
-    config_args(p, "QuantizeConfig (artifact)", "min_topk_agreement=0.97 block_size=64")
+    _config_args(p, "QuantizeConfig (artifact)", "min_topk_agreement=0.97 block_size=64")
     p.set_defaults(func=cmd_quantize)
 
     p = command("run", help="the whole job: teacher -> importance -> student -> distil -> export -> report")
     p.add_argument("--out", help="run directory (default runs/<config name>)")
     p.add_argument("--force", help="comma-separated stages to rerun even if up to date")
-    config_args(p, "RunConfig (configs/default.yaml shows every field)", "distill.train.epochs=2")
+    _config_args(p, "RunConfig (configs/default.yaml shows every field)", "distill.train.epochs=2")
     p.set_defaults(func=cmd_run, distributed=True)
+
+
+def _job_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
+    """export, analyze, truncate, recommend, distill, synth (in `--help` order)."""
+    from compressor.select import DEFAULT_STRATEGY, SELECTION  # numpy only: --help stays quick
 
     p = command("export", help="ONNX export + parity check -> an artifact directory serving loads")
     p.add_argument("model_dir")
     p.add_argument("--out", required=True, help="artifact directory to write (replaced atomically)")
-    data_args(p, required=False)
+    _data_args(p, required=False)
     p.add_argument("--quantize", choices=["int8", "fp16"], help="also write model.<mode>.onnx")
-    config_args(p, "ExportConfig", "atol=1e-5 parity_users=512")
+    _config_args(p, "ExportConfig", "atol=1e-5 parity_users=512")
     p.set_defaults(func=cmd_export)
 
     p = command("analyze", help="per-layer importance of a teacher (Fisher and the other estimators)")
     p.add_argument("teacher_dir")
-    data_args(p, required=False)
+    _data_args(p, required=False)
     p.add_argument("--methods", help="comma-separated: fisher,gradient,attention,block_influence,angular,ablation,hybrid")
     p.add_argument("--samples", type=int, help="validation users the estimators read (default 512)")
     p.add_argument("--keep", help="layer budgets to record selections for, e.g. 4 or 2,4 (default 25%% of depth)")
     p.add_argument("--out", required=True, help="directory for importance.json and the plots")
-    config_args(p, "ImportanceConfig", "fisher.use_depth_bias=true")
+    _config_args(p, "ImportanceConfig", "fisher.use_depth_bias=true")
     p.set_defaults(func=cmd_analyze)
 
     p = command("truncate", help="a student checkpoint keeping chosen teacher layers")
@@ -462,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(the best of the others' sets on the validation split of --data)")
     p.add_argument("--importance", help="importance.json from `compressor analyze` (else computed with --data)")
     p.add_argument("--samples", type=int, help="validation users when importance is computed here")
-    data_args(p, required=False)
+    _data_args(p, required=False)
     p.set_defaults(func=cmd_truncate)
 
     p = command("recommend", help="every user's top-k through an exported artifact (ONNX Runtime) -> Parquet")
@@ -496,13 +509,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("distill", help="distil a teacher into a student (FISHER-LD or a baseline)")
     p.add_argument("--teacher", required=True, help="teacher model directory")
     p.add_argument("--student", required=True, help="student model directory (e.g. from `compressor truncate`)")
-    data_args(p)
+    _data_args(p)
     # spelled out rather than read from LOSSES so that `--help` does not import torch (tested against LOSSES)
     p.add_argument("--method", help=f"{DISTILL_METHODS_HELP} (fisher_ld by default)")
     p.add_argument("--importance", help="importance.json with Fisher scores (else estimated from the data)")
     p.add_argument("--out", required=True, help="directory for student/, train_log.jsonl, checkpoint.pt")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    config_args(p, "DistillConfig", "lam=0.01 train.epochs=3")
+    _config_args(p, "DistillConfig", "lam=0.01 train.epochs=3")
     p.set_defaults(func=cmd_distill)
 
     p = command("synth", help="write a synthetic dataset (power-law popularity, user tastes, item transitions)")
@@ -514,7 +527,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="other SynthConfig fields, e.g. p_transition=0.3 popularity_exponent=1.2")
     p.set_defaults(func=cmd_synth)
-    return parser
 
 
 def _process_group(args: argparse.Namespace) -> contextlib.AbstractContextManager:
