@@ -14,7 +14,7 @@ import random
 import time
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Protocol
 
@@ -356,6 +356,15 @@ class Fit:
     resumed_from_epoch: int | None
 
 
+def _progress(path: Path, loop) -> Progress:
+    """A checkpoint's `loop` entry, or a one-line error for one an older version of the loop wrote."""
+    names = {f.name for f in fields(Progress)}
+    if not isinstance(loop, dict) or not loop.keys() <= names or loop.get("epoch_rng") is None:
+        raise CompressorError(f"{path}: written by another version of this tool, cannot resume; delete it or "
+                              "use another --out")
+    return Progress(**loop)
+
+
 class Trainer:
     """The one training loop (RecBole's `Trainer`, nanoGPT's loop) for every `Task`.
 
@@ -393,7 +402,7 @@ class Trainer:
             self.stopper.load_state_dict(ck["stopper"])
             set_rng_state(ck["torch_rng"][dist.rank() % len(ck["torch_rng"])])
             self.best_state = ck["best_state"]
-            self.p = Progress(**ck["loop"])
+            self.p = _progress(lp.checkpoint, ck["loop"])
             if not self.p.finished:
                 self.p.stop_reason = "epochs"  # a budget stop is lifted by resuming
             log.info(f"{lp.desc}: resuming from {lp.checkpoint} at step {self.p.step} (epoch {self.p.epoch})")

@@ -203,3 +203,15 @@ def test_the_time_cap_has_one_name_and_a_checkpoint_of_another_config_names_the_
     other = Loop(checkpoint=tmp_path / "epochs" / "ck.pt", fingerprint={"lr": 0.2}, required=frozenset({"net"}))
     with pytest.raises(CompressorError, match=r"another configuration or data \(different config: lr\)"):
         Trainer(TrainConfig(epochs=3), other).fit(_LineTask)
+
+
+def test_a_checkpoint_an_older_loop_wrote_is_a_one_line_error(tmp_path):
+    from compressor.errors import CompressorError
+
+    _fit(tmp_path, "old")
+    ck_path = tmp_path / "old" / "ck.pt"
+    ck = torch.load(ck_path, weights_only=True)
+    ck["loop"] = {"epoch": 1, "history": [], "best_metrics": {}, "stop_reason": "epochs", "elapsed": 1.0}
+    torch.save(ck, ck_path)  # the teacher loop's format before the one Trainer: no data RNG state
+    with pytest.raises(CompressorError, match="written by another version of this tool"):
+        _fit(tmp_path, "old")
