@@ -25,6 +25,22 @@ def test_a_region_is_replaced_and_prose_is_kept():
     assert render_page(out, "docs/p.md", {"x": lambda ctx, *a: f"new {' '.join(a)} on {ctx.page}"}) == out
 
 
+def test_an_inline_region_stays_in_its_sentence():
+    page = "reached <!-- generated:v k -->0.1<!-- /generated:v k --> on test\n"
+    out = render_page(page, "docs/p.md", {"v": lambda ctx, k: "[0.0651](x.json)"})
+    assert out == "reached <!-- generated:v k -->[0.0651](x.json)<!-- /generated:v k --> on test\n"
+    with pytest.raises(DocsError, match="inline"):
+        render_page(page, "docs/p.md", {"v": lambda ctx, k: "| a |\n| b |"})
+
+
+def test_a_value_is_read_from_its_file_and_linked():
+    from benchmarks.docs.results import json_value
+
+    ctx = Ctx("docs/results/x.md")
+    text = json_value(ctx, "benchmarks/results/teacher_seeds30/teacher_seeds.json", "seeds.1.vs_ease", ".3fx")
+    assert text == "[1.297×](../benchmark-results/teacher_seeds30/teacher_seeds.json)"
+
+
 def test_a_stale_page_is_reported(tmp_path):
     """--check's comparison: a committed file that differs from its rendering is stale."""
     (tmp_path / "a.md").write_text("same\n")

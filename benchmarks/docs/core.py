@@ -15,8 +15,9 @@ RESULTS = "benchmarks/results"
 # site can link to and show the very files the tables come from.
 DOCS_RESULTS = "docs/benchmark-results"
 
+# A region is a block (the opener ends its line) or inline (a value inside a sentence, one line).
 REGION = re.compile(
-    r"(?P<open><!-- generated:(?P<name>[\w-]+)(?P<args>(?: [^\s>]+)*) -->\n)"
+    r"(?P<open><!-- generated:(?P<name>[\w-]+)(?P<args>(?: [^\s>]+)*) -->)(?P<nl>\n?)"
     r"(?P<body>.*?)"
     r"(?P<close><!-- /generated:(?P=name)(?P=args) -->)",
     re.S,
@@ -138,6 +139,10 @@ def render_page(text: str, page: str, renderers: dict) -> str:
             out = renderers[name](ctx, *args).rstrip("\n")
         except DocsError as e:
             raise DocsError(f"{page}: region {name} {' '.join(args)}: {e}") from None
-        return f"{m['open']}{out}\n{m['close']}"
+        if not m["nl"]:  # inline: stays inside its sentence
+            if "\n" in out:
+                raise DocsError(f"{page}: region {name} {' '.join(args)} is inline but renders several lines")
+            return f"{m['open']}{out}{m['close']}"
+        return f"{m['open']}\n{out}\n{m['close']}"
 
     return REGION.sub(body, text)
