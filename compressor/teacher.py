@@ -226,9 +226,16 @@ class TeacherTask:
         per_rank = -(-n_windows // dist.world_size())
         self.steps_per_epoch = -(-per_rank // train.batch_size)
         self.hooks = add_hidden_dropout(self.trained, train.hidden_dropout) if train.hidden_dropout > 0 else []
-        self.module, self.units, self.find_unused = NextItemLoss(self.trained), list(decoder_parts(self.trained).layers), False
+        self.module = self.objective(data)
+        self.units, self.find_unused = list(decoder_parts(self.trained).layers), False
         self.valid = data.split("valid")
         self.steps, self._gathered = 0, (-1, None)
+
+    def objective(self, data: RecData) -> nn.Module:
+        """The per-batch training loss as a module over the trained model, called on (ids, mask,
+        labels): the full-softmax cross-entropy over the catalogue. The seam for another objective
+        (a sampled softmax): DDP / FSDP wrap this module, so the whole loss runs inside its call."""
+        return NextItemLoss(self.trained)
 
     def attach(self, par: dist.Parallel) -> None:
         self.par = par
@@ -251,8 +258,7 @@ class TeacherTask:
         return window_batches(mine, self.max_len, t.batch_size, batch_rng, t.group_by_length)
 
     def loss(self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The loss of one batch: the seam for another objective (a sampled softmax). It runs
-        through the wrapped `NextItemLoss` so that DDP / FSDP see the whole forward."""
+        """The loss of one batch: `objective`'s module, through its DDP / FSDP wrapper."""
         return self.par.net(ids, mask, labels)
 
     def step(self, batch) -> dict:
