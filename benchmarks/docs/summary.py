@@ -103,6 +103,16 @@ def job_times(ctx: Ctx) -> str:
     out.append(f"- command 3 (the LLM job) on {_machine(JOBS['llm'])}, training in "
                f"{prec}: {ctx.link(f'{minutes:.1f} min', tt)} wall clock, peak RSS "
                f"{ctx.link(f'{rss:.1f} GiB', tt)};")
+    # a CPU without native bf16: `precision: auto` trains in fp32 there
+    speed = f"{RESULTS}/precision_speed/precision_speed.json"
+    ratio = load_json(speed)["fp32_over_bf16"]
+    train_s = doc["stage_seconds"]["teacher"] + doc["stage_seconds"]["distill"]
+    fp32_min = minutes + train_s * (ratio - 1) / 60
+    out.append(f"- command 3 on a CPU without native bf16 (no AVX512-BF16/AMX, most laptops and many cloud "
+               f"VMs), where `precision: auto` trains in fp32: an fp32 training step took "
+               f"{ctx.link(f'{ratio:.2f}x', speed)} a bf16 step on {_machine('precision_speed')} (1 thread), so about {fp32_min:.0f} min, an estimate "
+               f"from the training stages (the whole job in fp32 is not measured yet; AVX2 fp32 kernels are "
+               f"slower than this machine's, so expect more);")
     return "\n".join(out)
 
 

@@ -106,6 +106,7 @@ FOLDERS: dict[str, tuple[str | None, str]] = {
     "overload": (None, "a tiny test artifact (4 layers, hidden 32): the service's admission control, not a model"),
     "ddp_throughput": (None, "an untrained default architecture: training throughput only"),
     "scaling": (None, "synthetic catalogues, a smoke-sized model trained for each size: time and memory only"),
+    "precision_speed": (None, "SmolLM2-135M with a random item table: training step time only, fp32 vs bf16"),
 }
 
 MODEL_FIELDS_IGNORED = ("device", "precision", "parallel", "path")
