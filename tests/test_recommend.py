@@ -103,3 +103,26 @@ def test_items_out_is_the_artifacts_catalogue_for_an_external_index(tiny_artifac
     assert list(got.columns) == ["item", "vector"]  # the tiny Llama's head has no bias
     assert got["item"].tolist() == vocab.items
     assert np.array_equal(np.stack(got["vector"].to_numpy()), emb[vocab.num_special:])
+
+
+def test_two_torchrun_ranks_split_a_histories_file_by_batch(tiny_artifact_dir, tmp_path):
+    """--histories under torchrun: every N-th batch per rank, so the parts hold every user once."""
+    from tests.test_distributed import torchrun
+
+    events = tiny_interactions().events.sort_values(["user", "timestamp"], kind="mergesort")
+    hist = events.groupby("user", sort=True)["item"].agg(list).reset_index().rename(columns={"item": "items"})
+    path = tmp_path / "histories.parquet"
+    hist.to_parquet(path)
+    one = tmp_path / "one.parquet"
+    assert main(["recommend", str(tiny_artifact_dir), "--histories", str(path), "--k", "7", "--out", str(one),
+                 "--batch-size", "8", "-q"]) == 0
+    proc = torchrun("-m", "compressor", "recommend", str(tiny_artifact_dir), "--histories", str(path),
+                    "--k", "7", "--out", str(tmp_path / "recs.parquet"), "--batch-size", "8")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    frames = [pd.read_parquet(p) for p in sorted(tmp_path.glob("recs-*-of-00002.parquet"))]
+    assert len(frames) == 2 and all(len(f) for f in frames)
+    assert not set(frames[0]["user"]) & set(frames[1]["user"])
+    both = pd.concat(frames).sort_values(["user", "rank"]).reset_index(drop=True)
+    single = pd.read_parquet(one).sort_values(["user", "rank"]).reset_index(drop=True)
+    assert both[["user", "rank", "item"]].equals(single[["user", "rank", "item"]])
+    assert np.allclose(both["score"], single["score"], rtol=1e-5, atol=1e-6)
