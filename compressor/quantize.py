@@ -185,6 +185,10 @@ def bf16_support() -> tuple[bool, str]:
     return True, f"ONNX Runtime {ort.__version__} runs a bf16 MatMul ({', '.join(providers)})"
 
 
+INT4_BLOCK_SIZE = 32  # int4: weights per scale along the input dimension
+INT4_ACCURACY_LEVEL = 4  # int4: MatMulNBits compute type (4 = int8)
+
+
 def quantize_onnx(src: str | Path, dst: str | Path, mode: str = "int8", per_channel: bool = True,
                   exclude: Sequence[str] = (), calibration: Sequence[dict] | None = None,
                   block_size: int | None = None, accuracy_level: int | None = None) -> Path:
@@ -196,13 +200,9 @@ def quantize_onnx(src: str | Path, dst: str | Path, mode: str = "int8", per_chan
     query vector 0.013 vs 0.018, the same latency (both ~0.92x float per request, ~0.85x per
     batch of 64) and 1% more bytes; so it is the default. `exclude`: MatMul node names kept in
     float; `calibration`: feeds for int8_static; `block_size`, `accuracy_level`: int4 (None: the
-    defaults of `compressor.quantize_budget.QuantizeConfig`)."""
-    if block_size is None or accuracy_level is None:
-        from compressor.quantize_budget import QuantizeConfig
-
-        defaults = QuantizeConfig()
-        block_size = defaults.block_size if block_size is None else block_size
-        accuracy_level = defaults.accuracy_level if accuracy_level is None else accuracy_level
+    defaults below, which `compressor.quantize_budget.QuantizeConfig` uses too)."""
+    block_size = INT4_BLOCK_SIZE if block_size is None else block_size
+    accuracy_level = INT4_ACCURACY_LEVEL if accuracy_level is None else accuracy_level
     if mode not in QUANTIZERS:
         raise CompressorError(f"unknown quantization mode {mode!r}; choose one of {', '.join(QUANTIZERS)}")
     src, dst = Path(src), Path(dst)

@@ -31,7 +31,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from compressor.data.protocol import Split, left_pad
 from compressor.errors import CompressorError
-from compressor.quantize import onnx_hidden, quantize_onnx, weight_matmuls
+from compressor.quantize import (
+    INT4_ACCURACY_LEVEL,
+    INT4_BLOCK_SIZE,
+    onnx_hidden,
+    quantize_onnx,
+    weight_matmuls,
+)
 
 
 @dataclass(frozen=True)
@@ -69,8 +75,9 @@ class QuantizeConfig(BaseModel):
     calibration_users: int = Field(128, ge=1, description="int8_static: validation users the activation ranges "
                                    "are calibrated on")
     calibration_batch: int = Field(32, ge=1, description="int8_static: histories per calibration batch")
-    block_size: int = Field(32, ge=16, description="int4: weights per scale along the input dimension (power of 2)")
-    accuracy_level: int = Field(4, ge=0, le=4, description="int4: MatMulNBits compute type (0 unset, 1 fp32, "
+    block_size: int = Field(INT4_BLOCK_SIZE, ge=16, description="int4: weights per scale along the input dimension "
+                            "(power of 2)")
+    accuracy_level: int = Field(INT4_ACCURACY_LEVEL, ge=0, le=4, description="int4: MatMulNBits compute type (0 unset, 1 fp32, "
                                 "2 fp16, 3 bf16, 4 int8)")
     mixed_base: str = Field("int8", description="fisher_mixed: the method whose most sensitive MatMuls are "
                             "kept in float")

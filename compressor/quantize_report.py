@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from compressor.markdown import table as _table
+
 
 def _f(x, digits: int = 4) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
@@ -48,8 +50,6 @@ def rows(doc: dict) -> tuple[list[str], list[list[str]]]:
 
 def markdown(doc: dict, plot: str | None = None) -> list[str]:
     """Lines: the budget, the table, the plot, the choice or the refusal, bf16's status."""
-    from compressor.report import _table
-
     b = doc["budget"]
     head, body = rows(doc)
     out = [f"Budget: top-{b['k']} agreement with the float graph ≥ {b['min_topk_agreement']} and validation NDCG@10 "

@@ -17,34 +17,17 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from compressor import quantize_report  # noqa: E402
 from compressor.atomic import atomic_write  # noqa: E402
 from compressor.importance import depth_bands, depth_shares  # noqa: E402
+from compressor.markdown import fmt as _fmt  # noqa: E402
+from compressor.markdown import table as _table  # noqa: E402
 
 QUALITY_KEYS = ("hr@5", "hr@10", "ndcg@5", "ndcg@10", "mrr", "coverage@10")
 
 
 def _read(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
-
-
-def _fmt(x, digits: int = 4) -> str:
-    if x is None:
-        return "—"
-    if isinstance(x, bool):
-        return "yes" if x else "no"
-    if isinstance(x, float):
-        if x != 0 and abs(x) < 10 ** -digits:
-            return f"{x:.1e}"
-        return f"{x:,.{digits}f}" if abs(x) < 1000 else f"{x:,.0f}"
-    if isinstance(x, int):
-        return f"{x:,}"
-    return str(x)
-
-
-def _table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_fmt(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def _mb(n: int | None) -> float | None:
@@ -256,14 +239,12 @@ def render_markdown(doc: dict) -> str:
 
 def _quantization_section(doc: dict) -> list[str]:
     """The export stage's quantization search (compressor.quantize_budget), per artifact."""
-    from compressor.quantize_report import markdown
-
     out = []
     for art in ("student", "teacher"):
         q = (doc.get(art) or {}).get("quantization")
         if q:
             out += [f"## Quantization of the {art} (quality budget against its float graph)", "",
-                    *markdown(q, "quantization.png")]
+                    *quantize_report.markdown(q, "quantization.png")]
     return out
 
 
@@ -313,9 +294,7 @@ def write_report(run_dir: str | Path, cfg, records: dict) -> list[str]:
              plot_stage_times(doc, run_dir / "stage_times.png").name]
     quantized = {a: doc[a]["quantization"] for a in ("student", "teacher") if (doc.get(a) or {}).get("quantization")}
     if quantized:
-        from compressor.quantize_report import plot as plot_quantization
-
-        files.append(plot_quantization(quantized, run_dir / "quantization.png").name)
+        files.append(quantize_report.plot(quantized, run_dir / "quantization.png").name)
     importance = _output(run_dir, records, "importance", "importance")
     for png in ("importance_by_method.png", "importance_by_depth.png", "selected_layers.png"):
         src = importance.parent / png if importance is not None else None

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # Bottom to top, as ARCHITECTURE.md draws them: a module imports its own layer or the ones below.
 LAYERS = {
     "base": ["compressor", "compressor.errors", "compressor.atomic", "compressor.config", "compressor.distributed",
-             "compressor.artifact", "compressor.select"],
+             "compressor.artifact", "compressor.select", "compressor.ids", "compressor.markdown"],
     "data": ["compressor.data", "compressor.data.*"],
     "model": ["compressor.model_card", "compressor.modeling"],
     "measure": ["compressor.speed", "compressor.evaluate", "compressor.baselines", "compressor.compare", "compressor.memory",
