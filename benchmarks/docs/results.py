@@ -309,6 +309,18 @@ def llm_recipe(ctx: Ctx, folder: str) -> str:
                       ctx.source(_src(folder, "llm_recipe.json"))])
 
 
+def precision_speed(ctx: Ctx, folder: str) -> str:
+    """fp32 against bf16 autocast training steps, alternated in one run."""
+    path = _src(folder, "precision_speed.json")
+    d = load_json(path)
+    rows = [[k, f"{v:.3f}"] for k, v in d["seconds_per_step"].items()]
+    rows.append(["fp32 ÷ bf16", ratio(d["fp32_over_bf16"])])
+    return "\n".join([table(["precision", "s / step (median)"], rows), "",
+                      f"{d['what']}; `{d['llm']}`, histories of {d['max_len']}, batch {d['batch_size']}, "
+                      f"{d['threads']} thread, {d['rounds']} alternated rounds of {d['steps_per_round']} steps; "
+                      f"{d['machine']['cpu']}.", "", ctx.source(path)])
+
+
 def results_file(ctx: Ctx, path: str) -> str:
     """A link to one results file (for prose that points at a file without a table)."""
     if not (ROOT / path).exists():
@@ -346,6 +358,7 @@ RENDERERS = {
     "ddp": ddp,
     "fisher-speed": fisher_speed,
     "llm-recipe": llm_recipe,
+    "precision-speed": precision_speed,
     "file": results_file,
     "value": json_value,
 }
