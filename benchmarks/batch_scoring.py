@@ -259,30 +259,40 @@ def run(cfg: BatchScoringConfig, progress=print, update=None) -> dict:
         if update is not None:
             update(doc)
 
-    for data, (source, reps, _) in inputs.items():
-        for rep in range(reps):  # set-ups interleaved within a rep, so load from other jobs hits them alike
-            for name, (engine, actors) in SETUPS.items():
-                out = work / f"{data}-{engine}-{actors}.{'parquet' if engine == 'local' else 'dir'}"
-                r = {"data": data, "setup": name, "rep": rep,
-                     **one_run(cfg, source, engine, actors, out, work / f"{data}-{engine}-{actors}-{rep}.log")}
-                runs.append(r)
-                outs[(data, name)] = out
-                progress(json.dumps(r))
-                changed()
-    if cfg.compare:
-        doc["synthetic_ray_vs_local"] = compare(outs[("synthetic", "ray, 2 actors")], outs[("synthetic", "local")])
-        progress(f"compare: {doc['synthetic_ray_vs_local']}")
+    def measure(data: str, name: str, rep: int) -> None:
+        engine, actors = SETUPS[name]
+        out = work / f"{data}-{engine}-{actors}.{'parquet' if engine == 'local' else 'dir'}"
+        r = {"data": data, "setup": name, "rep": rep, **one_run(
+            cfg, inputs[data][0], engine, actors, out, work / f"{data}-{engine}-{actors}-{rep}.log")}
+        runs.append(r)
+        outs[(data, name)] = out
+        progress(json.dumps(r))
         changed()
-    if cfg.kill:
-        base = [r for r in runs if r["data"] == "synthetic" and r["setup"] == "ray, 2 actors" and r["ok"]]
-        job = statistics.median(r["job_s"] for r in base) if base else 60.0
-        out = work / "synthetic-ray-kill.dir"
-        r = one_run(cfg, inputs["synthetic"][0], "ray", 2, out, work / "synthetic-ray-kill.log",
-                    kill_after=cfg.kill_at * job)
-        r["output"] = check_output(out, cfg.k, cfg.users) if r["ok"] else None
-        r["unkilled_job_s"] = job
-        doc["kill"] = r
-        progress(f"kill: {json.dumps(r)}")
+
+    for rep in range(cfg.bundled_reps):  # set-ups interleaved within a rep: other jobs' load hits them alike
+        for name in SETUPS:
+            measure("bundled", name, rep)
+    # the synthetic file: the most wanted numbers first (local, 2 actors, the kill trial), so a run
+    # stopped early has them
+    for rep in range(cfg.synthetic_reps):
+        measure("synthetic", "local", rep)
+        measure("synthetic", "ray, 2 actors", rep)
+        if rep == 0 and cfg.compare:
+            doc["synthetic_ray_vs_local"] = compare(outs[("synthetic", "ray, 2 actors")], outs[("synthetic", "local")])
+            progress(f"compare: {doc['synthetic_ray_vs_local']}")
+            changed()
+        if rep == 0 and cfg.kill:
+            base = [r for r in runs if r["data"] == "synthetic" and r["setup"] == "ray, 2 actors" and r["ok"]]
+            job = statistics.median(r["job_s"] for r in base) if base else 60.0
+            out = work / "synthetic-ray-kill.dir"
+            r = one_run(cfg, inputs["synthetic"][0], "ray", 2, out, work / "synthetic-ray-kill.log",
+                        kill_after=cfg.kill_at * job)
+            r["output"] = check_output(out, cfg.k, cfg.users) if r["ok"] else None
+            r["unkilled_job_s"] = job
+            doc["kill"] = r
+            progress(f"kill: {json.dumps(r)}")
+            changed()
+        measure("synthetic", "ray, 1 actor", rep)
     changed()
     return doc
 
