@@ -131,15 +131,21 @@ def plot_stage_times(doc: dict, path: Path) -> Path:
 
 
 def render_markdown(doc: dict) -> str:
-    ev, speed, t, s = doc["evaluation"], doc["speed"], doc["teacher"], doc["student"]
-    m = ev["metrics"]
-    timing = speed.get("timing", {})
-    b1 = lambda name: timing.get(name, {}).get("batch_1", {}).get("ms_median")  # noqa: E731
-    b64 = lambda name: timing.get(name, {}).get("batch_64", {}).get("per_second")  # noqa: E731
-    size = lambda man: sum(v for k, v in (man.get("onnx_files") or {}).items() if k.startswith("model.onnx"))  # noqa: E731
-    tsize, ssize = size(t), size(s)
-    out = ["# Compression report", ""]
-    data = doc["data"]
+    out = ["# Compression report", "", *_overview(doc), *_teacher_vs_student(doc), *_quality(doc),
+           *_importance_section(doc), *_compression(doc), *_parity(doc), *_quantization_section(doc)]
+    out += ["## Time per stage", "", _table(["stage", "seconds"], [[k, _fmt(v, 1)] for k, v in doc["stage_seconds"].items()]),
+            "", "![stage times](stage_times.png)", ""]
+    if doc["stages_skipped_this_run"]:
+        out += [f"Stages reused from an earlier run: {', '.join(doc['stages_skipped_this_run'])}.", ""]
+    vers = doc.get("versions", {})
+    out += ["Versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()), ""]
+    return "\n".join(out)
+
+
+def _overview(doc: dict) -> list[str]:
+    """The machine, the data and its protocol, the data filters."""
+    ev, speed, data = doc["evaluation"], doc["speed"], doc["data"]
+    out = []
     out += [f"Run at {doc['created_at']} on {speed.get('machine', {}).get('cpu', '?')} "
             f"({speed.get('machine', {}).get('cores', '?')} cores, no GPU used unless listed: "
             f"{', '.join(speed.get('machine', {}).get('providers', []))}). Data: **{data.get('name')}** "
@@ -150,6 +156,18 @@ def render_markdown(doc: dict) -> str:
     for f in (doc.get("teacher_training") or {}).get("data_filters") or []:
         out += [f"Data filter {f['filter']}: removed {f['removed_interactions']:,} interactions, "
                 f"{f['removed_users']:,} users and {f['removed_items']:,} items ({f['left_interactions']:,} left).", ""]
+    return out
+
+
+def _teacher_vs_student(doc: dict) -> list[str]:
+    ev, speed, t, s = doc["evaluation"], doc["speed"], doc["teacher"], doc["student"]
+    m = ev["metrics"]
+    timing = speed.get("timing", {})
+    b1 = lambda name: timing.get(name, {}).get("batch_1", {}).get("ms_median")  # noqa: E731
+    b64 = lambda name: timing.get(name, {}).get("batch_64", {}).get("per_second")  # noqa: E731
+    size = lambda man: sum(v for k, v in (man.get("onnx_files") or {}).items() if k.startswith("model.onnx"))  # noqa: E731
+    tsize, ssize = size(t), size(s)
+    out = []
     out += ["## Teacher vs student", ""]
     rows = [
         ["decoder layers", t["num_layers"], s["num_layers"], _ratio(s["num_layers"], t["num_layers"])],
@@ -163,6 +181,13 @@ def render_markdown(doc: dict) -> str:
     out += [_table(["", "teacher", "student", "student / teacher"], rows), ""]
     out += [f"Student layers = teacher layers {s.get('teacher_layers')} ({doc['selection'].get('chosen_by')}). "
             "Latency and throughput: " + speed.get("method", "") + ".", "", "![latency vs size](latency_vs_size.png)", ""]
+    return out
+
+
+def _quality(doc: dict) -> list[str]:
+    ev = doc["evaluation"]
+    m = ev["metrics"]
+    out = []
     out += ["## Quality (test split)", ""]
     rows = [[name] + [v.get(k) for k in QUALITY_KEYS] + [ev["retention_ndcg@10"].get(name)]
             for name, v in m.items()]
@@ -177,6 +202,11 @@ def render_markdown(doc: dict) -> str:
         out += ["Paired bootstrap over test users (NDCG@10 difference, 95% interval):", ""]
         out += [_table(["comparison", "mean diff", "CI low", "CI high", "excludes 0"],
                        [[k, v["mean_diff"], v["ci_low"], v["ci_high"], v["excludes_zero"]] for k, v in boot.items()]), ""]
+    return out
+
+
+def _importance_section(doc: dict) -> list[str]:
+    out = []
     imp = doc.get("importance")
     if imp:
         out += ["## Which layers matter", "", "![importance](importance_by_method.png)", "",
@@ -193,6 +223,12 @@ def render_markdown(doc: dict) -> str:
                 "![importance by depth](importance_by_depth.png)", "",
                 _table(["method", *bands], [[n, *[f"{v:.0%}" for v in depth_shares(m["weights"])]]
                                             for n, m in imp["methods"].items()]), ""]
+    return out
+
+
+def _compression(doc: dict) -> list[str]:
+    """Pruning, low-rank factorization and distillation, each when it ran."""
+    out = []
     if doc.get("pruning"):
         p = doc["pruning"]
         st = p.get("structured") or {}
@@ -214,6 +250,12 @@ def render_markdown(doc: dict) -> str:
                 f"{_fmt(d.get('seconds'), 0)} s{_processes(d)}, stop: {d.get('stop_reason')}), best validation NDCG@10 "
                 f"{_fmt((d.get('best_valid') or {}).get('ndcg@10'))} at step {d.get('best_step')}; layer map "
                 f"{d.get('layer_map')}, final layer weights {[round(w, 3) for w in d.get('layer_weights') or []]}.", ""]
+    return out
+
+
+def _parity(doc: dict) -> list[str]:
+    t, s = doc["teacher"], doc["student"]
+    out = []
     out += ["## Export parity (ONNX Runtime vs PyTorch, real validation histories)", ""]
     rows = []
     for art, man in (("teacher", t), ("student", s)):
@@ -227,14 +269,7 @@ def render_markdown(doc: dict) -> str:
             "query vector's largest difference relative to its largest component (scale-aware: LLM "
             "hidden states have outlier dimensions) and the top-k item agreement.", "",
             _table(["graph", "max abs diff", "max relative diff", "top-k agreement", "histories", "gate"], rows), ""]
-    out += _quantization_section(doc)
-    out += ["## Time per stage", "", _table(["stage", "seconds"], [[k, _fmt(v, 1)] for k, v in doc["stage_seconds"].items()]),
-            "", "![stage times](stage_times.png)", ""]
-    if doc["stages_skipped_this_run"]:
-        out += [f"Stages reused from an earlier run: {', '.join(doc['stages_skipped_this_run'])}.", ""]
-    vers = doc.get("versions", {})
-    out += ["Versions: " + ", ".join(f"{k} {v}" for k, v in vers.items()), ""]
-    return "\n".join(out)
+    return out
 
 
 def _quantization_section(doc: dict) -> list[str]:
