@@ -1,6 +1,6 @@
 """The import rules of ARCHITECTURE.md, checked on the source of every module (parsed, not imported):
 the layers of compressor/, no import cycle, the modules with a short list of allowed imports, the
-stacks compressor/ and the serving core never load."""
+stacks compressor/ and the serving core never load; and no function over 100 lines."""
 
 from __future__ import annotations
 
@@ -134,3 +134,11 @@ def test_locust_is_imported_by_the_locustfile_only():
     users = {p.name for p in ROOT.glob("benchmarks/**/*.py") if "locust" in {m.split(".")[0] for m in _imports(p)}}
     assert users <= {"locustfile.py"}, users
 
+
+
+def test_no_function_in_compressor_is_over_100_lines():
+    """A function a newcomer can read in one screen or two (the long ones were split by concern)."""
+    long = [f"{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines"
+            for name, path in _modules().items() for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno >= 100]
+    assert not long, long
