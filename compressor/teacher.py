@@ -37,9 +37,6 @@ from compressor.modeling import (
 )
 from compressor.pretrained import adapt_llm, check_item_init
 from compressor.training import (
-    RESUMABLE_FIELDS,
-    Loop,
-    Trainer,
     WeightAverage,
     autocast,
     cosine_schedule,
@@ -47,6 +44,7 @@ from compressor.training import (
     make_optimizer,
     set_seed,
 )
+from compressor.training.loop import RESUMABLE_FIELDS, Loop, Trainer
 
 SUMMARY_FILE = "training_summary.json"
 CHECKPOINT_FILE = "checkpoint.pt"

@@ -20,7 +20,7 @@ LAYERS = {
     "data": ["compressor.data", "compressor.data.*"],
     "model": ["compressor.model_card", "compressor.modeling"],
     "measure": ["compressor.speed", "compressor.evaluate", "compressor.baselines", "compressor.compare", "compressor.memory",
-                "compressor.fisher", "compressor.training", "compressor.pretrained", "compressor.sampled_softmax"],
+                "compressor.fisher", "compressor.training", "compressor.training.*", "compressor.pretrained", "compressor.sampled_softmax"],
     "methods": ["compressor.teacher", "compressor.importance", "compressor.importance.*", "compressor.prune",
                 "compressor.prune.*", "compressor.lowrank", "compressor.truncate", "compressor.distill",
                 "compressor.distill.*", "compressor.export", "compressor.quantize", "compressor.quantize_*",

@@ -159,7 +159,7 @@ class _LineTask:
 
 def _fit(tmp_path, name, train=None, **loop):
     from compressor.teacher import TrainConfig
-    from compressor.training import Loop, Trainer
+    from compressor.training.loop import Loop, Trainer
 
     train = train or TrainConfig(epochs=3, patience=5, seed=3)
     loop = Loop(checkpoint=tmp_path / name / "ck.pt", log=tmp_path / name / "log.jsonl", fingerprint={"lr": 0.1},
@@ -198,7 +198,7 @@ def test_the_time_cap_has_one_name_and_a_checkpoint_of_another_config_names_the_
     # validated once at the stop: the weights it ended with are the ones kept
     assert between_steps.progress.best_metrics and between_steps.progress.last_eval_step == 0
     from compressor.errors import CompressorError
-    from compressor.training import Loop, Trainer
+    from compressor.training.loop import Loop, Trainer
 
     other = Loop(checkpoint=tmp_path / "epochs" / "ck.pt", fingerprint={"lr": 0.2}, required=frozenset({"net"}))
     with pytest.raises(CompressorError, match=r"another configuration or data \(different config: lr\)"):

@@ -34,7 +34,8 @@ from compressor.evaluate import evaluate_model
 from compressor.fisher import estimate_layer_fisher
 from compressor.modeling import load_model, model_max_len, save_model, set_recsys_meta
 from compressor.teacher import next_item_loss
-from compressor.training import RESUMABLE_FIELDS, Loop, Trainer, autocast
+from compressor.training import autocast
+from compressor.training.loop import RESUMABLE_FIELDS, Loop, Trainer
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "train_log.jsonl"
