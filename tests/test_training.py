@@ -98,10 +98,14 @@ def test_the_same_seed_gives_the_same_draws_and_the_same_model(tiny_data):
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
 
 
-def test_cpu_trains_in_fp32_unless_bf16_is_asked_for_and_says_so():
+def test_cpu_autocast_follows_the_precision_decision_and_says_so():
+    from compressor.training import cpu_has_native_bf16
+
     cpu = torch.device("cpu")
-    with autocast(cpu, "auto"):  # auto: bf16 on CUDA devices that support it, never on a CPU
+    with autocast(cpu, "fp32"):
         assert not torch.is_autocast_enabled("cpu") and (torch.ones(2) @ torch.ones(2)).dtype == torch.float32
+    with autocast(cpu, "auto"):  # auto: bf16 only where this CPU has native bf16 kernels
+        assert torch.is_autocast_enabled("cpu") == cpu_has_native_bf16()
     with autocast(cpu, "bf16"):  # asked for explicitly (the LLM config): bf16 autocast on a CPU too
         assert torch.is_autocast_enabled("cpu") and (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
     n = torch.get_num_threads()
