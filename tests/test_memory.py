@@ -40,3 +40,15 @@ def test_a_run_past_the_budget_stops_before_training_with_one_line(tmp_path, cap
     assert code == 2 and len(err) >= 1
     assert err[-1].startswith("compressor run: error: memory: the ") and "over the budget of 1.0 MiB" in err[-1]
     assert not out.exists()  # nothing trained, nothing half-written
+
+
+def test_evaluation_keeps_k_columns_per_user_not_the_whole_partition():
+    """Each batch's top-10 is its own small array: a view would keep the (B, V) argpartition
+    alive for every batch (the whole users x items index array by the end of a split)."""
+    import numpy as np
+
+    from compressor.evaluate import target_ranks
+
+    scores = np.random.default_rng(0).random((4, 1000), dtype=np.float32)
+    _, top = target_ranks(scores, [np.array([1])] * 4, np.array([2, 3, 4, 5]))
+    assert top.shape == (4, 10) and (top.base is None or top.base.size == top.size)
