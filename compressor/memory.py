@@ -48,11 +48,14 @@ def estimate_stages(cfg: Any, users: int, items: int, interactions: int) -> list
     t, L = cfg.teacher, cfg.teacher.max_len
     data = interactions * BYTES_PER_INTERACTION
     table = 4 * vocab * t.hidden_size * F32
-    logits = _softmax(t.train.batch_size, L, vocab, 3)
+    sampled = getattr(t.train, "loss", "full") == "sampled"
+    # a sampled softmax holds each position's target and the shared negatives, not the catalogue
+    logits = _softmax(t.train.batch_size, L, t.train.sampled_negatives + 1 if sampled else vocab, 3)
     out = [StageMemory("data", data, f"{interactions:,} interactions x ~{BYTES_PER_INTERACTION} bytes"),
            StageMemory("teacher", data + table + logits,
-                       f"full-softmax logits {t.train.batch_size} x {L} x {vocab:,} x 4 bytes x 3 "
-                       f"(logits, log-softmax, gradient) + item table and Adam state")]
+                       (f"sampled-softmax logits {t.train.batch_size} x {L} x {t.train.sampled_negatives + 1:,}"
+                        if sampled else f"full-softmax logits {t.train.batch_size} x {L} x {vocab:,}")
+                       + " x 4 bytes x 3 (logits, log-softmax, gradient) + item table and Adam state")]
     imp = cfg.importance
     out.append(StageMemory("importance", data + _softmax(imp.batch_size, L, vocab, 3),
                            f"logits {imp.batch_size} x {L} x {vocab:,} x 4 bytes x 3"))
@@ -84,5 +87,6 @@ def check_budget(cfg: Any, users: int, items: int, interactions: int, budget_byt
                 f"memory: the {s.stage} stage needs about {_size(s.bytes)} ({s.what}), "
                 f"{_size(s.bytes - budget_bytes)} over the budget of {_size(budget_bytes)} "
                 f"(data: {users:,} users, {items:,} items, {interactions:,} interactions); lower the batch "
-                "size or max_len, or raise data.memory_budget_gib")
+                "size or max_len" + (", use teacher.train.loss=sampled" if s.stage == "teacher" else "")
+                + ", or raise data.memory_budget_gib")
     return stages

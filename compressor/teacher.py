@@ -36,6 +36,7 @@ from compressor.modeling import (
     set_recsys_meta,
 )
 from compressor.pretrained import adapt_llm, check_item_init
+from compressor.sampled_softmax import SampledNextItemLoss, train_proposal
 from compressor.training import (
     WeightAverage,
     autocast,
@@ -94,6 +95,14 @@ class TrainConfig(BaseModel):
         "fsdp = parameters, gradients and optimizer state sharded over the ranks (fully_shard per decoder "
         "layer), for teachers whose training state does not fit one device (teacher training only); "
         "one process ignores it")
+    loss: Literal["full", "sampled"] = Field(
+        "full", description="teacher training only: full = softmax over the whole catalogue (exact; its logits "
+        "take batch x positions x items x 4 bytes); sampled = softmax over each target and `sampled_negatives` "
+        "negatives shared by the batch, logQ-corrected (compressor/sampled_softmax.py), for catalogues whose "
+        "full logits do not fit; DDP or one process")
+    sampled_negatives: int = Field(1024, ge=1, description="negatives per batch with loss: sampled")
+    sampled_alpha: float = Field(0.75, ge=0, description="with loss: sampled, negatives are drawn with probability "
+                                 "proportional to (training count + 1)^alpha (0 = uniform)")
     seed: int = 0
     device: str = "auto"
 
@@ -232,8 +241,14 @@ class TeacherTask:
     def objective(self, data: RecData) -> nn.Module:
         """The per-batch training loss as a module over the trained model, called on (ids, mask,
         labels): the full-softmax cross-entropy over the catalogue. The seam for another objective
-        (a sampled softmax): DDP / FSDP wrap this module, so the whole loss runs inside its call."""
-        return NextItemLoss(self.trained)
+        (a sampled softmax, `train.loss`): DDP / FSDP wrap this module, so the whole loss runs inside its call."""
+        if self.train.loss == "full":
+            return NextItemLoss(self.trained)
+        if self.sharded:
+            raise CompressorError("teacher.train.loss=sampled reads the item head's weight directly: use "
+                                  "train.parallel=ddp (FSDP shards it)")
+        proposal = train_proposal(self.seqs, data.vocab.size, self.train.sampled_alpha)
+        return SampledNextItemLoss(self.trained, proposal, self.train.sampled_negatives)
 
     def attach(self, par: dist.Parallel) -> None:
         self.par = par

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from compressor.cli import main
+from compressor.config import load_config
 from compressor.data.synth import SynthConfig, synthesize
 from compressor.errors import CompressorError
 from compressor.memory import GIB, check_budget, estimate_stages
@@ -52,3 +53,14 @@ def test_evaluation_keeps_k_columns_per_user_not_the_whole_partition():
     scores = np.random.default_rng(0).random((4, 1000), dtype=np.float32)
     _, top = target_ranks(scores, [np.array([1])] * 4, np.array([2, 3, 4, 5]))
     assert top.shape == (4, 10) and (top.base is None or top.base.size == top.size)
+
+
+def test_a_sampled_teacher_is_estimated_by_its_negatives_not_the_catalogue():
+    cfg = load_config(RunConfig, None, ["teacher.train.loss=sampled", "teacher.train.sampled_negatives=1023"])
+    by = {s.stage: s for s in estimate_stages(cfg, users=1000, items=10**6, interactions=10**7)}
+    t = cfg.teacher
+    assert "sampled-softmax logits" in by["teacher"].what
+    full = {s.stage: s for s in estimate_stages(RunConfig(), users=1000, items=10**6, interactions=10**7)}
+    # the logits term is batch x positions x (negatives + target) x 4 bytes x 3; data and item table are as before
+    assert full["teacher"].bytes - by["teacher"].bytes == 3 * t.train.batch_size * t.max_len * (10**6 + 1 - 1024) * 4
+    assert by["distill"].bytes > 10 * by["teacher"].bytes  # distillation still takes the full softmax
