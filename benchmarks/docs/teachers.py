@@ -139,6 +139,17 @@ def teacher_test(tid: str) -> float | None:
     return None if t.test is None else float(dig(load_json(f"{RESULTS}/{t.test[0]}"), t.test[1]))
 
 
+def _added_at_default(recorded: dict, now: dict, default: dict) -> None:
+    """A field added to the config after the results were recorded, and set to its default, changes
+    nothing the results measured (a new default that changed behaviour would be a new default, and
+    differ): copy it into `recorded` so it is not reported as a difference."""
+    for k, v in now.items():
+        if k not in recorded and v == default.get(k):
+            recorded[k] = v
+    if isinstance(recorded.get("train"), dict) and isinstance(now.get("train"), dict):
+        _added_at_default(recorded["train"], now["train"], default.get("train") or {})
+
+
 def check_current() -> None:
     """Every teacher marked current still has the model fields of its config file (resolved with
     its defaults, as `compressor run` resolves it)."""
@@ -150,6 +161,7 @@ def check_current() -> None:
             continue
         recorded = _model_fields(teacher_config(tid))
         now = _model_fields(load_config(RunConfig, ROOT / t.current_config).teacher.model_dump(mode="json"))
+        _added_at_default(recorded, now, _model_fields(RunConfig().teacher.model_dump(mode="json")))
         diff = sorted(k for k in set(recorded) | set(now) if recorded.get(k) != now.get(k))
         if "train" in diff:
             rt, nt = recorded.get("train", {}), now.get("train", {})
