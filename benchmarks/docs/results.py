@@ -321,6 +321,30 @@ def precision_speed(ctx: Ctx, folder: str) -> str:
                       f"{d['machine']['cpu']}.", "", ctx.source(path)])
 
 
+def scaling(ctx: Ctx, folder: str) -> str:
+    """Seconds and peak RSS of every stage of the (reduced) job per catalogue size, with the growth
+    exponent between consecutive sizes."""
+    path = _src(folder, "scaling.json")
+    d = load_json(path)
+    sizes = d["sizes"]
+    heads = ["stage"] + [f"{s['items']:,} items, {s['users']:,} users: s / peak GiB" for s in sizes]
+    heads.append("time exponent")
+    rows = []
+    for stage in sizes[0]["stages"]:
+        cells = [f"{s['stages'][stage]['seconds']:,.0f} / {s['stages'][stage]['peak_rss_gib']:.1f}"
+                 if stage in s["stages"] else "—" for s in sizes]
+        exp = (d.get("exponent_seconds") or {}).get(stage) or []
+        rows.append([stage, *cells, ", ".join(num(e, 2) for e in exp) or "—"])
+    rows.append(["**whole job**", *[f"**{s['job']['seconds']:,.0f} / {s['job']['peak_rss_gib']:.1f}**"
+                                   for s in sizes], ""])
+    return "\n".join([table(heads, rows), "",
+                      f"`compressor run --config {d['config']['config']}` on `compressor synth` data "
+                      f"({d['config']['interactions_per_item']} interactions per item, "
+                      f"{d['config']['interactions_per_user']} per user), reduced budget: "
+                      + ", ".join(f"`{o}`" for o in d["reduced_budget"]) + "; "
+                      f"{d['machine']['cpu']}, {d['machine']['logical_cores']} cores.", "", ctx.source(path)])
+
+
 def results_file(ctx: Ctx, path: str) -> str:
     """A link to one results file (for prose that points at a file without a table)."""
     if not (ROOT / path).exists():
@@ -359,6 +383,7 @@ RENDERERS = {
     "fisher-speed": fisher_speed,
     "llm-recipe": llm_recipe,
     "precision-speed": precision_speed,
+    "scaling": scaling,
     "file": results_file,
     "value": json_value,
 }
