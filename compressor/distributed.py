@@ -28,6 +28,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.nn.parallel import DistributedDataParallel
 
 from compressor.errors import CompressorError
 
@@ -212,7 +218,6 @@ def wrap_ddp(module: nn.Module, find_unused_parameters: bool = False) -> nn.Modu
     through a forward that bypassed it would not be synchronised."""
     if not active():
         return module
-    from torch.nn.parallel import DistributedDataParallel
 
     device = next(module.parameters()).device
     ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
@@ -283,10 +288,6 @@ class Parallel:
         """`opt.state_dict()`'s plain format (states keyed by parameter position) on rank 0."""
         if not self.sharded:
             return opt.state_dict() if is_main() else None
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_optimizer_state_dict,
-        )
 
         full = get_optimizer_state_dict(self.module, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not is_main():
@@ -307,10 +308,6 @@ class Parallel:
         if not self.sharded:
             opt.load_state_dict(state)
             return
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_optimizer_state_dict,
-        )
 
         names = {id(p): n for n, p in self.module.named_parameters()}
         order = [names[id(p)] for g in opt.param_groups for p in g["params"]]

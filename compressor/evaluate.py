@@ -7,8 +7,10 @@ compared with a paired bootstrap over users.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,6 +18,8 @@ from tqdm.auto import tqdm
 
 from compressor.data.protocol import Split, left_pad
 from compressor.data.vocab import PAD_ID
+from compressor.modeling import item_scores
+from compressor.speed import ort_session
 
 # A scorer maps a batch of histories (token ids, oldest first) to scores over all tokens (B, V).
 Scorer = Callable[[list[np.ndarray]], np.ndarray]
@@ -112,8 +116,6 @@ def evaluate_scorer(scorer: Scorer, split: Split, batch_size: int = 256, progres
 
 def model_scorer(model: torch.nn.Module, max_len: int, device: torch.device | str = "cpu") -> Scorer:
     """A scorer from a causal-LM recommender (see `compressor.modeling.item_scores`)."""
-    from compressor.modeling import item_scores
-
     @torch.no_grad()
     def score(hists: list[np.ndarray]) -> np.ndarray:
         ids, mask = left_pad(hists, max_len)
@@ -159,11 +161,6 @@ def artifact_scorer(artifact_dir, onnx_file: str | None = None, threads: int | N
     """A scorer from an exported artifact (ONNX query encoder + item embeddings), as served.
 
     Returns (scorer, max_len). `onnx_file` defaults to the manifest's `serve_model`."""
-    import json
-    from pathlib import Path
-
-    from compressor.speed import ort_session
-
     d = Path(artifact_dir)
     manifest = json.loads((d / "manifest.json").read_text())
     session = ort_session(d / (onnx_file or manifest["serve_model"]), threads)

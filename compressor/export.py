@@ -18,7 +18,10 @@ how much it failed and no directory is left behind.
 
 from __future__ import annotations
 
+import json
+import logging
 import platform
+import shutil
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,11 +29,14 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import onnx
 import torch
+import transformers
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from compressor import __version__
 from compressor import artifact as art
 from compressor.data.protocol import RecData, left_pad, prepare
 from compressor.data.vocab import ItemVocab
@@ -44,7 +50,7 @@ from compressor.modeling import (
     model_max_len,
     recsys_meta,
 )
-from compressor.quantize_budget import QuantizeConfig
+from compressor.quantize_budget import QuantizeConfig, graph_name, search_quantization
 from compressor.speed import ort_session
 
 INPUT_NAMES = ("input_ids", "attention_mask")
@@ -136,12 +142,6 @@ def export_onnx(model: PreTrainedModel, path: str | Path, max_len: int, opset: i
 def stamp_onnx_metadata(path: Path, fields: dict) -> dict:
     """Record `fields` (plus the producer) in the graph's `metadata_props`, so a graph found on
     its own still says what made it; returns the effective opset and IR version for the manifest."""
-    import json
-
-    import onnx
-
-    from compressor import __version__
-
     graph = onnx.load(str(path), load_external_data=False)  # external weights stay where they are
     opset = next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
     props = {"producer": "recsys-compressor", "producer_version": __version__, "opset": opset,
@@ -290,9 +290,7 @@ def _items_json(data: RecData, vocab: ItemVocab) -> list[dict]:
 
 
 def _versions() -> dict:
-    import onnx
     import onnxruntime
-    import transformers
 
     return {"python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "onnx": onnx.__version__,
@@ -306,11 +304,6 @@ def _quantize(tmp: Path, model: PreTrainedModel, data: RecData, histories, max_l
     the fastest within the budget; it then meets the gate against PyTorch (ranking only: a quantized
     graph never meets the float tolerances). Returns (parity by file, the search's record, the file
     to serve or None: a refusal, recorded with its reason, not an error)."""
-    import logging
-    import shutil
-
-    from compressor.quantize_budget import graph_name, search_quantization
-
     qcfg = cfg.quantization if cfg.quantize == "auto" else cfg.quantization.model_copy(
         update={"methods": [cfg.quantize]})
     weight, bias = item_embeddings(model)

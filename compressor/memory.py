@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from compressor.baselines import ease_bytes
 from compressor.data.vocab import SPECIAL_TOKENS
 from compressor.errors import CompressorError
 
@@ -42,8 +43,6 @@ def _softmax(batch: int, positions: int, vocab: int, copies: int) -> int:
 
 def estimate_stages(cfg: Any, users: int, items: int, interactions: int) -> list[StageMemory]:
     """Each stage's dominating memory for `cfg` (a RunConfig) on data of this shape."""
-    from compressor.baselines import ease_bytes
-
     vocab = items + len(SPECIAL_TOKENS)
     t, L = cfg.teacher, cfg.teacher.max_len
     data = interactions * BYTES_PER_INTERACTION

@@ -28,11 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
+from onnx import TensorProto, helper
 
 from compressor.atomic import atomic_path
 from compressor.data.protocol import left_pad
 from compressor.data.vocab import PAD_ID
 from compressor.errors import CompressorError
+from compressor.evaluate import METRICS, target_ranks
 from compressor.speed import ort_session
 
 OUTPUT_NAME = "hidden"
@@ -62,8 +65,6 @@ def weight_matmuls(graph) -> list[str]:
 
 
 def _load(src: Path):
-    import onnx
-
     if not src.is_file():
         raise CompressorError(f"{src}: no such ONNX file")
     try:
@@ -91,8 +92,6 @@ def _preprocessed(job: QuantJob) -> Path:
 
 def _targets(path: Path, exclude: Sequence[str]) -> list[str]:
     """The weight MatMuls of the graph at `path` to quantize: all but `exclude` (which must exist)."""
-    import onnx
-
     names = weight_matmuls(onnx.load(str(path), load_external_data=False))
     unknown = sorted(set(exclude) - set(names))
     if unknown:
@@ -133,7 +132,6 @@ def _int8_static(job: QuantJob) -> None:
 
 
 def _int4(job: QuantJob) -> None:
-    import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     model = onnx.load(str(job.src))
@@ -147,7 +145,6 @@ def _int4(job: QuantJob) -> None:
 
 
 def _fp16(job: QuantJob) -> None:
-    import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     _targets(job.src, job.exclude)  # the names must exist
@@ -165,9 +162,7 @@ QUANTIZERS: dict[str, Callable[[QuantJob], None]] = {
 def bf16_support() -> tuple[bool, str]:
     """Whether this ONNX Runtime build's providers run a bf16 MatMul, and why not (checked by
     creating a one-node bf16 graph, not assumed)."""
-    import onnx
     import onnxruntime as ort
-    from onnx import TensorProto, helper
 
     bf = TensorProto.BFLOAT16
     g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "bf16",
@@ -254,8 +249,6 @@ def compare_onnx(float_path: str | Path, quant_path: str | Path, histories: list
     Returns `top10_agreement` (mean overlap of the two top-k lists), `max_abs_diff` of the
     hidden states, `rank_changed` (share of users whose top-1 changed), and with `targets` the
     NDCG@10 / HR@10 of each graph and their difference (quantized - float)."""
-    from compressor.evaluate import METRICS, target_ranks
-
     emb = np.asarray(item_embeddings, dtype=np.float32)
     hf = onnx_hidden(float_path, histories, max_len)
     hq = onnx_hidden(quant_path, histories, max_len)

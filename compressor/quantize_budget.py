@@ -27,17 +27,28 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import onnx
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from compressor import artifact as art
+from compressor.atomic import atomic_write, atomic_write_json
+from compressor.data import prepare
 from compressor.data.protocol import Split, left_pad
+from compressor.data.vocab import ItemVocab
 from compressor.errors import CompressorError
+from compressor.evaluate import METRICS, paired_bootstrap, target_ranks
+from compressor.modeling import load_model
 from compressor.quantize import (
     INT4_ACCURACY_LEVEL,
     INT4_BLOCK_SIZE,
+    bf16_support,
     onnx_hidden,
     quantize_onnx,
     weight_matmuls,
 )
+from compressor.quantize_report import markdown, plot
+from compressor.quantize_sensitivity import fisher_sensitivity, matmul_parameters
+from compressor.speed import compare_latency, machine_info
 
 
 @dataclass(frozen=True)
@@ -139,8 +150,6 @@ class Search:
         self.float_top, self.float_ndcg = self._rank(self.float_hidden)
 
     def _rank(self, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        from compressor.evaluate import METRICS, target_ranks
-
         tops, ndcg = [], []
         for a in range(0, len(hidden), 256):
             h = self.split.histories[a : a + 256]
@@ -167,8 +176,6 @@ class Search:
 
     def judge(self, path: Path) -> dict:
         """Agreement and NDCG@10 of the graph at `path` against the float graph; `passed`, and why not."""
-        from compressor.evaluate import paired_bootstrap
-
         hidden = onnx_hidden(path, self.split.histories, self.max_len)
         top, ndcg = self._rank(hidden)
         k = self.cfg.topk
@@ -201,10 +208,6 @@ def _plain(name: str) -> Callable[[Search, Path], dict]:
 
 
 def _fisher_mixed(s: Search, dst: Path) -> dict:
-    import onnx
-
-    from compressor.quantize_sensitivity import fisher_sensitivity, matmul_parameters
-
     if s.model is None:
         raise CompressorError("fisher_mixed needs the torch model the graph was exported from")
     base = PLAIN[s.cfg.mixed_base]
@@ -286,8 +289,6 @@ def search_quantization(float_path: str | Path, out_dir: str | Path, valid: Spli
     """Run every method of `cfg` on the float graph, judge and time them all, choose the fastest
     within the budget. Graphs go to `out_dir/model.<method>.onnx`; a method that cannot run
     (e.g. fisher_mixed without `model`) is recorded with its error, not raised."""
-    from compressor.speed import compare_latency, machine_info
-
     cfg = cfg or QuantizeConfig()
     float_path, out_dir = Path(float_path), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -342,7 +343,6 @@ def search_quantization(float_path: str | Path, out_dir: str | Path, valid: Spli
             f"top-{cfg.topk} agreement {rows[chosen]['topk_agreement']:.4f})")
     else:
         log(f"[quantize] refused: {refusal}")
-    from compressor.quantize import bf16_support
 
     bf16_ok, bf16_why = bf16_support()
     doc = {"budget": {"min_topk_agreement": cfg.min_topk_agreement, "max_ndcg_drop": cfg.max_ndcg_drop,
@@ -356,9 +356,6 @@ def search_quantization(float_path: str | Path, out_dir: str | Path, valid: Spli
 
 def write_results(res: QuantResult, out_dir: str | Path, title: str = "Quantization") -> list[Path]:
     """quantization.json, quantization.md and quantization.png (agreement vs speed) in `out_dir`."""
-    from compressor.atomic import atomic_write, atomic_write_json
-    from compressor.quantize_report import markdown, plot
-
     out_dir = Path(out_dir)
     png = plot({title: res.doc}, out_dir / "quantization.png")
     atomic_write_json(out_dir / "quantization.json", res.doc)
@@ -373,11 +370,6 @@ def quantize_artifact(artifact_dir: str | Path, out_dir: str | Path, data=None, 
     its item embeddings; the torch model for fisher_mixed from `model_dir` (default: the manifest's
     `source_model_dir`, when it still exists). Writes the chosen graph and the results to `out_dir`;
     the other graphs are removed. A refusal writes the results and no graph."""
-    from compressor import artifact as art
-    from compressor.data import prepare
-    from compressor.data.vocab import ItemVocab
-    from compressor.modeling import load_model
-
     artifact_dir, out_dir = Path(artifact_dir), Path(out_dir)
     manifest = art.verify_artifact(artifact_dir, check_hashes=False)
     vocab = ItemVocab.load(artifact_dir)

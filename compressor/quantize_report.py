@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import matplotlib
+import matplotlib.pyplot as plt
+
 from compressor.markdown import table as _table
 
 
@@ -70,10 +73,7 @@ def markdown(doc: dict, plot: str | None = None) -> list[str]:
 def plot(docs: dict[str, dict], path: str | Path) -> Path:
     """Top-k agreement against batch-1 speed-up (left) and batch-64 throughput ratio (right), one
     marker per method, one colour per model, the budget's threshold as a line."""
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     path = Path(path)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)

@@ -20,10 +20,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import onnx
+from onnx import numpy_helper
 from transformers import PreTrainedModel
 
 from compressor.data.protocol import Split
 from compressor.errors import CompressorError
+from compressor.fisher import ProbeSet, parameter_fisher
+from compressor.quantize import weight_matmuls
 
 
 def _key(a: np.ndarray) -> tuple:
@@ -34,11 +38,6 @@ def _key(a: np.ndarray) -> tuple:
 def matmul_parameters(onnx_path: str | Path, model: PreTrainedModel) -> dict[str, str]:
     """{MatMul node name: torch parameter name} for every weight MatMul of the graph (found by
     value: the initializer equals the parameter transposed); unmatched nodes are left out."""
-    import onnx
-    from onnx import numpy_helper
-
-    from compressor.quantize import weight_matmuls
-
     graph = onnx.load(str(onnx_path))
     consts = {i.name: i for i in graph.graph.initializer}
     for n in graph.graph.node:
@@ -94,8 +93,6 @@ def fisher_sensitivity(model: PreTrainedModel, split: Split, node_params: dict[s
                        batch_size: int = 16, seed: int = 0) -> dict[str, float]:
     """{node: Σ F·(W − Q(W))²} for the nodes of `node_params`, Fisher from `samples` histories of
     `split` (validation), Q the `quantizer`'s weight storage."""
-    from compressor.fisher import ProbeSet, parameter_fisher
-
     if quantizer not in SIMULATED:
         raise CompressorError(f"no simulated weight error for {quantizer!r}; have {', '.join(SIMULATED)}")
     if not node_params:

@@ -41,10 +41,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
 
+from compressor import distributed as dist
+from compressor.artifact import load_manifest, verify_artifact
+from compressor.atomic import atomic_path
 from compressor.data.protocol import RecData, left_pad
 from compressor.data.vocab import ItemVocab
 from compressor.errors import CompressorError, DataError
+from compressor.speed import ort_session
 
 COLUMNS = ("user", "rank", "item", "score")
 HISTORY_COLUMNS = ("user", "items")
@@ -121,8 +127,6 @@ def check_k(k: int, vocab: ItemVocab, data: RecData) -> None:
 
 def check_onnx(artifact_dir: str | Path, onnx_file: str | None) -> dict:
     """The artifact's manifest, its files checked against it; `onnx_file` must be one of its graphs."""
-    from compressor.artifact import verify_artifact
-
     manifest = verify_artifact(artifact_dir)
     if onnx_file is not None and onnx_file not in manifest.get("onnx_files", {}):
         raise CompressorError(f"{artifact_dir}: no graph {onnx_file!r} (it has {', '.join(manifest.get('onnx_files', {}))})")
@@ -173,10 +177,6 @@ class BatchScorer:
     that holds one starts quickly and small."""
 
     def __init__(self, artifact_dir: str | Path, k: int, onnx_file: str | None = None, threads: int | None = None):
-        import pandas as pd
-
-        from compressor.speed import ort_session
-
         d = Path(artifact_dir)
         manifest = json.loads((d / "manifest.json").read_text())
         self.session = ort_session(d / (onnx_file or manifest["serve_model"]), threads)
@@ -243,8 +243,6 @@ class BatchScorer:
 
 def _batches(data: RecData | None, histories: Path | None, batch_size: int, scorer: BatchScorer) -> Iterator:
     """This rank's batches of rows, as `scorer` makes them (dataset users or a histories file)."""
-    from compressor import distributed as dist
-
     if histories is None:
         users = list(data.sequences)
         mine = users[dist.split(len(users))]  # a contiguous block per rank: every user exactly once
@@ -265,10 +263,6 @@ def recommend_all(artifact_dir: str | Path, data: RecData | None, k: int, out: s
                   histories: str | Path | None = None) -> ScoringResult:
     """The local engine: score this rank's users (all of them in one process) and write their
     top-k to one Parquet file, batch by batch. Give `data` or `histories`."""
-    from tqdm.auto import tqdm
-
-    from compressor import distributed as dist
-
     out = check_options(out, k, batch_size)
     check_onnx(artifact_dir, onnx_file)
     if (data is None) == (histories is None):
@@ -311,9 +305,6 @@ def write_item_embeddings(artifact_dir: str | Path, path: str | Path) -> Path:
     """The artifact's catalogue as Parquet for an external index: item (the vocabulary's id),
     vector (float32 list, the embedding a query vector is multiplied with) and, when the head
     has one, bias (float32, added to the inner product). Specials (padding) are left out."""
-    from compressor.artifact import load_manifest
-    from compressor.atomic import atomic_path
-
     pa, pq = _pyarrow()
     path = Path(path)
     if path.suffix != ".parquet":

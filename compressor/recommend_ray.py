@@ -40,7 +40,17 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from compressor.artifact import atomic_directory
+from compressor.data.vocab import ItemVocab
 from compressor.errors import CompressorError
+from compressor.recommend import (
+    BatchScorer,
+    check_histories,
+    check_k,
+    check_onnx,
+    check_options,
+    histories_table,
+)
 
 RAY_EXTRA = "pip install 'recsys-compressor[ray]'"
 BATCHES_PER_BLOCK = 4  # batches in a block, at most: a lost block costs this many calls again
@@ -102,8 +112,6 @@ class ScoringActor:
     """A Ray Data actor: one `BatchScorer` for its whole life; each call scores one batch."""
 
     def __init__(self, artifact_dir: str, k: int, onnx_file: str | None, threads: int, crash: Crash | None):
-        from compressor.recommend import BatchScorer
-
         self.scorer = BatchScorer(artifact_dir, k, onnx_file, threads)
         self.crash = crash
         self.batches = 0
@@ -165,16 +173,6 @@ def recommend_ray(artifact_dir: str | Path, k: int, out: str | Path, options: Ra
                   histories: str | Path | None = None, onnx_file: str | None = None) -> RayResult:
     """Score every user of `data` (a RecData) or of `histories` (a Parquet path) on Ray Data and
     write their top-k as a directory of Parquet parts at `out`."""
-    from compressor.artifact import atomic_directory
-    from compressor.data.vocab import ItemVocab
-    from compressor.recommend import (
-        check_histories,
-        check_k,
-        check_onnx,
-        check_options,
-        histories_table,
-    )
-
     out = check_options(out, k, options.batch_size, engine="ray")
     if (data is None) == (histories is None):
         raise CompressorError("give either data or histories")

@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from compressor.modeling import hidden_states
 
 
 class Proposal:
@@ -134,8 +137,6 @@ class SampledNextItemLoss(torch.nn.Module):
         self.model, self.proposal, self.negatives = model, proposal, negatives
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        from compressor.modeling import hidden_states
-
         h = hidden_states(self.model, ids, mask).last_hidden_state
         keep = labels != -100
         head = self.model.get_output_embeddings()
@@ -146,8 +147,6 @@ class SampledNextItemLoss(torch.nn.Module):
 
 def train_proposal(sequences, vocab_size: int, alpha: float, num_special: int = 1) -> Proposal:
     """Q ∝ (training count + 1)^alpha over the items of `sequences` (token arrays)."""
-    import numpy as np
-
     flat = np.concatenate(list(sequences)) if len(sequences) else np.zeros(0, dtype=np.int64)
     counts = torch.from_numpy(np.bincount(flat, minlength=vocab_size).astype(np.float64))
     return Proposal.popularity(counts, alpha, num_special)

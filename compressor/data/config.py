@@ -7,6 +7,9 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from compressor.data import load_interactions
+from compressor.data.filters import apply_filters
+from compressor.data.loaders import BUNDLED, DOWNLOADS
 from compressor.data.protocol import RecData, prepare
 
 
@@ -47,8 +50,6 @@ class DataConfig(BaseModel):
     @classmethod
     def _known_data(cls, v: str) -> str:
         """A name that is neither known nor a path fails here, not after the run directory exists."""
-        from compressor.data.loaders import BUNDLED, DOWNLOADS
-
         if v not in BUNDLED and v not in DOWNLOADS and not Path(v).expanduser().exists():
             raise ValueError(f"no such dataset or path: {v} (names: {', '.join([*BUNDLED, *DOWNLOADS])})")
         return v
@@ -60,9 +61,6 @@ class DataConfig(BaseModel):
         return int(0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
     def load(self, vocab=None) -> RecData:
-        from compressor.data import load_interactions
-        from compressor.data.filters import apply_filters
-
         inter = load_interactions(self.name, self.format, self.columns.mapping() if self.columns else None)
         if self.max_users is not None:
             users = sorted(inter.events["user"].unique())[: self.max_users]

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from compressor.data.loaders import Interactions, load_interactions
 from compressor.data.vocab import PAD_ID, ItemVocab
@@ -124,8 +125,6 @@ def prepare(data: str | Path | Interactions, fmt: str = "auto", vocab: ItemVocab
 
 
 def pd_unique(series) -> list:
-    import pandas as pd
-
     return pd.unique(series).tolist()
 
 

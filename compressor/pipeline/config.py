@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from compressor.baselines import BASELINES
 from compressor.data.config import DataConfig
 from compressor.distill.config import DistillConfig
 from compressor.errors import CompressorError
@@ -17,15 +18,13 @@ from compressor.importance import DEFAULT_METHOD, ImportanceConfig
 from compressor.lowrank import LowRankConfig
 from compressor.prune import ADAPTERS, PruneConfig
 from compressor.select import DEFAULT_STRATEGY, SELECTION, VALIDATED, validate_layers
-from compressor.teacher import TeacherConfig
+from compressor.teacher import TeacherConfig, build_hf_config
 
 
 def teacher_shape_problem(cfg: TeacherConfig) -> str | None:
     """Why the Hugging Face config of `cfg` could not be built, or None. The same builder training
     uses runs here, at config load, so a bad shape (hidden size not divisible by heads, an odd
     RoPE head size, ...) fails before data is read or a directory is written."""
-    from compressor.teacher import build_hf_config
-
     if cfg.pretrained:
         return None  # the pretrained model's own sizes are used
     try:
@@ -97,8 +96,6 @@ class EvaluateConfig(BaseModel):
     @field_validator("baselines")
     @classmethod
     def _known_baselines(cls, v: list[str]) -> list[str]:
-        from compressor.baselines import BASELINES
-
         if bad := [b for b in v if b not in BASELINES]:
             raise ValueError(f"unknown baseline {bad[0]!r}; choose from {', '.join(sorted(BASELINES))}")
         return v

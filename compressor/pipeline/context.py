@@ -24,8 +24,10 @@ from typing import TYPE_CHECKING, ClassVar, TypeVar
 from pydantic import BaseModel
 
 from compressor import distributed as dist
+from compressor.artifact import verify_artifact
 from compressor.atomic import atomic_write_json
 from compressor.errors import ArtifactError
+from compressor.modeling import is_model_dir
 
 if TYPE_CHECKING:
     from compressor.data.protocol import RecData
@@ -157,9 +159,6 @@ def load_record(run_dir: Path, name: str) -> StageRecord | None:
 
 def _outputs_intact(ctx: Context, rec: StageRecord) -> None:
     """Raise ArtifactError when a finished stage's outputs are gone or damaged."""
-    from compressor.artifact import verify_artifact
-    from compressor.modeling import is_model_dir
-
     for key, rel in rec.outputs.items():
         p = ctx.path(rel)
         if not p.exists():

@@ -11,9 +11,32 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from compressor.artifact import load_manifest
 from compressor.atomic import atomic_write_json
+from compressor.baselines import ease_skip_reason
+from compressor.compare import evaluate_named
+from compressor.data import ItemVocab
 from compressor.data.protocol import RecData
+from compressor.distill import distill_dirs
+from compressor.distributed import world_size
+from compressor.evaluate import artifact_scorer, evaluate_scorer, paired_bootstrap
+from compressor.export import export_artifact
+from compressor.importance import (
+    IMPORTANCE_FILE,
+    layer_scores,
+    load_importance,
+    run_importance,
+    write_importance,
+)
+from compressor.lowrank import lowrank_dir
+from compressor.memory import GIB, check_budget
+from compressor.modeling import count_parameters, load_model, model_max_len
 from compressor.pipeline.context import Context, StageResult, details, output
+from compressor.prune import prune_dir
+from compressor.report import write_report
+from compressor.speed import compare_latency, machine_info
+from compressor.teacher import SUMMARY_FILE, train_teacher
+from compressor.truncate import choose_and_truncate
 
 # --- results ---------------------------------------------------------------------------------
 
@@ -105,8 +128,6 @@ class Report(StageResult):
 def run_data(ctx: Context) -> RecData:
     """The prepared data: the teacher stage's, or (in a resumed run) read again with its vocabulary."""
     if ctx.data is None:
-        from compressor.data import ItemVocab
-
         vocab = ItemVocab.load(ctx.path(ctx.result(TrainedTeacher).model)) if ctx.has(TrainedTeacher) else None
         ctx.data = ctx.cfg.data.load(vocab)
     return ctx.data
@@ -115,8 +136,6 @@ def run_data(ctx: Context) -> RecData:
 def check_memory(ctx: Context, data: RecData) -> None:
     """Each stage's peak memory estimated from the data's shape (compressor.memory) against
     `data.memory_budget_gib`: one line naming the stage over it, and by how much."""
-    from compressor.memory import GIB, check_budget
-
     n = sum(len(s) for s in data.sequences.values())
     stages = check_budget(ctx.cfg, len(data.sequences), data.vocab.num_items, n, ctx.cfg.data.budget_bytes())
     top = max(stages, key=lambda s: s.bytes)
@@ -138,8 +157,6 @@ def _student_input(ctx: Context) -> Path:
 
 def _onnx_graphs(ctx: Context) -> list[tuple[str, Path]]:
     """(artifact name, graph path) of every float or quantized ONNX graph the export stage wrote."""
-    from compressor.artifact import load_manifest
-
     exported = ctx.result(ExportedArtifacts)
     return [(art, ctx.path(rel) / onnx_file)
             for art, rel in (("teacher", exported.teacher), ("student", exported.student))
@@ -150,9 +167,6 @@ def _onnx_graphs(ctx: Context) -> list[tuple[str, Path]]:
 
 
 def stage_teacher(ctx: Context) -> TrainedTeacher:
-    from compressor.modeling import load_model, model_max_len
-    from compressor.teacher import SUMMARY_FILE, train_teacher
-
     # what the report and the stage record keep of a teacher's training summary
     keep = ("device", "epochs_run", "stop_reason", "best_valid", "train_seconds", "seconds_per_epoch", "parameters",
             "precision", "precision_reason", "world_size", "parallel", "resumed_from_epoch")
@@ -175,10 +189,6 @@ def stage_teacher(ctx: Context) -> TrainedTeacher:
 
 
 def stage_importance(ctx: Context) -> LayerImportance:
-    from compressor.distributed import world_size
-    from compressor.importance import IMPORTANCE_FILE, run_importance, write_importance
-    from compressor.modeling import load_model
-
     model, _ = load_model(ctx.path(ctx.result(TrainedTeacher).model))
     cfg = ctx.cfg.importance
     if cfg.keep is None:
@@ -190,9 +200,6 @@ def stage_importance(ctx: Context) -> LayerImportance:
 
 
 def stage_truncate(ctx: Context) -> TruncatedStudent:
-    from compressor.importance import layer_scores
-    from compressor.truncate import choose_and_truncate
-
     sel, teacher = ctx.cfg.selection, ctx.result(TrainedTeacher)
 
     def scores(num_layers: int, teacher) -> list[float]:
@@ -205,8 +212,6 @@ def stage_truncate(ctx: Context) -> TruncatedStudent:
 
 
 def stage_prune(ctx: Context) -> PrunedStudent:
-    from compressor.prune import prune_dir
-
     src = ctx.path(ctx.result(TruncatedStudent).model)
     _, report = prune_dir(src, ctx.path("models/pruned"), ctx.cfg.prune, run_data(ctx))
     keep = ("params_before", "params_after", "nonzero_params_after", "sparsity", "scorer", "seconds")
@@ -217,8 +222,6 @@ def stage_prune(ctx: Context) -> PrunedStudent:
 
 
 def stage_lowrank(ctx: Context) -> FactorizedStudent:
-    from compressor.lowrank import lowrank_dir
-
     src = ctx.result(PrunedStudent if ctx.has(PrunedStudent) else TruncatedStudent).model
     _, report = lowrank_dir(ctx.path(src), ctx.path("models/lowrank"), ctx.cfg.lowrank, run_data(ctx))
     keep = ("params_before", "params_after", "effective_ratio", "factorized", "kept_dense", "seconds")
@@ -227,16 +230,12 @@ def stage_lowrank(ctx: Context) -> FactorizedStudent:
 
 
 def stage_distill(ctx: Context) -> DistilledStudent:
-    from compressor.distill import distill_dirs
-
     src = _student_input(ctx)
     cfg = ctx.cfg.distill
     if not cfg.enabled:
         return DistilledStudent(model=src, method=None)
     importance = None
     if ctx.has(LayerImportance):
-        from compressor.importance import load_importance
-
         importance = load_importance(ctx.path(ctx.result(LayerImportance).importance))
     result = distill_dirs(ctx.path(ctx.result(TrainedTeacher).model), ctx.path(src), lambda vocab: run_data(ctx), cfg,
                           ctx.work_dir("distill"), importance=importance, max_len=run_max_len(ctx), resume=True)
@@ -246,8 +245,6 @@ def stage_distill(ctx: Context) -> DistilledStudent:
 
 
 def stage_export(ctx: Context) -> ExportedArtifacts:
-    from compressor.export import export_artifact
-
     sources = {"teacher": ctx.result(TrainedTeacher).model, "student": ctx.result(DistilledStudent).model}
     parity = {name: export_artifact(ctx.path(src), ctx.path(name), run_data(ctx), ctx.cfg.export).parity
               for name, src in sources.items()}
@@ -257,11 +254,6 @@ def stage_export(ctx: Context) -> ExportedArtifacts:
 def stage_evaluate(ctx: Context) -> Evaluation:
     """Test metrics of every model the run made, the baselines, the served ONNX graphs, and
     paired bootstraps of the student against the teacher and the truncated floor."""
-    from compressor.baselines import ease_skip_reason
-    from compressor.compare import evaluate_named
-    from compressor.evaluate import artifact_scorer, evaluate_scorer, paired_bootstrap
-    from compressor.modeling import count_parameters, load_model
-
     test = run_data(ctx).split("test")
     models = {"teacher": ctx.result(TrainedTeacher).model, "truncated": ctx.result(TruncatedStudent).model}
     for name, result_type in (("pruned", PrunedStudent), ("lowrank", FactorizedStudent)):
@@ -302,8 +294,6 @@ def stage_evaluate(ctx: Context) -> Evaluation:
 
 
 def stage_speed(ctx: Context) -> SpeedComparison:
-    from compressor.speed import compare_latency, machine_info
-
     cfg = ctx.cfg.speed
     graphs = {}
     for art, path in _onnx_graphs(ctx):  # `student`, `student (int8)`
@@ -331,7 +321,5 @@ def stage_speed(ctx: Context) -> SpeedComparison:
 
 
 def stage_report(ctx: Context) -> Report:
-    from compressor.report import write_report
-
     files = write_report(ctx.run_dir, ctx.cfg, ctx.records)
     return Report(report=Path("report.md"), report_json=Path("report.json"), files=files)
