@@ -28,11 +28,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_optimizer_state_dict,
-    set_optimizer_state_dict,
-)
 from torch.nn.parallel import DistributedDataParallel
 
 from compressor.errors import CompressorError
@@ -288,6 +283,10 @@ class Parallel:
         """`opt.state_dict()`'s plain format (states keyed by parameter position) on rank 0."""
         if not self.sharded:
             return opt.state_dict() if is_main() else None
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
 
         full = get_optimizer_state_dict(self.module, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not is_main():
@@ -308,6 +307,10 @@ class Parallel:
         if not self.sharded:
             opt.load_state_dict(state)
             return
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
 
         names = {id(p): n for n, p in self.module.named_parameters()}
         order = [names[id(p)] for g in opt.param_groups for p in g["params"]]
