@@ -106,6 +106,9 @@ FOLDERS: dict[str, tuple[str | None, str]] = {
     "overload": (None, "a tiny test artifact (4 layers, hidden 32): the service's admission control, not a model"),
     "ddp_throughput": (None, "an untrained default architecture: training throughput only"),
     "scaling": (None, "synthetic catalogues, a smoke-sized model trained for each size: time and memory only"),
+    "quantization": (None, "the default recipe cut to 8 epochs (a run of its own, not the config's teacher): "
+                           "quantization methods against each model's own float graph"),
+    "batch_scoring": (None, "batch-scoring engines over given artifacts: throughput and fault handling, not model quality"),
     "quantization_llm": (None, "the student of a reduced LLM run (40 users, 1 epoch; not the config's teacher): "
                                "quantization methods against its own float graph"),
     "precision_speed": (None, "SmolLM2-135M with a random item table: training step time only, fp32 vs bf16"),
