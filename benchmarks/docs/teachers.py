@@ -112,7 +112,6 @@ FOLDERS: dict[str, tuple[str | None, str]] = {
     "quantization_llm": (None, "the student of a reduced LLM run (40 users, 1 epoch; not the config's teacher): "
                                "quantization methods against its own float graph"),
     "precision_speed": (None, "SmolLM2-135M with a random item table: training step time only, fp32 vs bf16"),
-    "batch_scoring": (None, "the smoke config's student (2 layers, hidden 16): batch scoring speed and memory only"),
 }
 
 MODEL_FIELDS_IGNORED = ("device", "precision", "parallel", "path")
