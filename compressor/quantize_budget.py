@@ -259,6 +259,8 @@ def _fisher_mixed(s: Search, dst: Path) -> dict:
            **{k: v for k, v in tries[best].items()}}
     if hi is None:
         row["why"] = f"{row['why']} (even with {best} of {len(order)} MatMuls in float; cap {cap})"
+    if not kept:
+        row["same_as"] = s.cfg.mixed_base  # nothing kept in float: the base method's graph, not a choice of its own
     return row
 
 
@@ -334,7 +336,8 @@ def search_quantization(float_path: str | Path, out_dir: str | Path, valid: Spli
                     "throughput_ratio": t["batch_64"]["per_second"] / timing["float"]["batch_64"]["per_second"],
                     "size_ratio": sizes[name] / sizes["float"]})
     key = f"batch_{cfg.rank_batch}"
-    passing = [n for n in graphs if rows[n]["passed"]]
+    # fisher_mixed with nothing in float is its base's graph again: timing noise must not pick the copy
+    passing = [n for n in graphs if rows[n]["passed"] and rows[n].get("same_as") not in graphs]
     chosen = min(passing, key=lambda n: timing[n][key]["ms_median"]) if passing else None
     refusal = None if chosen else ("no quantized graph within the budget: " + "; ".join(
         f"{n}: {rows[n]['why']}" for n in cfg.methods))

@@ -20,7 +20,7 @@ def _kept(row: dict) -> str:
     if isinstance(kept, str):
         return kept
     if not kept:
-        return "none"
+        return f"none (= {row['same_as']})" if row.get("same_as") else "none"
     params = row.get("kept_float_params") or kept
     return f"{len(kept)} of {row.get('weight_matmuls', '?')}: " + ", ".join(str(p).removesuffix(".weight") for p in params[:4]) + (
         ", ..." if len(kept) > 4 else "")
