@@ -88,6 +88,16 @@ def _x(v) -> str:
     return "–" if v is None else f"{v:.3g}x"
 
 
+def reproduce_command(cfg: dict, teacher: str, student: str) -> str:
+    """The command line that reruns this load test: every setting that differs from the defaults."""
+    parts = [f"python -m benchmarks.load_test --teacher {teacher} --student {student}",
+             f"--users {','.join(map(str, cfg['users']))} --duration {cfg['duration_s']:g}s"]
+    parts += [f"--{role}-model-file {cfg[f'{role}_model_file']}" for role in ("teacher", "student")
+              if cfg.get(f"{role}_model_file")]
+    parts += [f"--env {k}={v}" for k, v in sorted((cfg.get("env") or {}).items())]
+    return " ".join(parts + ["--out DIR"])
+
+
 def report_md(payload: dict) -> str:
     cfg, services, comp = payload["config"], payload["services"], payload["comparison"]
     t, s = services["teacher"], services["student"]
@@ -135,8 +145,7 @@ def report_md(payload: dict) -> str:
                    h["ms_p50"] - p["engine_ms_p50"], f"{p['model_ms_p50'] / h['ms_p50']:.0%}"]
                   for role, svc in services.items() for p, h in [(svc["profile"], svc["serial_http"])]]), "",
         "![latency vs concurrency](load_test.png)", "",
-        f"Reproduce: `python -m benchmarks.load_test --teacher {t['artifact']} --student {s['artifact']} "
-        f"--users {','.join(map(str, cfg['users']))} --duration {cfg['duration_s']:g}s --out DIR`", "",
+        f"Reproduce: `{reproduce_command(cfg, t['artifact'], s['artifact'])}`", "",
     ]
     errors = {f"{role} u={lv['users']}": lv["errors"] for role, svc in services.items() for lv in svc["levels"]
               if lv["errors"]}
