@@ -345,6 +345,160 @@ def scaling(ctx: Ctx, folder: str) -> str:
                       f"{d['machine']['cpu']}, {d['machine']['logical_cores']} cores.", "", ctx.source(path)])
 
 
+def scaling_stages(ctx: Ctx, folder: str) -> str:
+    """The guide's short form of `scaling`: seconds of the stages that take at least 5% of the job
+    at some size (the rest summed on one row), EASE skipped where it was, the whole job's seconds
+    and peak RSS."""
+    path = _src(folder, "scaling.json")
+    d = load_json(path)
+    sizes = d["sizes"]
+    stages = list(sizes[0]["stages"])
+    main = [st for st in stages
+            if any(st in s["stages"] and s["stages"][st]["seconds"] >= 0.05 * s["job"]["seconds"] for s in sizes)]
+    main.sort(key=lambda st: -max(s["stages"].get(st, {}).get("seconds", 0) for s in sizes))
+    rest = [st for st in stages if st not in main]
+    exps = d.get("exponent_seconds") or {}
+    heads = ["stage"] + [f"{s['items']:,} items, {s['users']:,} users, {s['interactions']:,} interactions"
+                         for s in sizes] + ["time exponent"]
+
+    def secs(s: dict, names: list[str]) -> str:
+        have = [s["stages"][n]["seconds"] for n in names if n in s["stages"]]
+        return f"{sum(have):,.0f} s" if have else "—"
+
+    rows = []
+    for st in main:
+        cells = []
+        for s in sizes:
+            cell = secs(s, [st])
+            if st == "evaluate" and "ease" in (s.get("baselines_skipped") or {}):
+                cell += " (EASE skipped)"
+            cells.append(cell)
+        rows.append([st, *cells, ", ".join(num(e, 2) for e in exps.get(st) or []) or "—"])
+    if rest:
+        rows.append([", ".join(rest), *[secs(s, rest) + " together" for s in sizes], "fixed sample counts"])
+    rows.append(["**whole job**", *[f"**{s['job']['seconds']:,.0f} s, peak RSS {s['job']['peak_rss_gib']:.1f} GiB**"
+                                   for s in sizes], ""])
+    return "\n".join([table(heads, rows), "",
+                      f"Each stage's seconds from its stage record; peak RSS of the whole job sampled. "
+                      f"{d['machine']['cpu']}, {d['machine']['logical_cores']} cores, "
+                      f"{str(d['machine'].get('date', ''))[:10]}.", "", ctx.source(path)])
+
+
+# ----------------------------------------------------------------------------- quantization
+def _quant_model(folder: str, model: str) -> dict:
+    doc = load_json(_src(folder, "results.json"))
+    if model not in doc["models"]:
+        raise DocsError(f"{_src(folder, 'results.json')}: no model {model!r} (has {', '.join(doc['models'])})")
+    return doc["models"][model]
+
+
+def quantization(ctx: Ctx, folder: str, model: str) -> str:
+    """Every quantization method of one model against its float graph: what stayed float,
+    agreement, speed ratios, file size and the budget's verdict."""
+    m = _quant_model(folder, model)
+    methods = m["methods"]
+    order = ["float"] + [k for k in methods if k != "float"]
+    rows = []
+    for k in order:
+        r = methods[k]
+        kept = r.get("kept_float")
+        if kept == "everything":
+            kept_s = "everything"
+        elif kept:
+            kept_s = f"{len(kept)} of {r.get('weight_matmuls', '?')} MatMuls"
+        else:
+            kept_s = "none"
+        if k == "float":
+            verdict = "reference"
+        elif k == m["chosen"]:
+            verdict = "**chosen**"
+        else:
+            verdict = "within" if r["passed"] else "outside"
+        b1, b64 = ratio(r["latency_speedup"]), ratio(r["throughput_ratio"])
+        if k == "float":
+            b1 += f" ({r['batch_1_ms']:.{1 if r['batch_1_ms'] >= 10 else 2}f} ms)"
+            b64 += f" ({r['batch_64_per_second']:,.0f}/s)"
+        name = f"**{k}**" if k == m["chosen"] else k
+        rows.append([name, kept_s, num(r["topk_agreement"]), b1, b64, f"{r['file_bytes'] / 2**20:.1f}", verdict])
+    b = m["budget"]
+    return "\n".join([
+        table(["method", "kept in float", f"top-{b['k']} agreement", "batch-1 speed × float",
+               "batch-64 throughput × float", "MiB", "budget"], rows), "",
+        f"Budget: top-{b['k']} agreement ≥ {b['min_topk_agreement']} and {b['split']} NDCG@10 at most "
+        f"{b['max_ndcg_drop']:.0%} below float's, on {b['users']} {b['split']} users. "
+        f"{m['num_layers']} layers, hidden {m['hidden_size']}, {m['parameters']:,} parameters. "
+        f"Timing: {m['timing_method']}.", "", ctx.source(_src(folder, "results.json"))])
+
+
+def quantization_models(ctx: Ctx, folder: str) -> str:
+    """One row per model of a quantization run: float latency, the agreement of int8, int4 and
+    fp16, int8's speed and the graph chosen."""
+    path = _src(folder, "results.json")
+    doc = load_json(path)
+    rows = []
+    for name, m in doc["models"].items():
+        meth = m["methods"]
+
+        def agree(k: str, meth: dict = meth) -> str:
+            r = meth.get(k)
+            if r is None:
+                return "—"
+            return num(r["topk_agreement"], 3) + ("" if r["passed"] else " (outside)")
+
+        int8 = meth.get("int8")
+        rows.append([f"{name} ({m['num_layers']} layers, {m['parameters']:,} parameters)",
+                     f"{meth['float']['batch_1_ms']:.2f} ms", agree("int8"),
+                     ratio(int8["latency_speedup"]) if int8 else "—", agree("int4"), agree("fp16"),
+                     f"`{m['chosen']}`" if m["chosen"] else "none (refused)"])
+    return "\n".join([table(["model", "float batch-1", "int8 agreement", "int8 batch-1 speed × float",
+                             "int4 agreement", "fp16 agreement", "chosen"], rows), "",
+                      ctx.source(path)])
+
+
+# ----------------------------------------------------------------------------- batch scoring
+def batch_scoring(ctx: Ctx, folder: str) -> str:
+    """Local engine against Ray Data: per data set and set-up, the engine's throughput, its ratio
+    to the local engine, the command's end-to-end seconds and peak PSS."""
+    path = _src(folder, "batch_scoring.json")
+    doc = load_json(path)
+    names = {"bundled": doc["data"]["bundled"]["name"], "synthetic": "synthetic"}
+    rows = []
+    for r in doc["summary"]:
+        data = f"{names.get(r['data'], r['data'])} ({r['users']:,} users)"
+        rows.append([data, r["setup"], str(r["runs"]), f"{r['users_per_s_job']:,.0f}",
+                     ratio(r["job_throughput_vs_local"]), f"{r['wall_s']:,.1f}", f"{r['peak_pss_mb']:,}"])
+    return "\n".join([table(["data", "set-up", "runs", "users/s (engine)", "× local", "end to end s",
+                             "peak PSS MB"], rows), "",
+                      "Where a set-up ran several times: the median of its runs, and the largest peak PSS. "
+                      + ctx.source(path)])
+
+
+def value_range(ctx: Ctx, path: str, fmt: str, *keys: str) -> str:
+    """The smallest and largest of several numbers of one results file, "a–b", linked to it."""
+    from benchmarks.docs.teachers import dig
+
+    if len(keys) < 2:
+        raise DocsError("range needs FILE FORMAT and at least two keys")
+    doc = load_json(path)
+    vals = [dig(doc, k) for k in keys]
+    unit = ""
+    if fmt.endswith("x"):
+        fmt, unit = fmt[:-1], "×"
+    lo, hi = format(min(vals), fmt), format(max(vals), fmt)
+    text = lo + unit if lo == hi else f"{lo}–{hi}{unit}"
+    return ctx.link(text.replace("-", "\u2212"), path)
+
+
+def value_ratio(ctx: Ctx, path: str, numerator: str, denominator: str, fmt: str = ".1fx") -> str:
+    """One number of a results file divided by another (a growth, a speed-up), linked to it."""
+    from benchmarks.docs.teachers import dig
+
+    doc = load_json(path)
+    v = dig(doc, numerator) / dig(doc, denominator)
+    text = f"{v:{fmt[:-1]}}×" if fmt.endswith("x") else format(v, fmt)
+    return ctx.link(text, path)
+
+
 def results_file(ctx: Ctx, path: str) -> str:
     """A link to one results file (for prose that points at a file without a table)."""
     if not (ROOT / path).exists():
@@ -384,6 +538,12 @@ RENDERERS = {
     "llm-recipe": llm_recipe,
     "precision-speed": precision_speed,
     "scaling": scaling,
+    "scaling-stages": scaling_stages,
+    "quantization": quantization,
+    "quantization-models": quantization_models,
+    "batch-scoring": batch_scoring,
+    "range": value_range,
+    "ratio": value_ratio,
     "file": results_file,
     "value": json_value,
 }
