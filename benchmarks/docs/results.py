@@ -420,14 +420,21 @@ def quantization(ctx: Ctx, folder: str, model: str) -> str:
             b64 += f" ({r['batch_64_per_second']:,.0f}/s)"
         name = f"**{k}**" if k == m["chosen"] else k
         rows.append([name, kept_s, num(r["topk_agreement"]), b1, b64, f"{r['file_bytes'] / 2**20:.1f}", verdict])
-    b = m["budget"]
     return "\n".join([
-        table(["method", "kept in float", f"top-{b['k']} agreement", "batch-1 speed × float",
+        table(["method", "kept in float", f"top-{m['budget']['k']} agreement", "batch-1 speed × float",
                "batch-64 throughput × float", "MiB", "budget"], rows), "",
-        f"Budget: top-{b['k']} agreement ≥ {b['min_topk_agreement']} and {b['split']} NDCG@10 at most "
-        f"{b['max_ndcg_drop']:.0%} below float's, on {b['users']} {b['split']} users. "
         f"{m['num_layers']} layers, hidden {m['hidden_size']}, {m['parameters']:,} parameters. "
-        f"Timing: {m['timing_method']}.", "", ctx.source(_src(folder, "results.json"))])
+        + _quant_setup(m), "", ctx.source(_src(folder, "results.json"))])
+
+
+def _quant_setup(m: dict) -> str:
+    """The budget and the timing of one model's quantization search, in a sentence each."""
+    b = m["budget"]
+    split = {"valid": "validation"}.get(b["split"], b["split"])
+    return (f"Budget: top-{b['k']} agreement ≥ {b['min_topk_agreement']} and {split} NDCG@10 at most "
+            f"{b['max_ndcg_drop']:.0%} below float's, on {b['users']} {split} users. "
+            f"Timing: {m['timing_method']}; ONNX Runtime {m['machine']['onnxruntime']} on "
+            f"{m['machine']['cpu']}, {m['machine']['cores']} cores.")
 
 
 def quantization_models(ctx: Ctx, folder: str) -> str:
@@ -450,9 +457,10 @@ def quantization_models(ctx: Ctx, folder: str) -> str:
                      f"{meth['float']['batch_1_ms']:.2f} ms", agree("int8"),
                      ratio(int8["latency_speedup"]) if int8 else "—", agree("int4"), agree("fp16"),
                      f"`{m['chosen']}`" if m["chosen"] else "none (refused)"])
+    first = next(iter(doc["models"].values()))
     return "\n".join([table(["model", "float batch-1", "int8 agreement", "int8 batch-1 speed × float",
                              "int4 agreement", "fp16 agreement", "chosen"], rows), "",
-                      ctx.source(path)])
+                      "(outside) = outside the budget. " + _quant_setup(first), "", ctx.source(path)])
 
 
 # ----------------------------------------------------------------------------- batch scoring

@@ -118,8 +118,25 @@ MODEL_FIELDS_IGNORED = ("device", "precision", "parallel", "path")
 
 
 def dig(doc, dotted: str):
-    for part in dotted.split("."):
-        doc = doc[int(part)] if isinstance(doc, list) else doc[part]
+    """doc[a][b][c] for "a.b.c"; a list takes an index, and a key that itself holds dots
+    ("model.int8.onnx") is matched whole, the longest first."""
+    parts = dotted.split(".")
+    i = 0
+    while i < len(parts):
+        if isinstance(doc, list):
+            try:
+                doc = doc[int(parts[i])]
+            except (ValueError, IndexError):
+                raise DocsError(f"no key {dotted!r}: {parts[i]!r} is not an index of a list") from None
+            i += 1
+            continue
+        for j in range(len(parts), i, -1):
+            key = ".".join(parts[i:j])
+            if isinstance(doc, dict) and key in doc:
+                doc, i = doc[key], j
+                break
+        else:
+            raise DocsError(f"no key {dotted!r}: nothing named {parts[i]!r} at that level")
     return doc
 
 
