@@ -355,7 +355,6 @@ def scaling_stages(ctx: Ctx, folder: str) -> str:
     stages = list(sizes[0]["stages"])
     main = [st for st in stages
             if any(st in s["stages"] and s["stages"][st]["seconds"] >= 0.05 * s["job"]["seconds"] for s in sizes)]
-    main.sort(key=lambda st: -max(s["stages"].get(st, {}).get("seconds", 0) for s in sizes))
     rest = [st for st in stages if st not in main]
     exps = d.get("exponent_seconds") or {}
     heads = ["stage"] + [f"{s['items']:,} items, {s['users']:,} users, {s['interactions']:,} interactions"
@@ -372,6 +371,8 @@ def scaling_stages(ctx: Ctx, folder: str) -> str:
             cell = secs(s, [st])
             if st == "evaluate" and "ease" in (s.get("baselines_skipped") or {}):
                 cell += " (EASE skipped)"
+            elif st == "evaluate" and "ease" in (s.get("test_ndcg@10") or {}):
+                cell += " (EASE fitted)"
             cells.append(cell)
         rows.append([st, *cells, ", ".join(num(e, 2) for e in exps.get(st) or []) or "—"])
     if rest:
