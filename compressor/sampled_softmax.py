@@ -9,9 +9,12 @@
   correcting the target too moved the item table's mean gradient away from the full softmax's
   (cosine 0.78 vs 0.86 at K = 8; 0.82 vs 0.89 at K = 20). Negatives equal to a row's target are masked (accidental hits). Cost: N x K x H
   instead of N x V x H, memory N x K logits.
-- `candidate_kd_loss`: distillation over a candidate set per row (the teacher's top-K plus the
-  shared sampled negatives, logQ-corrected in both models alike): T²·KL(teacher ‖ student) on the
-  candidates only, so the full-catalogue distribution is never formed.
+- `candidate_scores` + `candidate_kd_loss`: distillation over a candidate set per row: items
+  scored exactly (the target and the teacher's top-k, `teacher_topk`) plus the batch's shared
+  sampled negatives, logQ-corrected the same way (`sample_log_weights`) in both models:
+  T²·KL(teacher ‖ student) on the candidates only, so the full-catalogue distribution is never
+  formed. The cross-entropy of the target over the same candidates is the sampled softmax above
+  with the teacher's top-k as extra, exactly scored negatives (`compressor/distill/outputs.py`).
 
 Pure functions of tensors (hidden states, item tables, ids); the caller picks the rows (positions
 with a label) and the proposal. With every item as a negative and a uniform proposal both reduce to
@@ -57,18 +60,57 @@ class Proposal:
         return torch.multinomial(self.probs, k, replacement=True, generator=generator)
 
 
+def _repeats(ids: torch.Tensor) -> torch.Tensor:
+    """(N, E) bool: True where an id repeats one earlier in its row (only the first occurrence counts)."""
+    sorted_ids, order = ids.sort(dim=1, stable=True)
+    again = torch.zeros_like(ids, dtype=torch.bool)
+    again[:, 1:] = sorted_ids[:, 1:] == sorted_ids[:, :-1]
+    return torch.zeros_like(again).scatter(1, order, again)
+
+
+def _hits(exact: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+    """(N, K) bool: negative k is one of row n's exact ids. A search in each row's sorted ids, so the
+    memory is N x K, not N x E x K."""
+    sorted_ids = exact.sort(dim=1).values
+    where = torch.searchsorted(sorted_ids, negatives.expand(len(exact), -1).contiguous())
+    return sorted_ids.gather(1, where.clamp(max=exact.shape[1] - 1)) == negatives[None, :]
+
+
+def candidate_scores(hidden: torch.Tensor, table: torch.Tensor, exact: torch.Tensor, negatives: torch.Tensor,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, E + K) raw logits of each row's exact candidates and then the shared negatives, -inf where
+    a candidate is not counted: an exact id repeated in its row (after its first occurrence) and a
+    negative equal to one of the row's exact ids (that item is already scored exactly).
+
+    hidden (N, H); table (V, H); exact (N, E) token ids scored exactly (the target first, then e.g.
+    the teacher's top-k); negatives (K,) token ids drawn from Q, shared by the rows. Only the
+    candidates' rows of `table` are read: N x E x H for the exact ones (a gather), N x K for the
+    negatives (one product), never N x V."""
+    ex = torch.einsum("nh,neh->ne", hidden, table[exact])
+    neg = hidden @ table[negatives].T
+    if bias is not None:
+        ex, neg = ex + bias[exact], neg + bias[negatives][None, :]
+    ex = ex.masked_fill(_repeats(exact), float("-inf"))
+    neg = neg.masked_fill(_hits(exact, negatives), float("-inf"))
+    return torch.cat([ex, neg], dim=1)
+
+
+def sample_log_weights(n_exact: int, negatives: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """(E + K,) the logQ correction added to `candidate_scores` (after any temperature): 0 for the
+    exact candidates, -log(K·Q(i)) for each sampled negative i. softmax(z_exact, z_neg - log(K·Q))
+    puts exp(z_i)/(K·Q(i)) per draw, an importance-sampling estimate of the non-exact items' share
+    of the full softmax's partition function; a duplicate draw counts each time, as it should."""
+    corr = -(log_q[negatives] + math.log(negatives.numel()))
+    return torch.cat([torch.zeros(n_exact, dtype=corr.dtype, device=corr.device), corr])
+
+
 def sampled_logits(hidden: torch.Tensor, table: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor,
                    log_q: torch.Tensor, bias: torch.Tensor | None = None, correct: bool = True) -> torch.Tensor:
     """(N, 1 + K) logits of [target, negatives]: the negatives' minus log(K·Q) (when `correct`),
-    accidental hits (a negative equal to the row's target) at -inf."""
-    pos = (hidden * table[targets]).sum(-1, keepdim=True)  # (N, 1)
-    neg = hidden @ table[negatives].T  # (N, K)
-    if bias is not None:
-        pos, neg = pos + bias[targets, None], neg + bias[negatives][None, :]
-    if correct:
-        neg = neg - (log_q[negatives][None, :] + math.log(negatives.numel()))
-    neg = neg.masked_fill(negatives[None, :] == targets[:, None], float("-inf"))
-    return torch.cat([pos, neg], dim=1)
+    accidental hits (a negative equal to the row's target) at -inf. `candidate_scores` with the
+    target as the only exact candidate."""
+    scores = candidate_scores(hidden, table, targets[:, None], negatives, bias)
+    return scores + sample_log_weights(1, negatives, log_q) if correct else scores
 
 
 def sampled_softmax_loss(hidden: torch.Tensor, table: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor,
@@ -82,47 +124,49 @@ def sampled_softmax_loss(hidden: torch.Tensor, table: torch.Tensor, targets: tor
     return F.cross_entropy(logits.float(), torch.zeros(len(targets), dtype=torch.long, device=logits.device))
 
 
-def candidate_kd_loss(student_hidden: torch.Tensor, student_table: torch.Tensor, teacher_hidden: torch.Tensor,
-                      teacher_table: torch.Tensor, candidates: torch.Tensor, temperature: float = 2.0,
-                      log_q: torch.Tensor | None = None) -> torch.Tensor:
-    """T²·KL(teacher ‖ student) over each row's candidate items only.
+def candidate_kd_loss(s_scores: torch.Tensor, t_scores: torch.Tensor, log_weights: torch.Tensor,
+                      temperature: float = 2.0) -> torch.Tensor:
+    """T²·KL(teacher ‖ student) over each row's candidates, averaged over rows.
 
-    candidates (N, C): per row, e.g. the teacher's top-K and the batch's sampled negatives (a row may
-    repeat an id: duplicates are masked after their first occurrence). With `log_q` (V,), the
-    candidates' logits of both models are logQ-corrected alike, as in the sampled softmax."""
-    s = torch.einsum("nh,nch->nc", student_hidden, student_table[candidates])
-    t = torch.einsum("nh,nch->nc", teacher_hidden, teacher_table[candidates])
-    if log_q is not None:
-        s, t = s - log_q[candidates], t - log_q[candidates]
-    # mask repeated ids inside a row (a top-K item also drawn as a negative) after the first
-    sorted_ids, order = candidates.sort(dim=1, stable=True)
-    repeat_sorted = torch.zeros_like(candidates, dtype=torch.bool)
-    repeat_sorted[:, 1:] = sorted_ids[:, 1:] == sorted_ids[:, :-1]
-    repeat = torch.zeros_like(repeat_sorted).scatter(1, order, repeat_sorted)
-    s = s.masked_fill(repeat, float("-inf")) / temperature
-    t = t.masked_fill(repeat, float("-inf")) / temperature
-    log_ps, log_pt = F.log_softmax(s.float(), -1), F.log_softmax(t.float(), -1)
-    kl = (log_pt.exp() * (log_pt - log_ps)).masked_fill(repeat, 0.0).sum(-1)
-    return kl.mean() * temperature**2
+    s_scores, t_scores (N, C): `candidate_scores` of the student and the teacher on the same
+    candidates (-inf where not counted, in both alike); log_weights (C,): `sample_log_weights`,
+    added after the temperature, so each model's tempered softmax over the candidates estimates
+    its tempered softmax over the catalogue. The teacher side is a constant (detached). With every
+    item an exact candidate (or each item drawn once under a uniform Q, where the weights are 0)
+    it is the full-catalogue KD exactly."""
+    t = temperature
+    w = log_weights.float()
+    log_ps = F.log_softmax(s_scores.float() / t + w, -1)
+    log_pt = F.log_softmax(t_scores.detach().float() / t + w, -1)
+    kl = torch.where(log_pt > float("-inf"), log_pt.exp() * (log_pt - log_ps), 0.0)
+    return kl.sum(-1).mean() * t * t
 
 
-def teacher_candidates(teacher_hidden: torch.Tensor, teacher_table: torch.Tensor, k: int, negatives: torch.Tensor,
-                       num_special: int = 1, chunk: int = 65_536) -> torch.Tensor:
-    """(N, k + K): each row's teacher top-k items (specials excluded), then the shared negatives.
-    The teacher's scores are computed a catalogue chunk at a time, keeping only a running top-k, so
-    memory is N x (k + chunk), not N x V."""
-    n, v = teacher_hidden.shape[0], teacher_table.shape[0]
-    best_v = torch.full((n, 0), float("-inf"), device=teacher_hidden.device)
-    best_i = torch.zeros((n, 0), dtype=torch.long, device=teacher_hidden.device)
+# the teacher's scores held at once by `teacher_topk`: rows x chunk floats (64 MiB)
+TOPK_CHUNK_FLOATS = 2**24
+
+
+def teacher_topk(hidden: torch.Tensor, table: torch.Tensor, k: int, num_special: int = 1,
+                 bias: torch.Tensor | None = None, chunk: int | None = None) -> torch.Tensor:
+    """(N, k) each row's k highest-scoring item tokens (specials excluded), without gradients.
+    The scores are computed a catalogue chunk at a time, keeping only a running top-k, so memory is
+    N x (k + chunk), not N x V; `chunk` defaults to TOPK_CHUNK_FLOATS / N items."""
+    n, v = hidden.shape[0], table.shape[0]
+    k = min(k, v - num_special)
+    chunk = chunk or max(1, TOPK_CHUNK_FLOATS // max(1, n))
+    best_v = torch.full((n, 0), float("-inf"), device=hidden.device)
+    best_i = torch.zeros((n, 0), dtype=torch.long, device=hidden.device)
     with torch.no_grad():
         for a in range(num_special, v, chunk):
             b = min(v, a + chunk)
-            scores = teacher_hidden @ teacher_table[a:b].T
+            scores = (hidden @ table[a:b].T).float()
+            if bias is not None:
+                scores = scores + bias[a:b].float()
             vals = torch.cat([best_v, scores], 1)
             ids = torch.cat([best_i, torch.arange(a, b, device=scores.device).expand(n, -1)], 1)
             top = vals.topk(min(k, vals.shape[1]), dim=1)
             best_v, best_i = top.values, ids.gather(1, top.indices)
-    return torch.cat([best_i, negatives.expand(n, -1)], dim=1)
+    return best_i
 
 
 class SampledNextItemLoss(torch.nn.Module):
@@ -135,6 +179,11 @@ class SampledNextItemLoss(torch.nn.Module):
     def __init__(self, model, proposal: Proposal, negatives: int) -> None:
         super().__init__()
         self.model, self.proposal, self.negatives = model, proposal, negatives
+
+    @staticmethod
+    def as_function(proposal: Proposal, negatives: int):
+        """The loss as `fn(model, ids, mask, labels)`, the form `estimate_layer_fisher` takes."""
+        return lambda model, ids, mask, labels: SampledNextItemLoss(model, proposal, negatives)(ids, mask, labels)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         h = hidden_states(self.model, ids, mask).last_hidden_state

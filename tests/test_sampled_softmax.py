@@ -3,6 +3,8 @@ logQ correction's gradient closer to the full softmax's than the uncorrected one
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,9 +12,11 @@ import torch.nn.functional as F
 from compressor.sampled_softmax import (
     Proposal,
     candidate_kd_loss,
+    candidate_scores,
+    sample_log_weights,
     sampled_logits,
     sampled_softmax_loss,
-    teacher_candidates,
+    teacher_topk,
 )
 
 V, H, N = 41, 8, 12  # token 0 is padding; items are tokens 1..40
@@ -76,31 +80,132 @@ def test_proposals():
         Proposal(torch.zeros(3))
 
 
-def test_candidate_kd_over_every_item_is_the_full_kd(batch):
-    hidden, table, _ = batch
-    g = torch.Generator().manual_seed(2)
-    t_hidden, t_table = torch.randn(N, H, generator=g), torch.randn(V, H, generator=g)
-    cands = torch.arange(1, V).expand(N, -1)
+def _full_kd(s_logits, t_logits, T):
+    ls, lt = F.log_softmax(s_logits / T, -1), F.log_softmax(t_logits / T, -1)
+    return ((lt.exp() * (lt - ls)).sum(-1).mean() * T**2).item()
+
+
+def _teacher(seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(N, H, generator=g), torch.randn(V, H, generator=g)
+
+
+def _task(scores, log_w):
+    return F.cross_entropy(scores + log_w, torch.zeros(len(scores), dtype=torch.long)).item()
+
+
+def test_candidate_kd_and_task_by_hand():
+    """One row worked by hand. Items 1..4 (token 0 is padding); student scores (1, 0, 2, -1), teacher
+    scores (2, 1, 0, -1); target 2, the teacher's top-1 is item 1, so the exact candidates are
+    [2, 1]; negatives [3, 1, 3] drawn from Q = (0, .1, .2, .5, .2): item 1 is masked (scored
+    exactly already), item 3 counts twice, each draw weighted 1/(K·Q(3)) = 1/1.5."""
+    hs, ht = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    s_table = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [2.0, 0.0], [-1.0, 0.0]])
+    t_table = torch.tensor([[0.0, 0.0], [0.0, 2.0], [0.0, 1.0], [0.0, 0.0], [0.0, -1.0]])
+    exact, negs = torch.tensor([[2, 1]]), torch.tensor([3, 1, 3])
+    log_q = torch.log(torch.tensor([0.0, 0.1, 0.2, 0.5, 0.2]))
+    s = candidate_scores(hs, s_table, exact, negs)
+    t = candidate_scores(ht, t_table, exact, negs)
+    inf = float("-inf")
+    assert s.tolist() == [[0.0, 1.0, 2.0, inf, 2.0]] and t.tolist() == [[1.0, 2.0, 0.0, inf, 0.0]]
+    log_w = sample_log_weights(2, negs, log_q)
+    assert log_w.tolist() == pytest.approx([0, 0, -math.log(1.5), -math.log(0.3), -math.log(1.5)])
+    # task: -log of the target's share, e^0 / (e^0 + e^1 + 2·e^2/1.5)
+    assert _task(s, log_w) == pytest.approx(math.log(1 + math.e + 4 / 3 * math.e**2), rel=1e-6)
+    # KD at T = 2 over the counted entries: target, item 1, item 3 twice (weight 1/1.5 each)
     T = 2.0
-    loss = candidate_kd_loss(hidden, table, t_hidden, t_table, cands, T)
-    ls, lt = F.log_softmax(hidden @ table[1:].T / T, -1), F.log_softmax(t_hidden @ t_table[1:].T / T, -1)
-    full = (lt.exp() * (lt - ls)).sum(-1).mean() * T**2
-    assert loss.item() == pytest.approx(full.item(), rel=1e-5)
-    # a candidate repeated in a row counts once
-    doubled = torch.cat([cands, cands[:, :5]], dim=1)
-    assert candidate_kd_loss(hidden, table, t_hidden, t_table, doubled, T).item() == pytest.approx(full.item(), rel=1e-5)
-    # a student equal to the teacher has nothing to learn
-    assert candidate_kd_loss(t_hidden, t_table, t_hidden, t_table, cands[:, :7], T).item() == pytest.approx(0.0, abs=1e-6)
+
+    def probs(z):
+        w = [math.exp(z[0] / T), math.exp(z[1] / T), math.exp(z[2] / T) / 1.5, math.exp(z[2] / T) / 1.5]
+        return [x / sum(w) for x in w]
+
+    ps, pt = probs([0.0, 1.0, 2.0]), probs([1.0, 2.0, 0.0])
+    by_hand = T * T * sum(p * math.log(p / q) for p, q in zip(pt, ps, strict=True))
+    assert candidate_kd_loss(s, t, log_w, T).item() == pytest.approx(by_hand, rel=1e-6)
 
 
-def test_teacher_candidates_are_the_top_k_found_chunk_by_chunk(batch):
+def test_every_item_as_an_exact_candidate_is_the_full_kd_and_softmax(batch):
+    hidden, table, targets = batch
+    t_hidden, t_table = _teacher()
+    T = 2.0
+    s_full, t_full = hidden @ table[1:].T, t_hidden @ t_table[1:].T
+    # the target first, then every item (the target again: masked as a repeat); negatives all masked as hits
+    exact = torch.cat([targets[:, None], torch.arange(1, V).expand(N, -1)], 1)
+    negs = torch.tensor([5, 9, 9])
+    log_w = sample_log_weights(exact.shape[1], negs, Proposal.uniform(V).log_q)
+    s, t = candidate_scores(hidden, table, exact, negs), candidate_scores(t_hidden, t_table, exact, negs)
+    assert candidate_kd_loss(s, t, log_w, T).item() == pytest.approx(_full_kd(s_full, t_full, T), rel=1e-5)
+    assert _task(s, log_w) == pytest.approx(F.cross_entropy(s_full, targets - 1).item(), rel=1e-5)
+    # a student equal to the teacher has nothing to learn, on any candidates
+    assert candidate_kd_loss(t, t, log_w, T).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_every_item_drawn_once_under_a_uniform_proposal_is_the_full_kd(batch):
+    """Covering the catalogue by the sampled part: K = the catalogue size and Q uniform make every
+    weight -log(K·1/K) = 0, so the sample is the catalogue exactly (the exact candidates'
+    duplicates among the negatives are masked, not double-counted)."""
+    hidden, table, targets = batch
+    t_hidden, t_table = _teacher()
+    T = 3.0
+    exact = torch.cat([targets[:, None], teacher_topk(t_hidden, t_table, 4)], 1)
+    every = torch.arange(1, V)
+    log_w = sample_log_weights(exact.shape[1], every, Proposal.uniform(V).log_q)
+    assert log_w.abs().max().item() < 1e-6
+    s, t = candidate_scores(hidden, table, exact, every), candidate_scores(t_hidden, t_table, exact, every)
+    full = _full_kd(hidden @ table[1:].T, t_hidden @ t_table[1:].T, T)
+    assert candidate_kd_loss(s, t, log_w, T).item() == pytest.approx(full, rel=1e-5)
+    assert _task(s, log_w) == pytest.approx(F.cross_entropy(hidden @ table[1:].T, targets - 1).item(), rel=1e-5)
+
+
+def test_logq_corrected_candidate_kd_estimates_the_full_kd(batch):
+    """Under a steep popularity Q the KD over sampled candidates is an estimate: with the logQ
+    weights it lands near the full KD (within 10% over many draws), without them far off (Q's
+    popular items over-counted). What is asserted is closeness, not equality."""
+    hidden, table, targets = batch
+    t_hidden, t_table = _teacher()
+    T = 2.0
+    q = Proposal.popularity(torch.arange(V, 0, -1).float() ** 2, alpha=1.0)
+    exact = torch.cat([targets[:, None], teacher_topk(t_hidden, t_table, 3)], 1)
+    full = _full_kd(hidden @ table[1:].T, t_hidden @ t_table[1:].T, T)
+    g = torch.Generator().manual_seed(3)
+    est = {True: [], False: []}
+    for _ in range(20):
+        negs = q.sample(2000, g)
+        s, t = candidate_scores(hidden, table, exact, negs), candidate_scores(t_hidden, t_table, exact, negs)
+        log_w = sample_log_weights(exact.shape[1], negs, q.log_q)
+        for correct in (True, False):
+            w = log_w if correct else torch.zeros_like(log_w)
+            est[correct].append(candidate_kd_loss(s, t, w, T).item())
+    corrected, plain = sum(est[True]) / 20, sum(est[False]) / 20
+    assert abs(corrected - full) < 0.1 * full
+    assert abs(corrected - full) < abs(plain - full) / 3, (corrected, plain, full)
+
+
+def test_candidate_gradients_are_finite_and_reach_only_candidate_rows(batch):
+    hidden, table, targets = batch
+    t_hidden, t_table = _teacher()
+    table = table.clone().requires_grad_(True)
+    exact = torch.cat([targets[:, None], targets[:, None], torch.tensor([[7]]).expand(N, -1)], 1)  # a repeat
+    negs = torch.tensor([7, 8, 8])  # 7 a hit in every row
+    log_w = sample_log_weights(3, negs, Proposal.uniform(V).log_q)
+    s, t = candidate_scores(hidden, table, exact, negs), candidate_scores(t_hidden, t_table, exact, negs)
+    (candidate_kd_loss(s, t, log_w) + F.cross_entropy(s + log_w, torch.zeros(N, dtype=torch.long))).backward()
+    assert torch.isfinite(table.grad).all()
+    touched = set((table.grad.abs().sum(1) > 0).nonzero().flatten().tolist())
+    assert touched <= set(targets.tolist()) | {7, 8} and 8 in touched
+
+
+def test_teacher_topk_is_found_chunk_by_chunk(batch):
     hidden, table, _ = batch
-    negs = torch.tensor([3, 4])
-    cands = teacher_candidates(hidden, table, k=5, negatives=negs, chunk=7)
     scores = hidden @ table.T
     scores[:, 0] = float("-inf")
-    assert cands.shape == (N, 7) and (cands[:, 5:] == negs).all()
-    assert torch.equal(cands[:, :5].sort(1).values, scores.topk(5, dim=1).indices.sort(1).values)
+    want = scores.topk(5, dim=1).indices.sort(1).values
+    for chunk in (7, 40, None):
+        assert torch.equal(teacher_topk(hidden, table, k=5, chunk=chunk).sort(1).values, want)
+    assert teacher_topk(hidden, table, k=100).shape == (N, V - 1)  # k past the catalogue: every item
+    bias = torch.zeros(V)
+    bias[9] = 1e3
+    assert (teacher_topk(hidden, table, k=1, bias=bias) == 9).all()
 
 
 def test_the_model_level_loss_trains_the_decoder_and_only_the_sampled_item_rows(tiny_data):
