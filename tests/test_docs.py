@@ -33,6 +33,34 @@ def test_an_inline_region_stays_in_its_sentence():
         render_page(page, "docs/p.md", {"v": lambda ctx, k: "| a |\n| b |"})
 
 
+@pytest.mark.parametrize("line", [
+    "<!-- generated:v k -->0.1<!-- /generated:v k --> on test\n",
+    "- <!-- generated:v k -->0.1<!-- /generated:v k --> on test\n",
+    "reached\n  <!-- generated:v k -->0.1<!-- /generated:v k --> on test\n",
+])
+def test_an_inline_region_may_not_begin_its_line(line):
+    """Markdown (and GitHub) read a line that begins with an HTML comment as raw HTML."""
+    with pytest.raises(DocsError, match="begins its line"):
+        render_page(line, "docs/p.md", {"v": lambda ctx, k: "[0.0651](x.json)"})
+
+
+def test_a_range_and_a_ratio_are_read_from_their_file_and_linked():
+    from benchmarks.docs.results import value_range, value_ratio
+
+    ctx = Ctx("docs/guides/x.md")
+    f = "benchmarks/results/teacher_seeds30/teacher_seeds.json"
+    assert value_range(ctx, f, ".2fx", "seeds.1.vs_ease", "seeds.2.vs_ease") == \
+        "[1.30–1.35×](../benchmark-results/teacher_seeds30/teacher_seeds.json)"
+    assert value_ratio(ctx, f, "seeds.2.vs_ease", "seeds.2.vs_ease", ".1fx") == \
+        "[1.0×](../benchmark-results/teacher_seeds30/teacher_seeds.json)"
+
+
+def test_a_key_that_holds_dots_is_found():
+    assert teachers.dig({"a": {"model.int8.onnx": {"x": [1, 2]}}}, "a.model.int8.onnx.x.1") == 2
+    with pytest.raises(DocsError, match="no key"):
+        teachers.dig({"a": 1}, "b")
+
+
 def test_a_value_is_read_from_its_file_and_linked():
     from benchmarks.docs.results import json_value
 

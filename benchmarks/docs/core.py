@@ -22,6 +22,8 @@ REGION = re.compile(
     r"(?P<close><!-- /generated:(?P=name)(?P=args) -->)",
     re.S,
 )
+# A list item's or quote's marker, which does not count as a word before an inline region.
+LIST_MARK = re.compile(r"^\s*(?:[-*+>]|\d+[.)])\s+")
 OPENER = re.compile(r"<!-- generated:([\w-]+)((?: [^\s>]+)*) -->")
 
 
@@ -133,6 +135,12 @@ def render_page(text: str, page: str, renderers: dict) -> str:
 
     def body(m: re.Match) -> str:
         name, args = m["name"], tuple(m["args"].split())
+        if not m["nl"]:
+            before = text[text.rfind("\n", 0, m.start()) + 1:m.start()]
+            if not LIST_MARK.sub("", before).strip():
+                raise DocsError(f"{page}: inline region {name} {' '.join(args)} begins its line: Markdown reads a "
+                                "line that begins with an HTML comment as raw HTML (the paragraph breaks there and "
+                                "links in it are not rendered); rewrap so a word comes before it")
         if name not in renderers:
             raise DocsError(f"{page}: unknown generated region {name!r} (known: {', '.join(sorted(renderers))})")
         try:
