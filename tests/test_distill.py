@@ -57,13 +57,16 @@ def batch(windows, n=16, start=0):
     return batch_tensors(windows, np.arange(start, start + n), MAX_LEN, "cpu")
 
 
+@pytest.mark.parametrize("output", ["full", "candidates"])
 @pytest.mark.parametrize("method", list(LOSSES))
-def test_each_loss_is_finite_and_trains_only_the_student(teacher, windows, method):
+def test_each_loss_is_finite_and_trains_only_the_student(teacher, windows, method, output):
+    loss = LOSSES[method]
+    if output == "candidates" and loss.full_logits:
+        pytest.skip(f"{method} reads the full logits (refused with candidates: test_candidate_output_refusals)")
     student = truncate(teacher, [0, 2])
     teacher.zero_grad(set_to_none=True)
-    loss = LOSSES[method]
     with attention_implementation([teacher, student], "eager" if loss.attentions else None):
-        d = make_distiller(teacher, student, method, windows)
+        d = make_distiller(teacher, student, method, windows, output=output, candidates_negatives=32)
         teacher.eval().requires_grad_(False)
         try:
             total, terms, _ = d.compute(*batch(windows))
@@ -93,6 +96,106 @@ def test_matching_terms_vanish_for_an_exact_teacher_copy(teacher, windows, metho
     for name, value in terms.items():
         if name != "task":
             assert abs(value) < 1e-5, (name, value)
+
+
+def _saved_shapes(fn):
+    """fn()'s result and the shapes of every tensor autograd saved for the backward pass meanwhile."""
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, shapes
+
+
+@pytest.mark.parametrize("output", ["full", "candidates"])
+def test_candidates_never_save_a_catalogue_wide_student_tensor(teacher, windows, output):
+    """The student's autograd graph under distill.output=candidates holds no rows x items tensor
+    (nor any with an items-sized axis but the item table itself); the full output, the control,
+    does: its logits. The teacher's top-k search runs without gradients and saves nothing."""
+    student = truncate(teacher, [0, 3])
+    d = make_distiller(teacher, student, "fisher_ld", windows, output=output, candidates_topk=5, candidates_negatives=16)
+    v = student.config.vocab_size
+    table = tuple(student.get_output_embeddings().weight.shape)
+    teacher.eval().requires_grad_(False)
+    try:
+        b = batch(windows)
+        (total, terms, _), shapes = _saved_shapes(lambda: d.compute(*b))
+        total.backward()
+    finally:
+        teacher.requires_grad_(True)
+    rows = int((b[3] != -100).sum())
+    wide = [s for s in shapes if s != table and (v in s or v - 1 in s)]
+    if output == "full":
+        assert wide and max(np.prod(s) for s in shapes) >= rows * (v - 1)
+        return
+    assert not wide, wide
+    assert max(np.prod(s) for s in shapes) < rows * (v - 1) / 10
+    assert terms["kd"] > 0 and all(np.isfinite(x) for x in terms.values())
+    assert all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None)
+
+
+def test_candidate_distillation_lowers_its_loss(teacher, windows):
+    """10 steps on one batch in candidate mode; the loss before and after is measured on the same
+    negatives (the torch RNG reseeded), so the comparison is not sampling noise."""
+    student = truncate(teacher, [0, 3])
+    d = make_distiller(teacher, student, "fisher_ld", windows, output="candidates", candidates_topk=10,
+                       candidates_negatives=64)
+    d.opt.param_groups[0]["lr"] = d.opt.param_groups[1]["lr"] = 5e-3
+    d.sched.base_lrs = [5e-3, 5e-3]
+    b = batch(windows, n=64)
+
+    def loss() -> float:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            return float(d.compute(*b)[0])
+
+    teacher.eval().requires_grad_(False)
+    try:
+        before = loss()
+        rows = [d.step(*b) for _ in range(10)]
+        student.eval()
+        after = loss()
+    finally:
+        teacher.requires_grad_(True)
+    assert after < before * 0.95, (before, after)
+    assert all(np.isfinite(r["kd"]) and np.isfinite(r["task"]) for r in rows)
+
+
+def test_candidate_kd_vanishes_for_an_exact_teacher_copy(teacher, windows):
+    student = truncate(teacher, list(range(teacher.config.num_hidden_layers))).eval()
+    d = make_distiller(teacher, student, "logit_kd", windows, output="candidates", candidates_negatives=32)
+    teacher.eval()
+    with torch.no_grad():
+        _, terms, task = d.compute(*batch(windows))
+    assert terms["kd"] < 1e-5 and task > 1.0
+
+
+def test_candidate_distillation_end_to_end(teacher, tiny_data, tmp_path):
+    """distill.output=candidates through `distill`: the proposal from the training counts, the
+    teacher's Fisher estimated with the sampled softmax, finite terms, the student changed and saved."""
+    student = truncate(teacher, [0, 3])
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    cfg = DistillConfig(method="fisher_ld", train=FAST, output="candidates", candidates_topk=20,
+                        candidates_negatives=64)
+    r = distill(teacher, student, tiny_data, cfg, tmp_path / "c", progress=False, max_steps=4)
+    rows = [json.loads(x) for x in r.log_path.read_text().splitlines() if "loss" in x]
+    assert r.steps == len(rows) == 4 and r.fisher_source.startswith("estimated")
+    assert all(np.isfinite(x[k]) for x in rows for k in ("loss", "task", "kd", "layers"))
+    ck = torch.load(tmp_path / "c" / "checkpoint.pt", weights_only=True)
+    assert any(not torch.equal(v, before[k]) for k, v in ck["distiller"]["student"].items())
+    assert json.loads((tmp_path / "c" / "result.json").read_text())["config"]["output"] == "candidates"
+
+
+def test_candidate_output_refusals():
+    for method in ("dkd", "ranking_kd"):
+        with pytest.raises(ValueError, match=f"distill.method={method} reads the full-catalogue logits"):
+            DistillConfig(method=method, output="candidates")
+    with pytest.raises(ValueError, match="train.loss is for teacher training"):
+        DistillConfig(train={"loss": "sampled"})
 
 
 def test_source_mapping_matches_the_layers_a_student_came_from(teacher, windows):

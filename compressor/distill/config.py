@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from compressor.distill.losses import LOSSES
 from compressor.teacher import TrainConfig
@@ -26,7 +26,8 @@ class DistillConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     method: str = Field("fisher_ld", description="a key of compressor.distill.LOSSES")
-    alpha: float = Field(0.3, ge=0, description="weight of the task loss (full-softmax next-item CE)")
+    alpha: float = Field(0.3, ge=0, description="weight of the task loss (the next-item CE: full softmax, or "
+                         "the sampled softmax with output: candidates)")
     beta: float = Field(0.4, ge=0, description="weight of T²·KL(teacher ‖ student) on the item logits (and of "
                         "the terms dkd and ranking_kd put in its place)")
     gamma: float = Field(0.25, ge=0, description="weight of the intermediate (layer/attention) term")
@@ -44,6 +45,22 @@ class DistillConfig(BaseModel):
         "student's loss fell 0.7% in 10 steps instead of 17%)",
     )
     temperature: float = Field(4.0, gt=0)
+    output: Literal["full", "candidates"] = Field(
+        "full", description="how the step scores items (compressor/distill/outputs.py): full = both models' "
+        "logits over the whole catalogue at every position (exact; batch x positions x items x 4 bytes, "
+        "several copies); candidates = logits on each position's target, the teacher's top "
+        "`candidates_topk` items and `candidates_negatives` items shared by the batch only: the task loss "
+        "is the logQ-corrected sampled softmax over them and KD the T²·KL over them, for catalogues whose "
+        "full logits do not fit. dkd and ranking_kd need the full logits")
+    candidates_topk: int = Field(
+        100, ge=1, description="with output: candidates, the teacher's highest-scoring items per position "
+        "scored exactly in both models (found without gradients, a catalogue chunk at a time)")
+    candidates_negatives: int = Field(
+        1024, ge=1, description="with output: candidates, negatives drawn per step and shared by the "
+        "batch (each rank draws its own under torchrun)")
+    candidates_alpha: float = Field(
+        0.75, ge=0, description="with output: candidates, negatives are drawn with probability "
+        "proportional to (training count + 1)^alpha (0 = uniform)")
     rkd_distance: float = Field(
         7.5, ge=0, description="rkd: weight of the distance-wise term (Huber on mean-normalised pairwise "
         "distances of the query vectors); the paper's λ_D = 25 beside a task weight of 1, times alpha "
@@ -112,6 +129,8 @@ class DistillConfig(BaseModel):
         if v.ema_decay is not None:
             raise ValueError("train.ema_decay is for teacher training: distillation keeps its best "
                              "validation snapshot")
+        if v.loss != "full":
+            raise ValueError("train.loss is for teacher training: distillation samples with distill.output=candidates")
         if v.parallel == "fsdp":
             raise ValueError("train.parallel=fsdp is for teacher training: distillation runs DDP (the "
                              "student is the small model; the frozen teacher is replicated on every rank)")
@@ -123,3 +142,10 @@ class DistillConfig(BaseModel):
         if v not in LOSSES:
             raise ValueError(f"unknown distillation method {v!r}; choose one of {', '.join(LOSSES)}")
         return v
+
+    @model_validator(mode="after")
+    def _output_fits_method(self) -> DistillConfig:
+        if self.output != "full" and LOSSES[self.method].full_logits:
+            raise ValueError(f"distill.method={self.method} reads the full-catalogue logits: it needs "
+                             "distill.output=full")
+        return self

@@ -19,7 +19,8 @@ same thing everywhere, so methods differ only in the knowledge they transfer:
     ranking_kd          α·CE + β·τ²·KL of top-k ListNet probabilities      (after Tang & Wang 2018)
 
 CE is the full-softmax next-item cross-entropy at every real position; KD = T²·KL(teacher ‖
-student) of the item distributions at temperature T at the same positions; MSE_i is the mean
+student) of the item distributions at temperature T at the same positions (with
+`distill.output=candidates`, both over each position's candidate items instead: `outputs.py`); MSE_i is the mean
 over real positions and hidden units of (h^T_{map[i]} − Adapt_i(h^S_i))², hidden states being
 the raw layer outputs (before the final norm); L2 is set by `DistillConfig.l2` and, by
 default, applied decoupled from Adam (`DistillConfig.l2_mode`). The query vector is each
@@ -30,6 +31,7 @@ scores and what serving searches with. The terms of the last three methods are i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -53,11 +55,19 @@ class Batch:
 
     mask: torch.Tensor  # (B, T) bool, real positions (= label positions)
     task: torch.Tensor  # CE, scalar
-    s_logits: torch.Tensor  # (N, items) student logits at the label positions
+    s_logits: torch.Tensor | None  # (N, items) student logits at the label positions (None: distill.output=candidates)
     t_logits: torch.Tensor | None  # (N, items) teacher logits, same rows
     s: Features
     t: Features | None
     target: torch.Tensor | None = None  # (N,) the true next item of each row, an index into the logits
+    kd_fn: Callable[[float], torch.Tensor] | None = None  # T -> the KD term where the logits are not full
+
+    def kd(self, temperature: float) -> torch.Tensor:
+        """T²·KL(teacher ‖ student): over the catalogue (`kd_loss` of the logits) or over the
+        candidates the step scored (`outputs.CandidateSoftmax`)."""
+        if self.kd_fn is not None:
+            return self.kd_fn(temperature)
+        return kd_loss(self.s_logits, self.t_logits, temperature)
 
 
 @dataclass
@@ -152,6 +162,8 @@ class DistillLoss:
     fisher = False  # layer weights start from Fisher scores
     dynamic = False  # layer weights follow the EMA of eq. 9 (when cfg.ema)
     l2 = False  # has the λ·L2 term
+    item_kd = True  # reads the teacher's distribution over items (the KD term or a variant of it)
+    full_logits = False  # reads both models' logits over the whole catalogue (distill.output=full only)
 
     def request(self, ctx: Context) -> tuple[Request, Request]:
         """(student request, teacher request)."""
@@ -166,11 +178,12 @@ class DistillLoss:
         return total, {k: float(v.detach()) for k, (_, v) in terms.items()}
 
     def base(self, b: Batch, ctx: Context) -> dict[str, tuple[float, torch.Tensor]]:
-        return {"task": (ctx.cfg.alpha, b.task), "kd": (ctx.cfg.beta, kd_loss(b.s_logits, b.t_logits, ctx.cfg.temperature))}
+        return {"task": (ctx.cfg.alpha, b.task), "kd": (ctx.cfg.beta, b.kd(ctx.cfg.temperature))}
 
 
 class Finetune(DistillLoss):
     uses_teacher = False
+    item_kd = False
 
     def terms(self, b, ctx):
         return {"task": (1.0, b.task)}
@@ -299,6 +312,8 @@ class RKD(DistillLoss):
     no KD term, as the paper's RKD-DA. Relations, not coordinates, are matched, so a narrower
     student needs no Adapt projection."""
 
+    item_kd = False
+
     def terms(self, b, ctx):
         t, s = last_positions(b.t.last, b.mask), last_positions(b.s.last, b.mask)
         return {"task": (ctx.cfg.alpha, b.task), "rkd_distance": (ctx.cfg.rkd_distance, rkd_distance(t, s)),
@@ -309,6 +324,8 @@ class DKD(DistillLoss):
     """Decoupled KD (Zhao et al., CVPR 2022) over the catalogue softmax at every label position,
     target = the true next item: KD split into its target-vs-rest part (TCKD) and its
     distribution over the other items (NCKD), weighted separately (`dkd_alpha`, `dkd_beta`)."""
+
+    full_logits = True
 
     def terms(self, b, ctx):
         if b.target is None:
@@ -331,6 +348,8 @@ class RankingKD(DistillLoss):
     teacher's scores, so the student copies the teacher's confidence, not more. Plain ListNet over
     the k items alone is shift-invariant, so all k could sink below the rest of the catalogue at
     no cost; the "rest" class is what makes the k items positives, as in Tang & Wang."""
+
+    full_logits = True
 
     def terms(self, b, ctx):
         c = ctx.cfg

@@ -12,7 +12,6 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -22,7 +21,9 @@ from compressor.distill.features import TeacherCache, extract
 from compressor.distill.fisher_weights import LayerWeights, mapped_weights
 from compressor.distill.losses import Batch, Context, get_loss
 from compressor.distill.mapping import Adapters, resolve_layer_map
+from compressor.distill.outputs import make_output
 from compressor.fisher import grad_traces, layer_params
+from compressor.sampled_softmax import Proposal
 from compressor.training import autocast, cosine_schedule, make_optimizer
 
 
@@ -78,9 +79,12 @@ class Distiller:
     """Student + frozen teacher + adapters + optimiser + layer weights for one method."""
 
     def __init__(self, teacher: PreTrainedModel, student: PreTrainedModel, cfg: DistillConfig, n_special: int,
-                 n_windows: int, total_steps: int, fisher_scores: np.ndarray | None = None):
+                 n_windows: int, total_steps: int, fisher_scores: np.ndarray | None = None,
+                 proposal: Proposal | None = None):
         self.cfg, self.teacher, self.student = cfg, teacher, student
         self.loss = get_loss(cfg.method)
+        # how items are scored (distill.output); `proposal` draws the candidates' negatives
+        self.output = make_output(cfg, self.loss, n_special, proposal)
         self.n_special = n_special
         self.device = next(student.parameters()).device
         self.layer_map = resolve_layer_map(cfg.layer_map, student, teacher)
@@ -140,18 +144,13 @@ class Distiller:
     def compute(self, idx, ids, mask, labels) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
         """Forward both models; returns (total loss, raw terms, task loss)."""
         keep = labels != -100
-        ns = self.n_special
         tf = self.teacher_features(idx, ids, mask) if self.loss.uses_teacher else None
         sf = extract(self.student, ids, mask, self.s_req)
-        s_logits = self.student.get_output_embeddings()(sf.last[keep])[:, ns:]  # padding is never a target
-        target = labels[keep] - ns  # the true next item of each row, an index into the logits
-        task = F.cross_entropy(s_logits, target)
-        t_logits = None
-        if tf is not None:
-            with torch.no_grad():
-                t_logits = self.teacher.get_output_embeddings()(tf.last[keep])[:, ns:]
-        total, terms = self.loss(Batch(keep, task, s_logits, t_logits, sf, tf, target), self.ctx)
-        return total, terms, task
+        t_last = tf.last[keep] if tf is not None and self.loss.item_kd else None
+        out = self.output(self.student, self.teacher, sf.last[keep], t_last, labels[keep])
+        batch = Batch(keep, out.task, out.s_logits, out.t_logits, sf, tf, out.target, out.kd)
+        total, terms = self.loss(batch, self.ctx)
+        return total, terms, out.task
 
     def step(self, idx: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> dict:
         """One optimisation step; returns the log row."""

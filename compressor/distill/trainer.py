@@ -33,6 +33,7 @@ from compressor.errors import CompressorError
 from compressor.evaluate import evaluate_model
 from compressor.fisher import estimate_layer_fisher
 from compressor.modeling import load_model, model_max_len, save_model, set_recsys_meta
+from compressor.sampled_softmax import Proposal, SampledNextItemLoss, train_proposal
 from compressor.teacher import next_item_loss
 from compressor.training import autocast
 from compressor.training.loop import RESUMABLE_FIELDS, Loop, Trainer
@@ -89,8 +90,11 @@ def batch_tensors(windows: list[np.ndarray], idx: np.ndarray, max_len: int, devi
     return tuple(torch.from_numpy(x).to(device) for x in (idx.astype(np.int64), ids, mask, labels))
 
 
-def teacher_fisher(teacher, cfg: DistillConfig, importance: dict | None, windows, max_len, device) -> tuple[np.ndarray, str]:
-    """Fisher scores of every teacher layer: given, from `cfg.importance_file`, or estimated now."""
+def teacher_fisher(teacher, cfg: DistillConfig, importance: dict | None, windows, max_len, device,
+                   proposal: Proposal | None = None) -> tuple[np.ndarray, str]:
+    """Fisher scores of every teacher layer: given, from `cfg.importance_file`, or estimated now
+    (with `proposal`, i.e. distill.output=candidates, from the sampled softmax's gradients, so no
+    batch x positions x items logits are formed here either)."""
     n = teacher.config.num_hidden_layers
     if importance is not None:
         return read_fisher_scores(importance, n), "importance (given)"
@@ -101,7 +105,8 @@ def teacher_fisher(teacher, cfg: DistillConfig, importance: dict | None, windows
     batches = [batch_tensors(windows, order[a : a + bs], max_len, device)[1:]
                for a in range(0, min(len(order), cfg.fisher_batches * bs), bs)]
     with autocast(device, cfg.train.precision):  # gradients of the fp32 parameters stay fp32
-        scores = estimate_layer_fisher(teacher, batches, next_item_loss)
+        loss = next_item_loss if proposal is None else SampledNextItemLoss.as_function(proposal, cfg.candidates_negatives)
+        scores = estimate_layer_fisher(teacher, batches, loss)
     return scores, f"estimated ({len(batches)} batches)"
 
 
@@ -206,19 +211,23 @@ def distill(teacher: PreTrainedModel, student: PreTrainedModel, data: RecData, c
         windows = training_windows(data.train_sequences(), max_len, per_sequence=t.recent_windows)
         if not windows:
             raise CompressorError(f"{data.name}: no training windows")
+        # candidates' negatives: drawn in proportion to the training counts (to the power candidates_alpha)
+        proposal = (train_proposal(data.train_sequences(), data.vocab.size, cfg.candidates_alpha, data.vocab.num_special)
+                    if cfg.output == "candidates" else None)
         scores, source = None, None
         if loss.fisher and ck is not None:
             scores, source = np.asarray(ck["fisher_scores"]), ck.get("fisher_source")
         elif loss.fisher:
             t0 = time.time()
             # before the teacher is frozen: its Fisher needs its gradients
-            scores, source = teacher_fisher(teacher, cfg, importance, windows, max_len, device)
+            scores, source = teacher_fisher(teacher, cfg, importance, windows, max_len, device, proposal)
             fisher_seconds = time.time() - t0
         dist.on_main(dump_config, cfg, out / "distill_config.yaml")
         stack.enter_context(frozen(teacher))
         stack.enter_context(attention_implementation([teacher, student], "eager" if loss.attentions else None))
         steps_per_epoch = math.ceil(math.ceil(len(windows) / dist.world_size()) / t.batch_size)
-        d = Distiller(teacher, student, cfg, data.vocab.num_special, len(windows), steps_per_epoch * t.epochs, scores)
+        d = Distiller(teacher, student, cfg, data.vocab.num_special, len(windows), steps_per_epoch * t.epochs, scores,
+                      proposal)
         d.fisher_source = source
         return DistillTask(d, windows, data.split("valid"), max_len, t.batch_size)
 
