@@ -64,3 +64,30 @@ def test_a_sampled_teacher_is_estimated_by_its_negatives_not_the_catalogue():
     # the logits term is batch x positions x (negatives + target) x 4 bytes x 3; data and item table are as before
     assert full["teacher"].bytes - by["teacher"].bytes == 3 * t.train.batch_size * t.max_len * (10**6 + 1 - 1024) * 4
     assert by["distill"].bytes > 10 * by["teacher"].bytes  # distillation still takes the full softmax
+
+
+def test_candidate_distillation_is_estimated_by_its_candidates_not_the_catalogue():
+    cfg = load_config(RunConfig, None, ["distill.output=candidates", "distill.candidates_topk=99",
+                                        "distill.candidates_negatives=900"])
+    by = {s.stage: s for s in estimate_stages(cfg, users=1000, items=10**6, interactions=10**7)}
+    full = {s.stage: s for s in estimate_stages(RunConfig(), users=1000, items=10**6, interactions=10**7)}
+    d, L, h = cfg.distill.train.batch_size, cfg.teacher.max_len, cfg.teacher.hidden_size
+    assert "candidate logits" in by["distill"].what and "1,000 (target, top 99, 900 negatives)" in by["distill"].what
+    # full: 5 copies of d x L x items logits; candidates: 5 copies of d x L x (1 + 99 + 900), the gathered
+    # exact rows (3 x d x L x 100 x hidden) and the top-k search's chunk (3 x 2^24 floats)
+    candidates = 5 * d * L * 1000 * 4 + 3 * d * L * 100 * h * 4 + 3 * 2**24 * 4
+    assert full["distill"].bytes - by["distill"].bytes == 5 * d * L * (10**6 + 1) * 4 - candidates
+    assert by["distill"].bytes < full["distill"].bytes / 10
+
+
+def test_a_million_items_refuse_full_distillation_and_accept_candidates():
+    """The smoke config with the sampled teacher on 10^6 items and 10^7 interactions: full-softmax
+    distillation is refused (naming the stage and the option to set), candidates fit the budget."""
+    from tests.conftest import smoke_config
+
+    shape = {"users": 200_000, "items": 10**6, "interactions": 10**7, "budget_bytes": 16 * GIB}
+    with pytest.raises(CompressorError, match=r"memory: the distill stage needs about .* use distill\.output=candidates"):
+        check_budget(smoke_config("teacher.train.loss=sampled"), **shape)
+    stages = check_budget(smoke_config("teacher.train.loss=sampled", "distill.output=candidates"), **shape)
+    assert {s.stage for s in stages} >= {"teacher", "distill"}
+    assert all(s.bytes <= 16 * GIB for s in stages)
