@@ -478,8 +478,8 @@ def batch_scoring(ctx: Ctx, folder: str) -> str:
                      ratio(r["job_throughput_vs_local"]), f"{r['wall_s']:,.1f}", f"{r['peak_pss_mb']:,}"])
     return "\n".join([table(["data", "set-up", "runs", "users/s (engine)", "× local", "end to end s",
                              "peak PSS MB"], rows), "",
-                      "Where a set-up ran several times: the median of its runs, and the largest peak PSS. "
-                      + ctx.source(path)])
+                      "Where a set-up ran several times: the median of its runs, and the largest peak PSS.", "",
+                      ctx.source(path)])
 
 
 def value_range(ctx: Ctx, path: str, fmt: str, *keys: str) -> str:
