@@ -1,6 +1,7 @@
 """Checks that need several real processes, run by tests/test_distributed.py under torchrun:
 
     torchrun --standalone --nproc_per_node 2 -m tests.distributed_worker OUT_JSON TEACHER_DIR
+    torchrun --standalone --nproc_per_node 2 -m tests.distributed_worker distill OUT_JSON TEACHER STUDENT DATA OUT
 
 Every rank computes; rank 0 writes OUT_JSON, which the test compares with one process's answers.
 Not a test module itself (pytest collects test_*.py only).
@@ -17,9 +18,11 @@ import torch
 from compressor import distributed as dist
 from compressor.data import prepare
 from compressor.data.protocol import training_windows, window_batches
+from compressor.distill import DistillConfig, distill_dirs
 from compressor.errors import CompressorError
 from compressor.fisher import ProbeSet, estimate_layer_fisher, layer_traces, parameter_fisher
 from compressor.modeling import decoder_parts, load_model
+from compressor.sampled_softmax import SampledNextItemLoss, train_proposal
 from compressor.teacher import NextItemLoss, build_teacher
 from compressor.training import make_optimizer
 from tests.conftest import tiny_interactions, tiny_teacher_config
@@ -86,6 +89,32 @@ def fsdp_round_trip() -> dict:
     return out
 
 
+def sampled_ddp() -> dict:
+    """3 DDP steps of the teacher's sampled-softmax loss, each rank on its shard of the windows and
+    drawing its own negatives from the torch RNG seeded seed + rank (as `training.Trainer` seeds
+    it): the ranks' draws differ, their weights stay equal (DDP all-reduces the gradients of the
+    item rows each rank touched), every loss is finite."""
+    data = prepare(tiny_interactions(30))
+    model = build_teacher(tiny_teacher_config(num_layers=2), data.vocab, seed=0)
+    torch.manual_seed(0 + dist.rank())
+    q = train_proposal(data.train_sequences(), data.vocab.size, 0.75)
+    draws, sample = [], q.sample
+    q.sample = lambda k, generator=None: draws.append(sample(k, generator)) or draws[-1]
+    par = dist.Parallel(SampledNextItemLoss(model, q, 32), "ddp")
+    opt = make_optimizer(model, 1e-2, 0.1, (0.9, 0.98))
+    windows = training_windows(data.train_sequences(), 20)
+    mine = [windows[i] for i in dist.shard(np.arange(len(windows)))]
+    losses = []
+    for b in [tuple(torch.from_numpy(x) for x in b) for b in window_batches(mine, 20, 16, None)][:3]:
+        opt.zero_grad(set_to_none=True)
+        loss = par.net(*b)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return {"negatives": dist.all_gather_object([d.tolist() for d in draws]), "losses": dist.all_gather_object(losses),
+            "weights": dist.all_gather_object([float(p.double().sum()) for p in model.parameters()])}
+
+
 def helpers() -> dict:
     order = np.arange(11) * 10
     out = {"shards": dist.all_gather_object(dist.shard(order).tolist()),
@@ -104,11 +133,29 @@ def helpers() -> dict:
     return out
 
 
+def candidate_distill(teacher_dir: str, student_dir: str, data_dir: str, out_dir: str) -> dict:
+    """distill.output=candidates as the pipeline runs it under torchrun (`compressor distill` is
+    one process only): fisher_ld, the teacher's Fisher estimated on the fly with the sampled loss."""
+    cfg = DistillConfig(method="fisher_ld", output="candidates", candidates_topk=20, candidates_negatives=64,
+                        train={"epochs": 2, "batch_size": 32})
+    r = distill_dirs(teacher_dir, student_dir, lambda vocab: prepare(data_dir, vocab=vocab), cfg, out_dir, progress=False)
+    # every rank ends with the student rank 0 kept (broadcast): a checksum per rank
+    return {"world_size": r.world_size, "steps": r.steps,
+            "students": dist.all_gather_object([float(p.double().sum()) for p in r.model.parameters()])}
+
+
 def main() -> None:
+    if sys.argv[1] == "distill":  # ... distill OUT_JSON TEACHER_DIR STUDENT_DIR DATA_DIR OUT_DIR
+        with dist.session("distributed_worker", True):
+            result = candidate_distill(*sys.argv[3:7])
+            if dist.is_main():
+                with open(sys.argv[2], "w") as f:
+                    json.dump(result, f)
+        return
     out, teacher_dir = sys.argv[1], sys.argv[2]
     with dist.session("distributed_worker", True):
         result = {"world_size": dist.world_size(), "helpers": helpers(), "fisher": fisher_values(teacher_dir),
-                  "fsdp": fsdp_round_trip()}
+                  "fsdp": fsdp_round_trip(), "sampled": sampled_ddp()}
         if dist.is_main():
             with open(out, "w") as f:
                 json.dump(result, f)

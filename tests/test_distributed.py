@@ -1,5 +1,6 @@
 """torchrun data parallelism: the helpers alone and on 2 real gloo processes, Fisher sums split
-over ranks equal one process's, FSDP state round trips, an FSDP teacher trains end to end.
+over ranks equal one process's, FSDP state round trips, an FSDP teacher trains end to end, the
+sampled teacher loss and candidate distillation train under DDP (negatives drawn per rank).
 
 The multi-process tests launch `torch.distributed.run` (torchrun) with OMP_NUM_THREADS=1, as CI
 does; nothing in torch.distributed is mocked."""
@@ -115,6 +116,53 @@ def test_an_fsdp_teacher_trains_on_two_ranks_and_saves_its_best_state(tmp_path):
                        *RESUME_OVERRIDES, "train.epochs=1", "train.parallel=fsdp")
     assert refused.returncode != 0 and "train.ema_decay needs the whole model on every rank" in refused.stderr
     assert not (tmp_path / "ema").exists()
+
+
+def test_the_sampled_loss_under_ddp_draws_per_rank_and_keeps_the_ranks_equal(two_ranks):
+    """Each rank draws its own negatives (seed + rank): no communication, world_size x negatives
+    seen by the averaged gradient; DDP still leaves every rank with the same weights."""
+    s = two_ranks["sampled"]
+    assert len(s["negatives"][0]) == len(s["negatives"][1]) == 3
+    assert all(a != b for a, b in zip(*s["negatives"], strict=True))
+    assert s["weights"][0] == s["weights"][1]
+    assert all(np.isfinite(x) for r in s["losses"] for x in r)
+
+
+def test_a_sampled_teacher_and_candidate_distillation_train_on_two_ranks(tmp_path):
+    """teacher.train.loss=sampled and distill.output=candidates under torchrun (2 gloo processes),
+    as the full loss: every step's loss finite, the teacher's falling over its epochs, rank 0's saved
+    weights the best validation state, both runs recorded as world size 2."""
+    from compressor.data import prepare
+    from compressor.evaluate import evaluate_model
+    from compressor.modeling import load_model, save_model
+    from compressor.teacher import SUMMARY_FILE
+    from compressor.truncate import truncate
+    from tests.test_teacher import RESUME_OVERRIDES, _ratings_dir
+
+    data = _ratings_dir(tmp_path / "data")
+    out = tmp_path / "teacher"
+    proc = torchrun("-m", "compressor", "train-teacher", "--data", str(data), "--out", str(out),
+                    *RESUME_OVERRIDES, "train.epochs=3", "train.loss=sampled", "train.sampled_negatives=64")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    assert summary["world_size"] == 2 and summary["parallel"] == "ddp" and summary["epochs_run"] == 3
+    losses = [h["loss"] for h in summary["history"] if "loss" in h]
+    assert len(losses) == 3 and all(np.isfinite(losses)) and losses[-1] < losses[0]
+    model, vocab = load_model(out)
+    valid = prepare(str(data), vocab=vocab).split("valid")
+    assert evaluate_model(model, valid, 20).metrics["ndcg@10"] == pytest.approx(summary["best_valid"]["ndcg@10"], abs=1e-9)
+
+    save_model(truncate(model, [1]), vocab, tmp_path / "student")
+    proc = torchrun("-m", "tests.distributed_worker", "distill", str(tmp_path / "d.json"), str(out),
+                    str(tmp_path / "student"), str(data), str(tmp_path / "distill"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    d = json.loads((tmp_path / "d.json").read_text())
+    assert d["world_size"] == 2 and d["steps"] > 0 and d["students"][0] == d["students"][1]
+    result = json.loads((tmp_path / "distill" / "result.json").read_text())
+    assert result["world_size"] == 2 and result["config"]["output"] == "candidates"
+    rows = [json.loads(x) for x in (tmp_path / "distill" / "train_log.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "kd" in r]
+    assert len(steps) == d["steps"] and all(np.isfinite(r[k]) for r in steps for k in ("loss", "task", "kd"))
 
 
 def test_the_cli_refuses_commands_that_do_not_shard_under_torchrun(monkeypatch, tmp_path, capsys):
