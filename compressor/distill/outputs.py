@@ -87,12 +87,14 @@ class CandidateSoftmax:
             self.proposal = Proposal.uniform(student.config.vocab_size, self.ns)
             self.log_q = self.proposal.log_q
         dev = s_last.device
+        if self.log_q.device != dev:
+            self.log_q = self.log_q.to(dev)  # once, not a catalogue-sized copy per step
         negs = self.proposal.sample(self.negatives).to(dev)  # the torch RNG: seeded per rank
         exact = labels[:, None]
         if t_last is not None:
             t_table, t_bias = _head(teacher)
             exact = torch.cat([exact, teacher_topk(t_last, t_table, self.k, self.ns, t_bias)], 1)
-        log_w = sample_log_weights(exact.shape[1], negs, self.log_q.to(dev))
+        log_w = sample_log_weights(exact.shape[1], negs, self.log_q)
         s_table, s_bias = _head(student)
         s = candidate_scores(s_last, s_table, exact, negs, s_bias)
         # the target is each row's first candidate (never masked: its first occurrence)
