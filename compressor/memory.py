@@ -61,8 +61,10 @@ def estimate_stages(cfg: Any, users: int, items: int, interactions: int) -> list
                         if sampled else f"full-softmax logits {t.train.batch_size} x {L} x {vocab:,}")
                        + " x 4 bytes x 3 (logits, log-softmax, gradient) + item table and Adam state")]
     imp = cfg.importance
-    out.append(StageMemory("importance", data + _softmax(imp.batch_size, L, vocab, 3),
-                           f"logits {imp.batch_size} x {L} x {vocab:,} x 4 bytes x 3"))
+    # importance scores the newest position only (compressor/importance: last_item_loss), plus one
+    # gradient of the item table (the gradient estimator's backward); never per-sample table gradients
+    out.append(StageMemory("importance", data + _softmax(imp.batch_size, 1, vocab, 3) + vocab * t.hidden_size * F32,
+                           f"last-position logits {imp.batch_size} x {vocab:,} x 4 bytes x 3 + one item-table gradient"))
     if getattr(cfg.distill, "enabled", True):
         out.append(_distill(cfg.distill, L, vocab, t.hidden_size, data + 2 * table))
     ev = _softmax(EVAL_BATCH, 1, vocab, 3)

@@ -91,3 +91,14 @@ def test_a_million_items_refuse_full_distillation_and_accept_candidates():
     stages = check_budget(smoke_config("teacher.train.loss=sampled", "distill.output=candidates"), **shape)
     assert {s.stage for s in stages} >= {"teacher", "distill"}
     assert all(s.bytes <= 16 * GIB for s in stages)
+
+
+def test_the_default_config_fits_a_million_items_with_the_large_catalogue_options():
+    """Importance scores the newest position only (B x V logits, not B x L x V): with the sampled
+    teacher loss and candidate distillation every stage of the default config fits 16 GiB at 10^6
+    items, and the importance estimate is the last-position term, not the L-times larger one."""
+    cfg = load_config(RunConfig, "default", ["teacher.train.loss=sampled", "distill.output=candidates"])
+    stages = check_budget(cfg, users=200_000, items=10**6, interactions=10**7, budget_bytes=16 * GIB)
+    by = {s.stage: s for s in stages}
+    last_position = 3 * cfg.importance.batch_size * (10**6 + 1) * 4
+    assert last_position <= by["importance"].bytes - by["data"].bytes < 2 * last_position
