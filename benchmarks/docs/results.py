@@ -241,6 +241,28 @@ def load_test(ctx: Ctx, folder: str) -> str:
           f"{S['serial_http']['ms_p50']:.2f} ms.", "", ctx.source(_src(folder, "load_test.json"))])
 
 
+def _ms_or_zero(ms: float) -> str:
+    """A difference of separately measured medians: within 0.005 ms of zero (or below) reads ~0."""
+    return f"{ms:.2f}" if ms >= 0.005 else "~0"
+
+
+def load_time_split(ctx: Ctx, *folders: str) -> str:
+    """Where one request's time goes (batch 1, serial, p50 ms) for every service of the named load
+    tests: the ONNX Runtime call, Faiss retrieval, the rest of the engine, and HTTP + framework."""
+    rows, sources = [], []
+    for folder in folders:
+        src = _src(folder, "load_test.json")
+        sources.append(src)
+        for role, svc in load_json(src)["services"].items():
+            p, http = svc["profile"], svc["serial_http"]["ms_p50"]
+            rows.append([ctx.link(folder, src), role, f"`{svc['model_file']}`", f"{p['model_ms_p50']:.2f}",
+                         f"{p['retrieval_ms_p50']:.2f}", _ms_or_zero(p['engine_ms_p50'] - p['model_ms_p50'] - p['retrieval_ms_p50']),
+                         f"{http - p['engine_ms_p50']:.2f}", f"{http:.2f}", f"{p['model_ms_p50'] / http:.0%}"])
+    return "\n".join([table(["load test", "model", "served file", "model (ONNX Runtime)", "retrieval (Faiss)",
+                             "rest of the engine", "HTTP + framework", "end to end", "model share"], rows), "",
+                      ctx.source(*sources)])
+
+
 def overload(ctx: Ctx, folder: str) -> str:
     doc = load_json(_src(folder, "overload.json"))
     rows = [[str(r["max_concurrency"] or "off"), str(r["users"]), f"{r['requests']:,}", f"{r['accepted']:,}",
@@ -540,6 +562,7 @@ RENDERERS = {
     "lowrank": lowrank,
     "pruning": pruning,
     "load-test": load_test,
+    "load-time-split": load_time_split,
     "overload": overload,
     "retrieval": retrieval,
     "ddp": ddp,
