@@ -343,6 +343,21 @@ def precision_speed(ctx: Ctx, folder: str) -> str:
                       f"{d['machine']['cpu']}.", "", ctx.source(path)])
 
 
+def precision_gradients(ctx: Ctx, folder: str) -> str:
+    """The same batches' gradient in fp32 and under bf16 autocast, each against float64."""
+    path = _src(folder, "gradients.json")
+    d = load_json(path)
+    modes = [k for k in d["batches"][0] if k not in ("batch", "loss_fp64")]
+    rows = [[str(b["batch"]), mode, f"{b[mode]['loss']:.5f} ({b['loss_fp64']:.5f})",
+             f"{b[mode]['all']['norm']:.2f} ({b[mode]['all']['norm_fp64']:.2f})",
+             *(f"{b[mode][part]['cosine_vs_fp64']:+.4f}" for part in ("all", "item table", "attention", "mlp", "norms"))]
+            for b in d["batches"] for mode in modes]
+    return "\n".join([table(["batch", "computed in", "loss (float64)", "gradient norm (float64)", "cosine with the "
+                             "float64 gradient", "item table", "attention", "MLP", "norms"], rows), "",
+                      f"{d['what'].split(' Run once')[0]} Machine: {d['machine']['cpu']}, native bf16: {d['machine']['native_bf16']}, torch "
+                      f"{d['machine']['torch']}, {d['machine']['threads']} thread.", "", ctx.source(path)])
+
+
 def scaling(ctx: Ctx, folder: str) -> str:
     """Seconds and peak RSS of every stage of the (reduced) job per catalogue size, with the growth
     exponent between consecutive sizes."""
@@ -569,6 +584,7 @@ RENDERERS = {
     "fisher-speed": fisher_speed,
     "llm-recipe": llm_recipe,
     "precision-speed": precision_speed,
+    "precision-gradients": precision_gradients,
     "scaling": scaling,
     "scaling-stages": scaling_stages,
     "quantization": quantization,
