@@ -64,6 +64,12 @@ TEACHERS: dict[str, Teacher] = {
         "current", "runs/llm_e2e/models/teacher",
         ("llm_job/report.json", "config.teacher"),
         ("llm_job/report.json", "evaluation.metrics.teacher.ndcg@10"), "configs/llm.yaml"),
+    "llm-rw-fp32": Teacher(
+        "SmolLM2-135M teacher of configs/llm.yaml trained in fp32 (what `precision: auto` picks on a CPU "
+        "without native bf16; forced on a bf16 machine)",
+        "current", "runs/llm_fp32/models/teacher",
+        ("llm_job_fp32/report.json", "config.teacher"),
+        ("llm_job_fp32/report.json", "evaluation.metrics.teacher.ndcg@10"), "configs/llm.yaml"),
 }
 
 # folder -> (teacher id or None, what the folder measured it on / why there is none)
@@ -82,6 +88,12 @@ FOLDERS: dict[str, tuple[str | None, str]] = {
     "lowrank": ("small-reduced", "factorizes the teacher itself"),
     "fisher_speed_small": ("small-reduced", "times Fisher on it"),
     "llm_job": ("llm-rw", "the LLM job, one command"),
+    "llm_job_fp32": ("llm-rw-fp32", "the LLM job in fp32, one command, timed"),
+    "llm_served_float": ("llm-rw-fp32", "serves it and its 8-layer student, both float"),
+    "llm_served": ("llm-rw-fp32", "serves it (float) and its student's graph chosen by the quality budget"),
+    "llm_served_vs_quantized_teacher": ("llm-rw-fp32", "serves it and its student, each as the quality budget "
+                                                       "chose (the fair comparison)"),
+    "load_test_current": ("small-8L-30ep", "serves it and its 2-layer student (a rerun of the default job)"),
     "llm_job_moving_windows": ("llm-rw", "the same recipe, trained in a two-part run (runs/llm_rw/teacher)"),
     "llm_quality_rw": ("llm-rw", "distils students of it"),
     "llm_quality_rw_ablation": ("llm-rw", "distils students of ablation's layers of it"),
@@ -111,6 +123,8 @@ FOLDERS: dict[str, tuple[str | None, str]] = {
     "batch_scoring": (None, "batch-scoring engines over given artifacts: throughput and fault handling, not model quality"),
     "quantization_llm": (None, "the student of a reduced LLM run (40 users, 1 epoch; not the config's teacher): "
                                "quantization methods against its own float graph"),
+    "precision_gradients": (None, "the SmolLM2-135M teacher adapted to the catalogue, before training: one "
+                                  "batch's gradients only"),
     "precision_speed": (None, "SmolLM2-135M with a random item table: training step time only, fp32 vs bf16"),
 }
 
