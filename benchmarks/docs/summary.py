@@ -11,7 +11,7 @@ JOBS = {"default": "default_job", "llm": "llm_job", "llm_fp32": "llm_job_fp32"}
 SEED_RUN = {"default_job": ("teacher_seeds30", 0)}
 # Served (HTTP) ratios: the load tests of each config's current artifacts (float vs float, then the
 # served student graph against the float teacher where the budget chose a quantized one)
-LOAD_TESTS = {"default": ["load_test"], "llm": ["llm_served_float", "llm_served"]}
+LOAD_TESTS = {"default": ["load_test_current"], "llm": ["llm_served_float", "llm_served"]}
 
 
 def _job_cells(ctx: Ctx, folder: str) -> dict[str, str]:
