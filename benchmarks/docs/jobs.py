@@ -167,6 +167,14 @@ def job_models(ctx: Ctx, folder: str) -> str:
     return "\n".join(out + ["", ctx.source(src)])
 
 
+def time_v(path: str) -> tuple[float, int]:
+    """Wall-clock minutes and peak RSS (KiB) from a `/usr/bin/time -v` record."""
+    text = read_text(path)
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", text)[1]
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)[1])
+    return sum(float(p) * 60 ** i for i, p in enumerate(reversed(wall.split(":")))) / 60, rss
+
+
 def job_stages(ctx: Ctx, folder: str) -> str:
     """Seconds per stage and the total; the wall clock and peak memory when time.txt was kept."""
     doc, src = report(folder)
@@ -178,11 +186,7 @@ def job_stages(ctx: Ctx, folder: str) -> str:
     sources = [src]
     tt = f"{RESULTS}/{folder}/time.txt"
     if (ROOT / tt).is_file():
-        text = read_text(tt)
-        wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", text)[1]
-        rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)[1])
-        seconds = sum(float(p) * 60 ** i for i, p in enumerate(reversed(wall.split(":"))))
-        minutes = seconds / 60
+        minutes, rss = time_v(tt)
         out += ["", f"Whole command (`/usr/bin/time -v`): **{minutes:.1f} min** wall clock, peak RSS "
                     f"**{rss / 2**20:.1f} GiB** ({rss:,} KiB)."]
         sources.append(tt)

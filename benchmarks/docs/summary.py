@@ -4,7 +4,7 @@ a link to the file it comes from."""
 from __future__ import annotations
 
 from benchmarks.docs.core import RESULTS, Ctx, load_json, num, ratio, signed
-from benchmarks.docs.jobs import report
+from benchmarks.docs.jobs import report, time_v
 
 JOBS = {"default": "default_job", "llm": "llm_job", "llm_fp32": "llm_job_fp32"}
 # default_job kept only report.md (4 decimals); the same teacher (seed 0) in its seed run, unrounded
@@ -86,15 +86,6 @@ def _machine(folder: str) -> str:
     return f"{m.get('logical_cores') or m.get('cores')} CPU cores ({m['cpu']})"
 
 
-def _wall_minutes_and_rss(time_v: str) -> tuple[float, float]:
-    """Wall-clock minutes and peak RSS (GiB) from `/usr/bin/time -v` output."""
-    import re
-
-    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", time_v)[1]
-    minutes = sum(float(p) * 60 ** i for i, p in enumerate(reversed(wall.split(":")))) / 60
-    return minutes, int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", time_v)[1]) / 2**20
-
-
 def _min(doc: dict, stage: str) -> str:
     return f"{doc['stage_seconds'][stage] / 60:.1f} min"
 
@@ -102,8 +93,6 @@ def _min(doc: dict, stage: str) -> str:
 def job_times(ctx: Ctx) -> str:
     """The quick start's measured times: one bullet per job, linked to its report. The LLM job's
     fp32 run stands for a CPU without native bf16 (forced on the measuring machine)."""
-    from benchmarks.docs.core import read_text
-
     doc, src = report(JOBS["default"])
     job_min = sum(doc["stage_seconds"].values()) / 60
     out = [f"- command 1 (the default job): {ctx.link(f'{job_min:.1f} min', src)} "
@@ -114,7 +103,8 @@ def job_times(ctx: Ctx) -> str:
     for key, cpu in where.items():
         doc, src = report(JOBS[key])
         tt = f"{RESULTS}/{JOBS[key]}/time.txt"
-        minutes, rss = _wall_minutes_and_rss(read_text(tt))
+        minutes, rss = time_v(tt)
+        rss /= 2**20
         teacher = doc["evaluation"]["metrics"]["teacher"]["ndcg@10"]
         out.append(f"- command 3 (the LLM job) {cpu}: {ctx.link(f'{minutes:.1f} min', tt)} wall clock, peak RSS "
                    f"{ctx.link(f'{rss:.1f} GiB', tt)} on {_machine(JOBS[key])}, training in "
