@@ -152,7 +152,9 @@ def _overview(doc: dict) -> list[str]:
             f"({data.get('users')} users, fingerprint `{data.get('fingerprint')}`); protocol: leave-one-out, "
             f"full ranking over the whole catalogue, "
             f"{'repeats kept, seen items ranked too' if doc['config']['data'].get('keep_repeats') else 'seen items excluded'}, "
-            f"{ev.get('users')} test users.", ""]
+            f"{ev.get('users')} test users"
+            + (f" (a seeded sample: data.eval_users={doc['config']['data']['eval_users']}; every user trained)"
+               if doc["config"]["data"].get("eval_users") else "") + ".", ""]
     for f in (doc.get("teacher_training") or {}).get("data_filters") or []:
         out += [f"Data filter {f['filter']}: removed {f['removed_interactions']:,} interactions, "
                 f"{f['removed_users']:,} users and {f['removed_items']:,} items ({f['left_interactions']:,} left).", ""]

@@ -270,3 +270,17 @@ def test_default_filters_leave_the_bundled_data_as_it_was():
     plain = prepare("ml-latest-small")
     assert data.vocab.same_as(plain.vocab) and data.interactions.filters == []
     assert all(np.array_equal(data.sequences[u], plain.sequences[u]) for u in plain.sequences)
+
+
+def test_eval_users_samples_the_same_users_for_validation_and_test_and_trains_on_all():
+    from compressor.data.config import DataConfig
+
+    full = DataConfig().load()
+    sampled = DataConfig(eval_users=50).load()
+    valid, test = sampled.split("valid"), sampled.split("test")
+    assert len(valid) == len(test) == 50 and valid.users == test.users
+    assert set(valid.users) < set(full.split("valid").users)
+    assert sampled.split("test").users == test.users  # seeded: the same sample every call
+    assert len(sampled.train_sequences()) == len(full.train_sequences())
+    by_user = dict(zip(full.split("test").users, full.split("test").targets, strict=True))
+    assert all(by_user[u] == t for u, t in zip(test.users, test.targets, strict=True))

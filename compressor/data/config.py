@@ -33,6 +33,10 @@ class DataConfig(BaseModel):
     name: str = Field("ml-latest-small", description="bundled name, downloadable MovieLens name, or a path")
     format: str = Field("auto", description="auto, ml-latest, ml-100k, ml-1m or generic")
     max_users: int | None = Field(None, ge=3, description="keep only the first N users (by id): quick runs")
+    eval_users: int | None = Field(
+        None, ge=10, description="validate and test on a seeded random sample of this many users (None = all; "
+        "every user still trains): full-catalogue ranking costs users x items per model, hours at 10^5 users "
+        "x 10^6 items; the report states the sample")
     columns: ColumnMap | None = Field(None, description="generic format: the file's column names, e.g. "
                                       "{user: customer_id, item: sku, timestamp: ts}; only these are read")
     min_rating: float | None = Field(None, description="keep interactions rated at least this (explicit "
@@ -67,4 +71,6 @@ class DataConfig(BaseModel):
             inter.events = inter.events[inter.events["user"].isin(users)].reset_index(drop=True)
         inter = apply_filters(inter, self.min_rating, self.keep_repeats, self.min_user_interactions,
                               self.min_item_interactions, self.kcore)
-        return prepare(inter, vocab=vocab, keep_repeats=self.keep_repeats)
+        data = prepare(inter, vocab=vocab, keep_repeats=self.keep_repeats)
+        data.eval_users = self.eval_users
+        return data

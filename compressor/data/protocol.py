@@ -56,6 +56,7 @@ class RecData:
     vocab: ItemVocab
     sequences: dict  # user id -> token ids in time order
     keep_repeats: bool = False  # sequences keep repeated items; splits then do not exclude seen items
+    eval_users: int | None = None  # validation and test on this seeded sample of users (None: all)
 
     @property
     def name(self) -> str:
@@ -76,7 +77,9 @@ class RecData:
             users.append(u)
             hists.append(s[: len(s) - cut])
             targets.append(s[len(s) - cut])
-        return Split(name, users, hists, np.asarray(targets, dtype=np.int64), exclude_seen=not self.keep_repeats)
+        split = Split(name, users, hists, np.asarray(targets, dtype=np.int64), exclude_seen=not self.keep_repeats)
+        # the same users for both splits (one seed): validation and test stay comparable
+        return split if self.eval_users is None else split.subset(self.eval_users, seed=0)
 
     def history(self, user) -> np.ndarray:
         """A known user's whole history (serving recommends what comes after all of it)."""
