@@ -174,13 +174,15 @@ def test_candidate_kd_vanishes_for_an_exact_teacher_copy(teacher, windows):
     assert terms["kd"] < 1e-5 and task > 1.0
 
 
-def test_candidate_distillation_end_to_end(teacher, tiny_data, tmp_path):
+@pytest.mark.parametrize("search", ["exact", "hnsw"])
+def test_candidate_distillation_end_to_end(teacher, tiny_data, tmp_path, search):
     """distill.output=candidates through `distill`: the proposal from the training counts, the
-    teacher's Fisher estimated with the sampled softmax, finite terms, the student changed and saved."""
+    teacher's Fisher estimated with the sampled softmax, finite terms, the student changed and saved;
+    the teacher's top-k found exactly or by the HNSW graph large catalogues use."""
     student = truncate(teacher, [0, 3])
     before = {k: v.clone() for k, v in student.state_dict().items()}
     cfg = DistillConfig(method="fisher_ld", train=FAST, output="candidates", candidates_topk=20,
-                        candidates_negatives=64)
+                        candidates_negatives=64, candidates_search=search)
     r = distill(teacher, student, tiny_data, cfg, tmp_path / "c", progress=False, max_steps=4)
     rows = [json.loads(x) for x in r.log_path.read_text().splitlines() if "loss" in x]
     assert r.steps == len(rows) == 4 and r.fisher_source.startswith("estimated")

@@ -17,6 +17,7 @@ from compressor.sampled_softmax import (
     sampled_logits,
     sampled_softmax_loss,
     teacher_topk,
+    topk_search,
 )
 
 V, H, N = 41, 8, 12  # token 0 is padding; items are tokens 1..40
@@ -206,6 +207,27 @@ def test_teacher_topk_is_found_chunk_by_chunk(batch):
     bias = torch.zeros(V)
     bias[9] = 1e3
     assert (teacher_topk(hidden, table, k=1, bias=bias) == 9).all()
+
+
+def test_the_hnsw_top_k_finds_the_exact_top_k_of_a_frozen_table_with_its_bias():
+    from compressor.sampled_softmax import HnswTopK
+
+    g = torch.Generator().manual_seed(1)
+    table, hidden = torch.randn(5001, 16, generator=g), torch.randn(64, 16, generator=g)
+    bias = torch.randn(5001, generator=g)
+    exact = teacher_topk(hidden, table, k=20, bias=bias)
+    found = HnswTopK(table, bias, k=20)(hidden)
+    assert found.shape == exact.shape and found.min() >= 1  # never the padding token
+    recall = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(found, exact, strict=True)) / exact.numel()
+    assert recall > 0.95, recall
+    assert HnswTopK(table[:11], None, k=20)(hidden).shape == (64, 10)  # k past the catalogue: every item
+
+
+def test_the_top_k_search_follows_the_catalogue_size():
+    assert topk_search("auto", 99_999) == "exact" and topk_search("auto", 100_000) == "hnsw"
+    assert topk_search("exact", 10**7) == "exact"
+    with pytest.raises(Exception, match="unknown candidates search"):
+        topk_search("ivf", 10)
 
 
 def test_the_model_level_loss_trains_the_decoder_and_only_the_sampled_item_rows(tiny_data):

@@ -55,6 +55,11 @@ class DistillConfig(BaseModel):
     candidates_topk: int = Field(
         100, ge=1, description="with output: candidates, the teacher's highest-scoring items per position "
         "scored exactly in both models (found without gradients, a catalogue chunk at a time)")
+    candidates_search: Literal["auto", "exact", "hnsw"] = Field(
+        "auto", description="with output: candidates, how the teacher's top items are found: exact (every "
+        "item scored each step: positions x items x hidden work), hnsw (a Faiss graph over the frozen "
+        "teacher's item table, built once: approximate, ~log(items) per position), auto = hnsw from "
+        "100,000 items (compressor.sampled_softmax.HNSW_TOPK_ITEMS)")
     candidates_negatives: int = Field(
         1024, ge=1, description="with output: candidates, negatives drawn per step and shared by the "
         "batch (each rank draws its own under torchrun)")

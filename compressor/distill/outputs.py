@@ -30,11 +30,12 @@ import torch.nn.functional as F
 
 from compressor.errors import CompressorError
 from compressor.sampled_softmax import (
+    TOPK_SEARCH,
     Proposal,
     candidate_kd_loss,
     candidate_scores,
     sample_log_weights,
-    teacher_topk,
+    topk_search,
 )
 
 
@@ -77,6 +78,7 @@ class CandidateSoftmax:
 
     def __init__(self, cfg, n_special: int, proposal: Proposal | None = None) -> None:
         self.k, self.negatives, self.ns = cfg.candidates_topk, cfg.candidates_negatives, n_special
+        self.search, self.topk = cfg.candidates_search, None  # built on the first step, from the teacher
         self.proposal = proposal
         self.log_q = None if proposal is None else proposal.log_q
 
@@ -93,7 +95,10 @@ class CandidateSoftmax:
         exact = labels[:, None]
         if t_last is not None:
             t_table, t_bias = _head(teacher)
-            exact = torch.cat([exact, teacher_topk(t_last, t_table, self.k, self.ns, t_bias)], 1)
+            if self.topk is None:  # the teacher is frozen: one search structure for the whole run
+                self.topk = TOPK_SEARCH[topk_search(self.search, len(t_table) - self.ns)](
+                    t_table, t_bias, self.k, self.ns)
+            exact = torch.cat([exact, self.topk(t_last)], 1)
         log_w = sample_log_weights(exact.shape[1], negs, self.log_q)
         s_table, s_bias = _head(student)
         s = candidate_scores(s_last, s_table, exact, negs, s_bias)
