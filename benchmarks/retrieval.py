@@ -110,6 +110,27 @@ def build_hnsw(items: np.ndarray, cfg: RetrievalBenchConfig) -> Iterator[Built]:
                     [{"efSearch": ef} for ef in cfg.ef_search])
 
 
+def _hnsw_sq(items: np.ndarray, cfg: RetrievalBenchConfig, qtype: int, name: str) -> Iterator[Built]:
+    """HNSW whose stored vectors are scalar-quantized (the graph's links stay as they are): the
+    item table in the index at 2 bytes (fp16) or 1 byte (SQ8, per-dimension min/max trained on
+    the items) a dimension instead of 4."""
+    for m in cfg.hnsw_m:
+        index = faiss.IndexHNSWSQ(items.shape[1], qtype, m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = cfg.hnsw_ef_construction
+        index.train(items)
+        index.add(items)
+        yield Built({"M": m, "efConstruction": cfg.hnsw_ef_construction, "storage": name}, index,
+                    [{"efSearch": ef} for ef in cfg.ef_search])
+
+
+def build_hnsw_fp16(items: np.ndarray, cfg: RetrievalBenchConfig) -> Iterator[Built]:
+    yield from _hnsw_sq(items, cfg, faiss.ScalarQuantizer.QT_fp16, "fp16")
+
+
+def build_hnsw_sq8(items: np.ndarray, cfg: RetrievalBenchConfig) -> Iterator[Built]:
+    yield from _hnsw_sq(items, cfg, faiss.ScalarQuantizer.QT_8bit, "sq8")
+
+
 def _ivf(vectors: np.ndarray, cfg: RetrievalBenchConfig, metric: int) -> tuple[faiss.Index, int]:
     n, d = vectors.shape
     nlist = min(cfg.ivf_nlist or auto_nlist(n), n)
@@ -153,7 +174,8 @@ def build_ivf_l2(items: np.ndarray, cfg: RetrievalBenchConfig) -> Iterator[Built
 
 
 INDEXES: dict[str, Callable[[np.ndarray, RetrievalBenchConfig], Iterator[Built]]] = {
-    "flat": build_flat, "hnsw": build_hnsw, "ivf": build_ivf, "ivf_l2": build_ivf_l2,
+    "flat": build_flat, "hnsw": build_hnsw, "hnsw_fp16": build_hnsw_fp16, "hnsw_sq8": build_hnsw_sq8,
+    "ivf": build_ivf, "ivf_l2": build_ivf_l2,
 }
 
 

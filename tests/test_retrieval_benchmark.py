@@ -180,3 +180,15 @@ def test_recommend_picks_cheapest_setting_at_target():
     assert rec["per_size"][0]["hnsw"]["efSearch"] == 32
     assert rec["ivf"] is None
     assert rec["flat_max_items"] == 2000  # flat reaches 1 ms at 2k (0.5 ms at 1k, linear in N)
+
+
+def test_quantized_hnsw_storage_is_smaller_and_keeps_recall(tmp_path):
+    """fp16 and SQ8 store the indexed vectors in 2 and 1 bytes a dimension: the index shrinks,
+    recall at a wide efSearch stays near the float graph's."""
+    cfg = RetrievalBenchConfig(dim=32, sizes=[3000], indexes=["hnsw", "hnsw_fp16", "hnsw_sq8"], **FAST)
+    rows = run(cfg, tmp_path)["results"]
+    at = {r["index"]: r for r in rows if r["search"]["efSearch"] == 64}
+    assert at["hnsw"]["memory_bytes"] > at["hnsw_fp16"]["memory_bytes"] > at["hnsw_sq8"]["memory_bytes"]
+    assert at["hnsw"]["memory_bytes"] - at["hnsw_sq8"]["memory_bytes"] >= 3000 * 32 * 3 * 0.9
+    assert at["hnsw_fp16"]["recall"] >= at["hnsw"]["recall"] - 0.02
+    assert at["hnsw_sq8"]["recall"] >= at["hnsw"]["recall"] - 0.1
