@@ -55,6 +55,9 @@ class ServingSettings(BaseSettings):
     hnsw_m: int = Field(32, ge=2, le=512, description="HNSW graph degree")
     hnsw_ef_construction: int = Field(40, ge=1, description="HNSW build breadth")
     hnsw_ef_search: int = Field(128, ge=1, description="HNSW search breadth")
+    hnsw_storage: Literal["float", "fp16", "sq8"] = Field(
+        "float", description="how the HNSW index stores item vectors: 4, 2 or 1 bytes a dimension "
+        "(candidates are re-scored with the float embeddings either way)")
     faiss_threads: int = Field(1, ge=1, le=256, description="Faiss search threads per worker")
     faiss_gpu: Literal["auto", "never"] = Field("auto", description="`never` keeps the flat index "
                                                                      "on the CPU")
