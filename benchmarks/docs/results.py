@@ -378,7 +378,7 @@ def scaling(ctx: Ctx, folder: str) -> str:
                       f"`compressor run --config {d['config']['config']}` on `compressor synth` data "
                       f"({d['config']['interactions_per_item']} interactions per item, "
                       f"{d['config']['interactions_per_user']} per user), reduced budget: "
-                      + ", ".join(f"`{o}`" for o in d["reduced_budget"]) + "; "
+                      + ", ".join(f"`{o}`" for o in d["reduced_budget"] + d["config"].get("overrides", [])) + "; "
                       f"{d['machine']['cpu']}, {d['machine']['logical_cores']} cores.", "", ctx.source(path)])
 
 
@@ -410,6 +410,10 @@ def scaling_stages(ctx: Ctx, folder: str) -> str:
                 cell += " (EASE skipped)"
             elif st == "evaluate" and "ease" in (s.get("test_ndcg@10") or {}):
                 cell += " (EASE fitted)"
+            rec = s["stages"].get(st) or {}
+            if rec.get("stop_reason") in ("time cap", "step limit"):  # the cap, not the full pass
+                done = rec.get("epochs", rec.get("epochs_run"))
+                cell += f" ({rec['stop_reason']} at {done:.2f} of the pass)" if done is not None else f" ({rec['stop_reason']})"
             cells.append(cell)
         rows.append([st, *cells, ", ".join(num(e, 2) for e in exps.get(st) or []) or "—"])
     if rest:
@@ -417,8 +421,10 @@ def scaling_stages(ctx: Ctx, folder: str) -> str:
     rows.append(["**whole job**", *[f"**{s['job']['seconds']:,.0f} s, peak RSS {s['job']['peak_rss_gib']:.1f} GiB**"
                                    for s in sizes], ""])
     return "\n".join([table(heads, rows), "",
-                      f"Each stage's seconds from its stage record; peak RSS of the whole job sampled. "
-                      f"{d['machine']['cpu']}, {d['machine']['logical_cores']} cores, "
+                      "Each stage's seconds from its stage record; peak RSS of the whole job sampled. "
+                      + (f"Settings beside the reduced budget: {', '.join(f'`{o}`' for o in d['config']['overrides'])}. "
+                         if d["config"].get("overrides") else "")
+                      + f"{d['machine']['cpu']}, {d['machine']['logical_cores']} cores, "
                       f"{str(d['machine'].get('date', ''))[:10]}.", "", ctx.source(path)])
 
 
