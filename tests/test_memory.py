@@ -102,3 +102,23 @@ def test_the_default_config_fits_a_million_items_with_the_large_catalogue_option
     by = {s.stage: s for s in stages}
     last_position = 3 * cfg.importance.batch_size * (10**6 + 1) * 4
     assert last_position <= by["importance"].bytes - by["data"].bytes < 2 * last_position
+
+
+def test_the_job_suggests_sampled_evaluation_users_when_full_ranking_is_large(monkeypatch):
+    """Above FULL_RANKING_ADVICE user x item scores a pass, the pre-training check says
+    `data.eval_users` in one line; with it set, or below the threshold, it says nothing."""
+    from types import SimpleNamespace
+
+    from compressor.pipeline import stages
+    from compressor.pipeline.config import RunConfig
+
+    def lines(cfg: RunConfig) -> list[str]:
+        said: list[str] = []
+        stages.check_memory(SimpleNamespace(cfg=cfg, log=said.append), cfg.data.load())
+        return [s for s in said if "eval_users" in s]
+
+    assert lines(RunConfig()) == []  # 610 users x 9,724 items: far below
+    monkeypatch.setattr(stages, "FULL_RANKING_ADVICE", 1_000_000)
+    (line,) = lines(RunConfig())
+    assert "610 users x 9,724 items" in line and "data.eval_users=10000" in line
+    assert lines(RunConfig.model_validate({"data": {"eval_users": 100}})) == []
