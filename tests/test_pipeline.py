@@ -56,6 +56,21 @@ def test_smoke_run_writes_verified_artifacts_and_a_measured_report(smoke_run):
         assert (run_dir / png).stat().st_size > 1000
 
 
+def test_the_runs_distill_config_is_what_compressor_distill_reads(smoke_run):
+    from compressor.distill.config import DistillConfig
+
+    run_dir, _ = smoke_run
+    written = load_config(DistillConfig, run_dir / "distill" / "distill_config.yaml")
+    assert written == DistillConfig.model_validate(_distill_section(run_dir))
+
+
+def _distill_section(run_dir: Path) -> dict:
+    """The run's distill section, less the pipeline's own switch."""
+    section = load_config(RunConfig, run_dir / "config.yaml").distill.model_dump()
+    section.pop("enabled")
+    return section
+
+
 def test_rerun_skips_finished_stages_and_a_changed_stage_reruns_downstream(smoke_run):
     run_dir, first = smoke_run
     again = run(_cfg(), run_dir, log=lambda m: None)

@@ -222,7 +222,10 @@ def distill(teacher: PreTrainedModel, student: PreTrainedModel, data: RecData, c
             # before the teacher is frozen: its Fisher needs its gradients
             scores, source = teacher_fisher(teacher, cfg, importance, windows, max_len, device, proposal)
             fisher_seconds = time.time() - t0
-        dist.on_main(dump_config, cfg, out / "distill_config.yaml")
+        # DistillConfig's fields only (a pipeline's section adds `enabled`): `compressor distill
+        # --config` reads the file back as it is
+        dist.on_main(dump_config, DistillConfig.model_validate(cfg.model_dump(include=set(DistillConfig.model_fields))),
+                     out / "distill_config.yaml")
         stack.enter_context(frozen(teacher))
         stack.enter_context(attention_implementation([teacher, student], "eager" if loss.attentions else None))
         steps_per_epoch = math.ceil(math.ceil(len(windows) / dist.world_size()) / t.batch_size)
