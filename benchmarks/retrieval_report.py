@@ -220,7 +220,11 @@ def report_md(payload: dict) -> str:
               "Reproduce: `python -m benchmarks.retrieval --dim " + str(cfg["dim"]) + " --sizes '"
               + ",".join(str(s) for s in cfg["sizes"]) + "'"
               + (f" --real-embeddings {cfg['real_embeddings']}" if cfg.get("real_embeddings") else "")
-              + " --out DIR`", ""]
+              + (f" --real-queries {cfg['real_queries']}" if cfg.get("real_queries") else "")
+              + f" --indexes {','.join(cfg['indexes'])} --hnsw-m {','.join(map(str, cfg['hnsw_m']))}"
+              + f" --ef-search {','.join(map(str, cfg['ef_search']))}"
+              + (f" --nprobe {','.join(map(str, cfg['nprobe']))}" if any(i.startswith('ivf') for i in cfg['indexes']) else "")
+              + f" --queries {cfg['queries']} --build-threads {cfg['build_threads']} --out DIR`", ""]
     return "\n".join(lines)
 
 

@@ -293,7 +293,8 @@ def retrieval(ctx: Ctx, folder: str) -> str:
                      f"{r['memory_bytes'] / 1e6:.1f}"])
     return "\n".join([table(["catalogue", "index", "setting", "recall@10", "batch-1 ms (p50)", "memory MB"], rows),
                       "", f"Per index the fastest setting with recall@10 ≥ {target} (or the best recall when none "
-                          f"reaches it); {doc['search_threads']} search thread, dim {doc['config']['dim']}.", "",
+                          f"reaches it); {doc['search_threads']} search thread, dim "
+                          f"{', '.join(sorted({str(r['dim']) for r in doc['results']}))}.", "",
                       ctx.source(_src(folder, "retrieval.json"))])
 
 

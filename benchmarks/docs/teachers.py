@@ -125,6 +125,7 @@ FOLDERS: dict[str, tuple[str | None, str]] = {
                                "quantization methods against its own float graph"),
     "precision_gradients": (None, "the SmolLM2-135M teacher adapted to the catalogue, before training: one "
                                   "batch's gradients only"),
+    "retrieval_1e6": (None, "the item vectors of the 10^6-item scaling job's teacher (one pass): retrieval only"),
     "kd_candidates": ("small-8L-30ep", "distils its truncated student again with candidate KD (the default job's run)"),
     "sampled_softmax_full": (None, "a smoke-sized teacher (4 layers, hidden 32) per seed, 20 epochs, full softmax"),
     "sampled_softmax_sampled": (None, "a smoke-sized teacher (4 layers, hidden 32) per seed, 20 epochs, "
