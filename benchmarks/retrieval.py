@@ -37,6 +37,7 @@ from benchmarks.common import machine_info, run_guarded, save_figure, write_json
 from benchmarks.retrieval_report import plot_results, recommend, recommendation_md, report_md
 from compressor.atomic import atomic_write
 from compressor.errors import CompressorError
+from serving.retrieval import HNSW_STORAGE
 
 
 class RetrievalBenchConfig(BaseModel):
@@ -101,34 +102,33 @@ def build_flat(items: np.ndarray, cfg: RetrievalBenchConfig) -> Iterator[Built]:
     yield Built({}, index, [{}])
 
 
+def _hnsw(items: np.ndarray, cfg: RetrievalBenchConfig, storage: str = "float") -> Iterator[Built]:
+    """HNSW as the service builds it (`serving.retrieval.HNSW_STORAGE`): float vectors, or the
+    stored vectors scalar-quantized to 2 bytes (fp16) or 1 byte (SQ8, per-dimension ranges trained
+    on the items) a dimension; the graph's links are the same either way."""
+    for m in cfg.hnsw_m:
+        if storage == "float":
+            index = faiss.IndexHNSWFlat(items.shape[1], m, faiss.METRIC_INNER_PRODUCT)
+        else:
+            index = faiss.IndexHNSWSQ(items.shape[1], HNSW_STORAGE[storage], m, faiss.METRIC_INNER_PRODUCT)
+            index.train(items)
+        index.hnsw.efConstruction = cfg.hnsw_ef_construction
+        index.add(items)
+        params = {"M": m, "efConstruction": cfg.hnsw_ef_construction}
+        yield Built(params if storage == "float" else {**params, "storage": storage}, index,
+                    [{"efSearch": ef} for ef in cfg.ef_search])
+
+
 def build_hnsw(items: np.ndarray, cfg: RetrievalBenchConfig) -> Iterator[Built]:
-    for m in cfg.hnsw_m:
-        index = faiss.IndexHNSWFlat(items.shape[1], m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = cfg.hnsw_ef_construction
-        index.add(items)
-        yield Built({"M": m, "efConstruction": cfg.hnsw_ef_construction}, index,
-                    [{"efSearch": ef} for ef in cfg.ef_search])
-
-
-def _hnsw_sq(items: np.ndarray, cfg: RetrievalBenchConfig, qtype: int, name: str) -> Iterator[Built]:
-    """HNSW whose stored vectors are scalar-quantized (the graph's links stay as they are): the
-    item table in the index at 2 bytes (fp16) or 1 byte (SQ8, per-dimension min/max trained on
-    the items) a dimension instead of 4."""
-    for m in cfg.hnsw_m:
-        index = faiss.IndexHNSWSQ(items.shape[1], qtype, m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = cfg.hnsw_ef_construction
-        index.train(items)
-        index.add(items)
-        yield Built({"M": m, "efConstruction": cfg.hnsw_ef_construction, "storage": name}, index,
-                    [{"efSearch": ef} for ef in cfg.ef_search])
+    yield from _hnsw(items, cfg)
 
 
 def build_hnsw_fp16(items: np.ndarray, cfg: RetrievalBenchConfig) -> Iterator[Built]:
-    yield from _hnsw_sq(items, cfg, faiss.ScalarQuantizer.QT_fp16, "fp16")
+    yield from _hnsw(items, cfg, "fp16")
 
 
 def build_hnsw_sq8(items: np.ndarray, cfg: RetrievalBenchConfig) -> Iterator[Built]:
-    yield from _hnsw_sq(items, cfg, faiss.ScalarQuantizer.QT_8bit, "sq8")
+    yield from _hnsw(items, cfg, "sq8")
 
 
 def _ivf(vectors: np.ndarray, cfg: RetrievalBenchConfig, metric: int) -> tuple[faiss.Index, int]:

@@ -242,8 +242,10 @@ def _markdown(doc: dict) -> str:
             if rec.get("stop_reason") in ("time cap", "step limit"):
                 pace = (f"{rec['seconds_per_step']:.2f} s a step" if rec.get("seconds_per_step")
                         else f"{rec.get('seconds_per_epoch', 0):.0f} s an epoch")
+                done = rec.get("epochs", rec.get("epochs_run"))
                 notes.append(f"- {r['items']:,} items: {stage} stopped by `{rec['stop_reason']}` after "
-                             f"{rec.get('epochs', rec.get('epochs_run', '?')):.2f} epochs ({pace}): its seconds are the cap, not the full pass")
+                             + (f"{done:.2f} epochs" if done is not None else "part of its pass")
+                             + f" ({pace}): its seconds are the cap, not the full pass")
         for why in (r.get("baselines_skipped") or {}).values():
             notes.append(f"- {r['items']:,} items: {why}")
         if r.get("test_ndcg@10"):

@@ -171,8 +171,8 @@ def teacher_topk(hidden: torch.Tensor, table: torch.Tensor, k: int, num_special:
 
 
 class ExactTopK:
-    """`teacher_topk` over the whole table: exact, N x V x H work per call (3 s for 2,560 rows x
-    10^6 items x 32 dims on this 2-core machine, 15 s with the running top-k)."""
+    """`teacher_topk` over the whole table: exact, N x V x H work per call (seconds a step at 10^5
+    items and more: benchmarks/results/scaling/topk_search.json)."""
 
     def __init__(self, table: torch.Tensor, bias: torch.Tensor | None, k: int, num_special: int = 1) -> None:
         self.table, self.bias, self.k, self.ns = table, bias, k, num_special
@@ -218,7 +218,7 @@ class HnswTopK:
 
 # how the teacher's top-k is found: `distill.candidates_search`; auto = exact below HNSW_TOPK_ITEMS
 TOPK_SEARCH = {"exact": ExactTopK, "hnsw": HnswTopK}
-HNSW_TOPK_ITEMS = 100_000  # exact top-k is 1.7 s a step at 10^5 items, 15 s at 10^6 (2,560 rows, measured)
+HNSW_TOPK_ITEMS = 100_000  # exact vs graph measured at 10^5 and 10^6 items: benchmarks/results/scaling/topk_search.json
 
 
 def topk_search(mode: str, num_items: int) -> str:

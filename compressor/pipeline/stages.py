@@ -141,9 +141,9 @@ def check_memory(ctx: Context, data: RecData) -> None:
     top = max(stages, key=lambda s: s.bytes)
     ctx.log(f"[memory] largest estimate: {top.stage} ~{top.bytes / GIB:.2f} GiB of a "
             f"{ctx.cfg.data.budget_bytes() / GIB:.1f} GiB budget")
-    ranked = len(data.split("valid")) * data.vocab.num_items
-    if ctx.cfg.data.eval_users is None and ranked > FULL_RANKING_ADVICE:
-        ctx.log(f"[evaluate] every validation and test pass ranks {len(data.split('valid')):,} users x "
+    users = len(data.split("valid")) if ctx.cfg.data.eval_users is None else 0
+    if users * data.vocab.num_items > FULL_RANKING_ADVICE:
+        ctx.log(f"[evaluate] every validation and test pass ranks {users:,} users x "
                 f"{data.vocab.num_items:,} items per model; data.eval_users=10000 samples the users instead "
                 "(every user still trains)")
 
